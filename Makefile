@@ -1,0 +1,31 @@
+# Each target does all of its set-up on a fresh machine: a .venv with torch and tetrad[dev].
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# The CPU build of torch 2.13.0 lies on disk on CPU-only machines; pip takes the CUDA build elsewhere.
+TORCH_SPEC ?= torch==2.13.0
+ARGS ?=
+PYTEST_ARGS ?=
+
+.PHONY: train test lint format bench
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check "$(TORCH_SPEC)"
+	$(PY) -m pip install -q --disable-pip-version-check -e ".[dev]"
+	touch $@
+
+train: $(VENV)/.installed
+	$(VENV)/bin/tetrad train $(ARGS)
+
+test: $(VENV)/.installed
+	$(VENV)/bin/ruff check tetrad tests scripts benchmarks
+	$(VENV)/bin/ruff format --check tetrad tests scripts benchmarks
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+format: $(VENV)/.installed
+	$(VENV)/bin/ruff check --fix tetrad tests scripts benchmarks
+	$(VENV)/bin/ruff format tetrad tests scripts benchmarks
+
+bench: $(VENV)/.installed
+	$(PY) benchmarks/bench_train.py

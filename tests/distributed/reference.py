@@ -1,0 +1,58 @@
+"""Single-process reference run for parity tests: the same global batch a data-parallel run
+sees, merged into one batch and trained without any parallelism.
+
+    python tests/distributed/reference.py --dp 2 --accum 1 <tetrad train arguments>
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Iterator
+
+import torch
+
+from tetrad.data import build_dataloader
+from tetrad.train import parse_config
+from tetrad.trainer import Trainer
+
+
+def merged_batches(trainer: Trainer, dp: int, accum: int, local_batch: int) -> Iterator:
+    """Per step: every micro-batch of every dp rank (built exactly as those ranks build theirs),
+    concatenated along the batch dimension."""
+    d, t = trainer.config.data, trainer.config.training
+    loaders = [
+        iter(
+            build_dataloader(
+                dataset=d.dataset, path=d.path, dataset_config=d.dataset_config, split=d.split,
+                text_field=d.text_field, tokenizer=trainer.tokenizer, seq_len=t.seq_len,
+                batch_size=local_batch, dp_rank=rank, dp_world_size=dp,
+            )
+        )
+        for rank in range(dp)
+    ]  # fmt: skip
+    while True:
+        parts = [next(loader) for loader in loaders for _ in range(accum)]
+        yield torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--dp", type=int, required=True)
+    parser.add_argument("--accum", type=int, default=1)
+    args, train_args = parser.parse_known_args()
+    config = parse_config(train_args)
+    local_batch = config.training.local_batch_size
+    config.training.local_batch_size = args.dp * args.accum * local_batch
+    config.training.global_batch_size = -1
+    p = config.parallelism
+    p.dp_shard = p.dp_replicate = p.tp = p.pp = p.cp = 1
+    trainer = Trainer(config)
+    trainer.dataloader = merged_batches(trainer, args.dp, args.accum, local_batch)
+    try:
+        trainer.train()
+    finally:
+        trainer.close()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,112 @@
+"""Every parallel layout against a single-process run of the same global batch.
+
+Each case runs real processes (torchrun, gloo, CPU, fp32, deterministic) and compares the loss
+of every step and the gradient norm to a single-process reference within RTOL — tight enough
+that one wrongly scaled, missing or unreduced gradient shard fails it by orders of magnitude.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO, TINY_RUN, read_metrics, run_train
+
+pytestmark = pytest.mark.slow
+
+RTOL = 1e-5  # fp32: only the summation order differs between layouts
+_reference_cache: dict[tuple, list[dict[str, float]]] = {}
+
+
+def reference(tmp_path_factory: pytest.TempPathFactory, dp: int, accum: int, *args: str):
+    key = (dp, accum, args)
+    if key not in _reference_cache:
+        folder = tmp_path_factory.mktemp("reference")
+        cmd = [sys.executable, str(REPO / "tests/distributed/reference.py"), f"--dp={dp}"]
+        cmd += [f"--accum={accum}", f"--job.dump_folder={folder}", *TINY_RUN, *args]
+        subprocess.run(cmd, check=True, cwd=REPO, capture_output=True, timeout=300)
+        _reference_cache[key] = read_metrics(folder)
+    return _reference_cache[key]
+
+
+def assert_parity(got: list[dict[str, float]], want: list[dict[str, float]], rtol: float = RTOL):
+    assert [r["step"] for r in got] == [r["step"] for r in want]
+    for g, w in zip(got, want, strict=True):
+        for key in ("loss", "grad_norm"):
+            assert g[key] == pytest.approx(w[key], rel=rtol), f"step {g['step']} {key}"
+
+
+CASES = {
+    "fsdp2": (2, 2, ["--parallelism.dp_shard=2"]),
+    "fsdp4": (4, 4, ["--parallelism.dp_shard=4"]),
+    "hsdp2x2": (4, 4, ["--parallelism.dp_replicate=2", "--parallelism.dp_shard=2"]),
+    "ddp2": (2, 2, ["--parallelism.dp_replicate=2", "--parallelism.dp_shard=1"]),
+    "tp2_sp": (2, 1, ["--parallelism.tp=2", "--parallelism.dp_shard=1"]),
+    "tp2_no_sp": (
+        2,
+        1,
+        [
+            "--parallelism.tp=2",
+            "--parallelism.dp_shard=1",
+            "--parallelism.enable_sequence_parallel=false",
+        ],
+    ),
+    "tp2_no_loss_parallel": (
+        2,
+        1,
+        [
+            "--parallelism.tp=2",
+            "--parallelism.dp_shard=1",
+            "--parallelism.enable_loss_parallel=false",
+        ],
+    ),
+    "fsdp2_tp2": (4, 2, ["--parallelism.tp=2", "--parallelism.dp_shard=2"]),
+    "fsdp2_accum2": (2, 2, ["--parallelism.dp_shard=2", "--training.global_batch_size=8"]),
+    # Recomputation must not change a single gradient.
+    "ac_full": (1, 1, ["--activation_checkpoint.mode=full"]),
+    "ac_selective_op": (1, 1, ["--activation_checkpoint.mode=selective"]),
+    "fsdp2_ac_selective_layer": (
+        2,
+        2,
+        [
+            "--parallelism.dp_shard=2",
+            "--activation_checkpoint.mode=selective",
+            "--activation_checkpoint.selective_layer_freq=2",
+        ],
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_layout_matches_single_process(name: str, tmp_path, tmp_path_factory) -> None:
+    nproc, dp, args = CASES[name]
+    accum = 2 if "accum2" in name else 1
+    run_train(tmp_path, *TINY_RUN, *args, nproc=nproc)
+    assert_parity(read_metrics(tmp_path), reference(tmp_path_factory, dp, accum))
+
+
+def test_bad_mesh_is_one_line_error(tmp_path: Path) -> None:
+    result = run_train(
+        tmp_path,
+        *TINY_RUN,
+        "--parallelism.dp_shard=2",
+        "--parallelism.tp=2",
+        nproc=2,
+        expect_ok=False,
+    )
+    assert result.returncode != 0
+    assert (
+        "parallelism degrees pp 1 × dp_replicate 1 × dp_shard 2 × cp 1 × tp 2 = 4 ≠ world size 2"
+        in (result.stderr + result.stdout)
+    )
+
+
+def test_compile_with_fsdp_matches_single_process(tmp_path, tmp_path_factory) -> None:
+    # Inductor fuses and reorders floating-point work, hence the looser tolerance.
+    cache = REPO / ".inductor_cache"
+    args = ["--parallelism.dp_shard=2", "--compile.enable", f"--compile.cache_dir={cache}"]
+    run_train(tmp_path, *TINY_RUN, *args, nproc=2, timeout=600)
+    assert_parity(read_metrics(tmp_path), reference(tmp_path_factory, 2, 1), rtol=1e-4)

@@ -1,0 +1,129 @@
+"""Config loading: precedence, typo detection, type errors, and the CLI's exit codes."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import tomllib
+
+from tests.conftest import REPO
+from tetrad.config import Config, ConfigError, load_config, save_config, validate_config
+
+
+def test_defaults() -> None:
+    config = load_config([])
+    assert config == Config()
+    assert config.model.name == "llama3" and config.model.flavor == "debug"
+    assert config.job.dump_folder == "outputs"
+    assert config.parallelism.dp_shard == -1
+
+
+def test_toml_then_cli_precedence(tmp_path) -> None:
+    toml = tmp_path / "run.toml"
+    toml.write_text(
+        '[training]\nsteps = 7\nseq_len = 32\n[optimizer]\nlr = 0.5\n[data]\ntokenizer = "x"\n'
+    )
+    config = load_config(["--config", str(toml), "--training.steps=9", "--optimizer.lr", "1e-4"])
+    assert config.training.steps == 9  # CLI beats TOML
+    assert config.training.seq_len == 32  # TOML beats default
+    assert config.optimizer.lr == pytest.approx(1e-4)
+    assert config.data.tokenizer == "x"
+    assert config.training.local_batch_size == Config().training.local_batch_size
+
+
+def test_value_forms() -> None:
+    config = load_config(
+        ["--compile.enable", "--debug.deterministic=false", "--lr_scheduler.decay_ratio=0.2"]
+    )
+    assert config.compile.enable is True
+    assert config.debug.deterministic is False
+    assert config.lr_scheduler.decay_ratio == pytest.approx(0.2)
+    assert load_config(["--lr_scheduler.decay_ratio=none"]).lr_scheduler.decay_ratio is None
+
+
+def test_saved_config_round_trips(tmp_path) -> None:
+    config = load_config(["--training.steps=3", "--data.path=/tmp/x.jsonl"])
+    save_config(config, tmp_path / "config.toml")
+    assert tomllib.loads((tmp_path / "config.toml").read_text())["training"]["steps"] == 3
+    assert load_config(["--config", str(tmp_path / "config.toml")]) == config
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (
+            ["--training.stepz=3"],
+            "unknown config key --training.stepz; did you mean --training.steps?",
+        ),
+        (["--trainig.steps=3"], "did you mean --training.steps?"),
+        (["--training.steps=abc"], "--training.steps: expected an integer, got 'abc'"),
+        (["--lr_scheduler.decay_type=exp"], "'exp' is not one of: linear, cosine, sqrt"),
+        (["--optimizer.lr"], "--optimizer.lr needs a value"),
+        (["positional"], "unexpected argument 'positional'"),
+    ],
+)
+def test_bad_keys_and_values(argv: list[str], message: str) -> None:
+    with pytest.raises(ConfigError, match=None) as info:
+        load_config(argv)
+    assert message in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_typo_in_toml_file(tmp_path) -> None:
+    toml = tmp_path / "run.toml"
+    toml.write_text("[optimiser]\nlr = 1.0\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(["--config", str(toml)])
+    assert str(info.value) == (
+        f"{toml}: unknown config key optimiser.lr; did you mean optimizer.lr?"
+    )
+    with pytest.raises(ConfigError, match="no such file"):
+        load_config(["--config", str(tmp_path / "missing.toml")])
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--training.steps=0"], "--training.steps must be positive"),
+        (["--training.steps=5", "--lr_scheduler.warmup_steps=6"], "warmup_steps 6 must be within"),
+        (["--lr_scheduler.decay_ratio=1.5"], "decay_ratio must be within 0..1"),
+        (["--parallelism.tp=0"], "--parallelism.tp must be >= 1"),
+    ],
+)
+def test_bad_combinations(argv: list[str], message: str) -> None:
+    with pytest.raises(ConfigError, match=None) as info:
+        validate_config(load_config(argv))
+    assert message in str(info.value)
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "tetrad.cli", *args], capture_output=True, text=True, timeout=120
+    )
+
+
+def test_cli_error_is_one_line_with_exit_2() -> None:
+    result = _cli("train", "--training.stpes=5")
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "tetrad: error: unknown config key --training.stpes; did you mean --training.steps?"
+    ]
+
+
+def test_cli_help_lists_every_field() -> None:
+    result = _cli("train", "--help")
+    assert result.returncode == 0
+    import dataclasses
+
+    config = Config()
+    for section in dataclasses.fields(config):
+        for f in dataclasses.fields(getattr(config, section.name)):
+            assert f"--{section.name}.{f.name} " in result.stdout
+    assert "Number of optimizer steps." in result.stdout
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.toml")), ids=lambda p: p.name)
+def test_shipped_configs_load(path) -> None:
+    validate_config(load_config(["--config", str(path)]))

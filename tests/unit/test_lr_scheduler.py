@@ -1,0 +1,59 @@
+"""Warmup-stable-decay values at the phase boundaries, computed by hand."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from tetrad.components.lr_scheduler import build_lr_scheduler, wsd_factor
+from tetrad.config.job_config import LRSchedulerConfig
+
+
+def _factors(total: int, **kwargs) -> list[float]:
+    return [wsd_factor(s, total_steps=total, **kwargs) for s in range(total)]
+
+
+def test_warmup_stable_linear_decay_boundaries() -> None:
+    # 100 steps, 10 warmup, last 20% decaying linearly to 10% of the peak.
+    f = _factors(100, warmup_steps=10, decay_ratio=0.2, decay_type="linear", min_lr_factor=0.1)
+    assert f[0] == pytest.approx(0.1)  # first warmup step: 1/10
+    assert f[9] == pytest.approx(1.0)  # last warmup step reaches the peak
+    assert f[10] == f[79] == 1.0  # stable plateau
+    assert f[80] == pytest.approx(0.1 + 0.9 * (1 - 1 / 20))  # first decay step
+    assert f[89] == pytest.approx(0.1 + 0.9 * 0.5)  # half-way through the decay
+    assert f[99] == pytest.approx(0.1)  # the floor at the last step
+
+
+@pytest.mark.parametrize(
+    ("decay_type", "curve"),
+    [
+        ("linear", lambda p: 1 - p),
+        ("cosine", lambda p: 0.5 * (1 + math.cos(math.pi * p))),
+        ("sqrt", lambda p: 1 - math.sqrt(p)),
+    ],
+)
+def test_decay_shapes_over_all_post_warmup_steps(decay_type, curve) -> None:
+    f = _factors(20, warmup_steps=4, decay_ratio=None, decay_type=decay_type, min_lr_factor=0.0)
+    assert f[3] == pytest.approx(1.0)
+    for step in range(4, 20):
+        assert f[step] == pytest.approx(curve((step - 3) / 16))
+    assert f[-1] == pytest.approx(0.0, abs=1e-12)
+
+
+def test_no_warmup_and_scheduler_drives_optimizer() -> None:
+    param = torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.SGD([param], lr=2.0)
+    config = LRSchedulerConfig(warmup_steps=2, decay_ratio=0.5, decay_type="linear")
+    scheduler = build_lr_scheduler(optimizer, config, total_steps=4)
+    lrs = []
+    for _ in range(4):
+        lrs.append(scheduler.get_last_lr()[0])
+        optimizer.step()
+        scheduler.step()
+    assert lrs == pytest.approx([1.0, 2.0, 1.0, 0.0])
+    # Stateful: a new scheduler loading the state continues at the same point.
+    resumed = build_lr_scheduler(torch.optim.SGD([param], lr=2.0), config, total_steps=4)
+    resumed.load_state_dict(scheduler.state_dict())
+    assert resumed.last_epoch == 4

@@ -1,0 +1,318 @@
+"""Llama 3 model, presets and the model registry."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+
+import pytest
+import torch
+
+from tetrad.models import ModelSpec, get_model_spec
+from tetrad.models.llama3 import Llama3Config, RopeScaling, Transformer, llama3_presets
+from tetrad.models.llama3.model import count_params, num_flops_per_token, rope_inv_freq
+
+# Published totals (Meta model cards / HF configs), in parameters.
+PUBLISHED = {"1B": 1.24e9, "3B": 3.21e9, "8B": 8.03e9, "70B": 70.6e9, "405B": 405.9e9}
+
+TINY = Llama3Config(
+    dim=64,
+    n_layers=2,
+    n_heads=4,
+    n_kv_heads=2,
+    vocab_size=128,
+    multiple_of=32,
+    rope_scaling=RopeScaling(factor=8.0, original_max_position_embeddings=64),
+    max_seq_len=128,
+)
+
+
+def build(config: Llama3Config, seed: int = 0) -> Transformer:
+    model = Transformer(config)
+    torch.manual_seed(seed)
+    model.init_weights()
+    return model
+
+
+def build_on_meta(config: Llama3Config) -> Transformer:
+    with torch.device("meta"):
+        return Transformer(config)
+
+
+def n_params(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())  # shared parameters count once
+
+
+@pytest.mark.parametrize("flavor", list(llama3_presets))
+def test_presets_build_on_meta_and_match_counts(flavor: str) -> None:
+    config = get_model_spec("llama3").config_for(flavor, vocab_size=8192)
+    model = build_on_meta(config)
+    assert all(t.is_meta for t in [*model.parameters(), *model.buffers()])
+    assert n_params(model) == count_params(config)["total"]
+    if flavor in PUBLISHED:
+        assert n_params(model) == pytest.approx(PUBLISHED[flavor], rel=5e-3)
+
+
+def test_405b_meta_build_is_fast() -> None:
+    build_on_meta(TINY)  # first-call dispatcher warm-up is not the model's cost
+    start = time.perf_counter()
+    model = build_on_meta(llama3_presets["405B"])
+    assert time.perf_counter() - start < 2.0
+    assert all(p.is_meta for p in model.parameters())
+
+
+def test_presets_hidden_dims() -> None:
+    hidden = {name: llama3_presets[name].hidden_dim for name in PUBLISHED}
+    assert hidden == {"1B": 8192, "3B": 8192, "8B": 14336, "70B": 28672, "405B": 53248}
+
+
+def test_debug_param_count_by_hand() -> None:
+    config = get_model_spec("llama3").config_for("debug", vocab_size=8192)
+    dim, hidden = 256, 768  # hidden: int(2 * 4 * 256 / 3) = 682, rounded up to 256
+    attention = 4 * dim * dim  # 16 kv heads: wq, wk, wv, wo all dim x dim
+    block = attention + 3 * dim * hidden + 2 * dim
+    expected = 8192 * dim + 6 * block + dim + dim * 8192
+    assert expected == 9_309_440
+    assert n_params(Transformer(config)) == expected
+
+
+def test_forward_shapes_and_causality() -> None:
+    model = build(TINY)
+    tokens = torch.randint(0, TINY.vocab_size, (2, 12))
+    logits = model(tokens)
+    assert logits.shape == (2, 12, TINY.vocab_size)
+    changed = tokens.clone()
+    changed[:, 7] = (changed[:, 7] + 1) % TINY.vocab_size
+    new_logits = model(changed)
+    torch.testing.assert_close(new_logits[:, :7], logits[:, :7])
+    assert not torch.allclose(new_logits[:, 7:], logits[:, 7:])
+
+
+def test_pipeline_stage_passes_hidden_states_through() -> None:
+    model = build(TINY)
+    tokens = torch.randint(0, TINY.vocab_size, (2, 8))
+    first, last = build(TINY), build(TINY)
+    first.norm, first.output = None, None
+    del first.layers["1"]
+    last.tok_embeddings = None
+    del last.layers["0"]
+    hidden = first(tokens)
+    assert hidden.shape == (2, 8, TINY.dim)
+    torch.testing.assert_close(last(hidden), model(tokens), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_meta_init_matches_direct_init(tie: bool) -> None:
+    config = dataclasses.replace(TINY, tie_embeddings=tie)
+    direct = build(config, seed=7)
+    meta = build_on_meta(config)
+    meta.to_empty(device="cpu")
+    for tensor in [*meta.parameters(), *meta.buffers()]:
+        tensor.detach().fill_(float("nan"))  # anything init_weights misses stays NaN
+    torch.manual_seed(7)
+    meta.init_weights()
+    for name, tensor in [*meta.named_parameters(), *meta.named_buffers()]:
+        assert not tensor.isnan().any(), name
+    assert dict(meta.named_parameters()).keys() == dict(direct.named_parameters()).keys()
+    for (name, a), (_, b) in zip(
+        [*meta.named_parameters(), *meta.named_buffers()],
+        [*direct.named_parameters(), *direct.named_buffers()],
+        strict=True,
+    ):
+        assert torch.equal(a, b), name
+    assert (meta.output.weight is meta.tok_embeddings.weight) == tie
+
+
+@pytest.mark.parametrize("depth_init", [True, False])
+def test_init_stds(depth_init: bool) -> None:
+    config = Llama3Config(
+        dim=256, n_layers=4, n_heads=4, vocab_size=512, max_seq_len=16, depth_init=depth_init
+    )
+    model = build(config)
+    shrink = 0.9866  # std of a normal truncated at ±3 std, relative to the untruncated one
+    expected = {
+        "tok_embeddings.weight": 0.02,
+        "layers.0.attention.wq.weight": 0.02,
+        "layers.3.feed_forward.w1.weight": 0.02,
+        "layers.0.attention.wo.weight": 0.02 / math.sqrt(2) if depth_init else 0.02,
+        "layers.3.feed_forward.w2.weight": 0.02 / math.sqrt(8) if depth_init else 0.02,
+        "output.weight": 256**-0.5,
+    }
+    params = dict(model.named_parameters())
+    for name, std in expected.items():
+        weight = params[name]
+        assert weight.std().item() == pytest.approx(std * shrink, rel=0.03), name
+        assert weight.abs().max().item() <= 3 * std, name
+    assert torch.equal(model.norm.weight, torch.ones(256))
+
+
+def reference_inv_freq(dim: int, theta: float, s: RopeScaling | None) -> list[float]:
+    """Llama 3.1's frequency rule, written from its published pseudo-code, one scalar at a time."""
+    freqs = [1.0 / theta ** (i / dim) for i in range(0, dim, 2)]
+    if s is None:
+        return freqs
+    low_freq_wavelen = s.original_max_position_embeddings / s.low_freq_factor
+    high_freq_wavelen = s.original_max_position_embeddings / s.high_freq_factor
+    out = []
+    for freq in freqs:
+        wavelen = 2 * math.pi / freq
+        if wavelen < high_freq_wavelen:
+            out.append(freq)
+        elif wavelen > low_freq_wavelen:
+            out.append(freq / s.factor)
+        else:
+            smooth = (s.original_max_position_embeddings / wavelen - s.low_freq_factor) / (
+                s.high_freq_factor - s.low_freq_factor
+            )
+            out.append((1 - smooth) * freq / s.factor + smooth * freq)
+    return out
+
+
+@pytest.mark.parametrize("flavor", ["1B", "8B"])
+def test_rope_scaling_matches_reference(flavor: str) -> None:
+    config = llama3_presets[flavor]
+    s = config.rope_scaling
+    assert s is not None
+    scaled = rope_inv_freq(config).tolist()
+    plain = rope_inv_freq(dataclasses.replace(config, rope_scaling=None)).tolist()
+    assert scaled == pytest.approx(reference_inv_freq(config.head_dim, config.rope_theta, s))
+    assert plain == pytest.approx(reference_inv_freq(config.head_dim, config.rope_theta, None))
+    wavelens = [2 * math.pi / f for f in plain]
+    high = [i for i, w in enumerate(wavelens) if w < s.original_max_position_embeddings / 4]
+    low = [i for i, w in enumerate(wavelens) if w > s.original_max_position_embeddings / 1]
+    mid = set(range(len(plain))) - set(high) - set(low)
+    assert high and low and mid  # every branch of the rule is exercised
+    assert all(scaled[i] == plain[i] for i in high)
+    assert all(scaled[i] == pytest.approx(plain[i] / s.factor) for i in low)
+    assert all(plain[i] / s.factor < scaled[i] < plain[i] for i in mid)
+
+
+@pytest.mark.parametrize("side", [-1e-6, 0.0, 1e-6])
+@pytest.mark.parametrize("boundary", ["high", "low"])
+def test_rope_scaling_at_the_boundaries(boundary: str, side: float) -> None:
+    s = RopeScaling(factor=8.0, original_max_position_embeddings=8192)
+    divisor = s.high_freq_factor if boundary == "high" else s.low_freq_factor
+    wavelen = s.original_max_position_embeddings / divisor * (1 + side)
+    theta = (wavelen / (2 * math.pi)) ** 2  # head_dim 4: the second frequency is theta**-0.5
+    config = Llama3Config(
+        dim=4, n_layers=1, n_heads=1, vocab_size=1, rope_theta=theta, rope_scaling=s
+    )
+    got = rope_inv_freq(config)[1].item()
+    assert got == pytest.approx(reference_inv_freq(4, theta, s)[1], rel=1e-12)
+    freq = 2 * math.pi / wavelen
+    assert got == pytest.approx(freq if boundary == "high" else freq / s.factor, rel=1e-5)
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_flops_per_token_by_hand(tie: bool) -> None:
+    config = dataclasses.replace(TINY, tie_embeddings=tie)
+    hidden = 192  # int(2 * 4 * 64 / 3) = 170, rounded up to 32
+    block = 64 * 64 * 2 + 64 * 32 * 2 + 3 * 64 * hidden + 2 * 64  # wq wo, wk wv, FFN, norms
+    non_embedding = 2 * block + 64 + 128 * 64  # blocks, final norm, output projection
+    attention = 12 * 2 * 64 * 16  # 12 · n_layers · dim · seq_len
+    assert num_flops_per_token(config, 16) == 6 * non_embedding + attention == 665_472
+
+
+def meta_to_hf_rows(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Reorder wq/wk rows from Meta's interleaved pairs (2i, 2i+1) to HF's rotate_half pairs
+    (i, i + head_dim/2), head by head."""
+    out_dim, in_dim = weight.shape
+    head_dim = out_dim // n_heads
+    return weight.view(n_heads, head_dim // 2, 2, in_dim).transpose(1, 2).reshape(out_dim, in_dim)
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_logits_match_hf_llama(tie: bool) -> None:
+    transformers = pytest.importorskip("transformers")
+    config = dataclasses.replace(TINY, tie_embeddings=tie)
+    scaling = config.rope_scaling
+    assert scaling is not None
+    hf_config = transformers.LlamaConfig(
+        vocab_size=config.vocab_size,
+        hidden_size=config.dim,
+        intermediate_size=config.hidden_dim,
+        num_hidden_layers=config.n_layers,
+        num_attention_heads=config.n_heads,
+        num_key_value_heads=config.kv_heads,
+        rms_norm_eps=config.norm_eps,
+        max_position_embeddings=config.max_seq_len,
+        tie_word_embeddings=tie,
+        rope_parameters={
+            "rope_type": "llama3",
+            "rope_theta": config.rope_theta,
+            "factor": scaling.factor,
+            "low_freq_factor": scaling.low_freq_factor,
+            "high_freq_factor": scaling.high_freq_factor,
+            "original_max_position_embeddings": scaling.original_max_position_embeddings,
+        },
+    )
+    hf_config._attn_implementation = "eager"
+    hf = transformers.LlamaForCausalLM(hf_config).eval()
+    model = build(config)
+    sd = model.state_dict()
+    hf_sd = {
+        "model.embed_tokens.weight": sd["tok_embeddings.weight"],
+        "model.norm.weight": sd["norm.weight"],
+        "lm_head.weight": sd["output.weight"],
+    }
+    for i in range(config.n_layers):
+        ours, theirs = f"layers.{i}.", f"model.layers.{i}."
+        hf_sd |= {
+            theirs + "self_attn.q_proj.weight": meta_to_hf_rows(
+                sd[ours + "attention.wq.weight"], config.n_heads
+            ),
+            theirs + "self_attn.k_proj.weight": meta_to_hf_rows(
+                sd[ours + "attention.wk.weight"], config.kv_heads
+            ),
+            theirs + "self_attn.v_proj.weight": sd[ours + "attention.wv.weight"],
+            theirs + "self_attn.o_proj.weight": sd[ours + "attention.wo.weight"],
+            theirs + "mlp.gate_proj.weight": sd[ours + "feed_forward.w1.weight"],
+            theirs + "mlp.up_proj.weight": sd[ours + "feed_forward.w3.weight"],
+            theirs + "mlp.down_proj.weight": sd[ours + "feed_forward.w2.weight"],
+            theirs + "input_layernorm.weight": sd[ours + "attention_norm.weight"],
+            theirs + "post_attention_layernorm.weight": sd[ours + "ffn_norm.weight"],
+        }
+    hf.load_state_dict(hf_sd, strict=True)
+    # A sequence longer than the original context puts positions in the scaled regime.
+    tokens = torch.randint(0, config.vocab_size, (2, 100))
+    with torch.no_grad():
+        torch.testing.assert_close(model(tokens), hf(tokens).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_positions() -> None:
+    model = build(TINY)
+    tokens = torch.randint(0, TINY.vocab_size, (2, 10))
+    with torch.no_grad():
+        logits = model(tokens)
+        torch.testing.assert_close(model(tokens, torch.arange(10)), logits, rtol=0, atol=0)
+        # Rotary attention sees only relative positions, so a common shift changes nothing
+        # (beyond rounding), per row of a [B, T] positions tensor too.
+        shifted = torch.stack([torch.arange(10) + 37, torch.arange(10) + 90])
+        torch.testing.assert_close(model(tokens, shifted), logits)
+        # Positions reach the rotary table: reversing them changes the logits.
+        assert not torch.allclose(model(tokens, torch.arange(10).flip(0)), logits, atol=1e-3)
+
+
+def test_unknown_names_suggest_a_match() -> None:
+    with pytest.raises(ValueError, match=r"'lama3'; did you mean 'llama3'\? available: llama3$"):
+        get_model_spec("lama3")
+    spec = get_model_spec("llama3")
+    with pytest.raises(ValueError) as err:
+        spec.config_for("8b", vocab_size=8192)
+    assert str(err.value) == (
+        "unknown --model.flavor '8b' for llama3; did you mean '8B'? "
+        "available: tiny, debug, 1B, 3B, 8B, 70B, 405B"
+    )
+
+
+def test_config_for_vocab() -> None:
+    spec: ModelSpec = get_model_spec("llama3")
+    debug = spec.config_for("debug", vocab_size=8192)
+    assert debug.vocab_size == 8192 and llama3_presets["debug"].vocab_size == 0
+    eight_b = spec.config_for("8B", vocab_size=8192)  # unused rows are allowed
+    assert eight_b == llama3_presets["8B"] and eight_b is not llama3_presets["8B"]
+    with pytest.raises(ValueError, match="vocab_size 128256, fewer than the tokenizer's 200000"):
+        spec.config_for("8B", vocab_size=200_000)
+    with pytest.raises(ValueError, match="vocab_size is 0"):
+        Transformer(llama3_presets["debug"])

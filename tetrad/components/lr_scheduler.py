@@ -1,0 +1,65 @@
+"""Warmup-stable-decay learning rate: linear warmup, a constant plateau, then a decay to a floor.
+
+WSD (Hu et al., 2024, MiniCPM) keeps the peak LR for most of the run so a run can be extended
+or stopped early and cooled down; with decay_ratio=None it is the classic warmup + full decay.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+from torch.optim.lr_scheduler import LambdaLR
+
+from tetrad.config.job_config import LRSchedulerConfig
+
+
+def wsd_factor(
+    step: int,
+    *,
+    total_steps: int,
+    warmup_steps: int,
+    decay_ratio: float | None,
+    decay_type: str,
+    min_lr_factor: float,
+) -> float:
+    """LR multiplier for the optimizer step with 0-based index ``step``.
+
+    Warmup reaches the peak at its last step; the decay reaches ``min_lr_factor`` at the last
+    step of the run.
+    """
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    after_warmup = total_steps - warmup_steps
+    decay_steps = (
+        after_warmup if decay_ratio is None else min(after_warmup, round(decay_ratio * total_steps))
+    )
+    decay_start = total_steps - decay_steps
+    if step < decay_start:
+        return 1.0
+    progress = min(1.0, (step - decay_start + 1) / decay_steps)
+    if decay_type == "linear":
+        curve = 1.0 - progress
+    elif decay_type == "cosine":
+        curve = 0.5 * (1.0 + math.cos(math.pi * progress))
+    elif decay_type == "sqrt":
+        curve = 1.0 - math.sqrt(progress)
+    else:
+        raise ValueError(f"unknown decay_type {decay_type!r}")
+    return min_lr_factor + (1.0 - min_lr_factor) * curve
+
+
+def build_lr_scheduler(
+    optimizer: torch.optim.Optimizer, config: LRSchedulerConfig, total_steps: int
+) -> LambdaLR:
+    """A LambdaLR (so its state is Stateful) following :func:`wsd_factor`."""
+    factor = functools.partial(
+        wsd_factor,
+        total_steps=total_steps,
+        warmup_steps=config.warmup_steps,
+        decay_ratio=config.decay_ratio,
+        decay_type=config.decay_type,
+        min_lr_factor=config.min_lr_factor,
+    )
+    return LambdaLR(optimizer, factor)

@@ -1,0 +1,132 @@
+"""Training metrics: throughput, TFLOP/s, MFU and memory, to the console, JSONL and TensorBoard."""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import resource
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+# Dense bf16 peak TFLOP/s by device-name fragment (no sparsity), from the vendors' datasheets.
+_GPU_PEAK_BF16_TFLOPS = {
+    "H200": 989.0,
+    "H100 NVL": 835.0,
+    "H100 PCIe": 756.0,
+    "H100": 989.0,
+    "GH200": 989.0,
+    "B200": 2250.0,
+    "A100": 312.0,
+    "L40S": 362.0,
+    "A10G": 125.0,
+}
+
+
+@functools.cache
+def measure_cpu_peak_tflops(size: int = 2048, trials: int = 8) -> float:
+    """Best-of-``trials`` fp32 matmul throughput with all threads: the honest MFU denominator on
+    a CPU (best-of, so a busy moment or thread start-up does not lower the peak)."""
+    a, b = torch.full((size, size), 0.5), torch.full((size, size), 2.0)  # leaves the RNG alone
+    best = 0.0
+    for _ in range(trials):
+        start = time.perf_counter()
+        a @ b
+        best = max(best, 2 * size**3 / (time.perf_counter() - start) / 1e12)
+    return best
+
+
+def peak_tflops(device: torch.device, override: float | None = None) -> float:
+    """The device's peak for MFU: the override, a known GPU's datasheet figure, or a CPU measure."""
+    if override is not None:
+        return override
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for fragment, tflops in _GPU_PEAK_BF16_TFLOPS.items():
+            if fragment in name:
+                return tflops
+        logger.warning("unknown GPU %r: MFU assumes 312 TFLOP/s; set --metrics.peak_tflops", name)
+        return 312.0
+    return measure_cpu_peak_tflops()
+
+
+def memory_gib(device: torch.device) -> float:
+    """Peak memory of this rank: allocated on a GPU, resident set size of the process on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # ru_maxrss is in KiB
+
+
+class MetricsLogger:
+    """Accumulates tokens between log lines and writes one record per logged step."""
+
+    def __init__(
+        self,
+        *,
+        dump_folder: Path,
+        device: torch.device,
+        flops_per_token: int,
+        peak_tflops: float,
+        enable_tensorboard: bool,
+        write: bool,
+    ) -> None:
+        self.device = device
+        self.flops_per_token = flops_per_token
+        self.peak_tflops = peak_tflops
+        self.write = write
+        self.jsonl_path = dump_folder / "metrics.jsonl"
+        self.tb_writer = None
+        if enable_tensorboard and write:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb_writer = SummaryWriter(log_dir=str(dump_folder / "tb"))
+        self._tokens = 0
+        self._last_time = time.perf_counter()
+
+    def add_tokens(self, num_tokens: int) -> None:
+        """Tokens this rank processed (forward and backward) since the last log line."""
+        self._tokens += num_tokens
+
+    def reset_timer(self) -> None:
+        """Start the throughput clock afresh (after set-up, so it is not counted)."""
+        self._tokens = 0
+        self._last_time = time.perf_counter()
+
+    def log(self, step: int, *, loss: float, grad_norm: float, lr: float) -> dict[str, Any]:
+        now = time.perf_counter()
+        tokens_per_sec = self._tokens / max(now - self._last_time, 1e-9)
+        tflops = self.flops_per_token * tokens_per_sec / 1e12
+        record = {
+            "step": step,
+            "loss": loss,
+            "grad_norm": grad_norm,
+            "lr": lr,
+            "tokens_per_sec": tokens_per_sec,
+            "tflops": tflops,
+            "mfu": 100.0 * tflops / self.peak_tflops,
+            "memory_gib": memory_gib(self.device),
+        }
+        self._tokens, self._last_time = 0, now
+        if self.write:
+            logger.info(
+                "step %5d  loss %7.4f  grad_norm %7.4f  lr %.2e  tok/s %8.0f  "
+                "TFLOP/s %6.3f  MFU %5.2f%%  mem %5.2f GiB",
+                step, loss, grad_norm, lr, tokens_per_sec, tflops, record["mfu"],
+                record["memory_gib"],
+            )  # fmt: skip
+            with self.jsonl_path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+            if self.tb_writer is not None:
+                for key, value in record.items():
+                    if key != "step":
+                        self.tb_writer.add_scalar(key, value, step)
+        return record
+
+    def close(self) -> None:
+        if self.tb_writer is not None:
+            self.tb_writer.close()

@@ -1,0 +1,21 @@
+"""Typed job configuration: dataclasses per section, loaded from TOML and the command line."""
+
+from tetrad.config.job_config import Config
+from tetrad.config.loader import (
+    ConfigError,
+    config_to_dict,
+    help_text,
+    load_config,
+    save_config,
+    validate_config,
+)
+
+__all__ = [
+    "Config",
+    "ConfigError",
+    "config_to_dict",
+    "help_text",
+    "load_config",
+    "save_config",
+    "validate_config",
+]

@@ -1,0 +1,230 @@
+"""The typed configuration of a training job: one kw-only dataclass per section.
+
+Every field's docstring is its ``--help`` text. Defaults describe the out-of-the-box run: the
+Llama-3 ``debug`` preset on the embedded default corpus, about a minute on 2 CPU cores.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+
+@dataclass(kw_only=True)
+class JobConfig:
+    dump_folder: str = "outputs"
+    """Run folder: config.toml, metrics.jsonl, logs, checkpoints and traces go here."""
+
+    description: str = "tetrad training run"
+    """Free text, written to the run folder's config.toml."""
+
+    print_config: bool = False
+    """Print the resolved configuration at start-up."""
+
+
+@dataclass(kw_only=True)
+class ModelConfig:
+    name: str = "llama3"
+    """Model family from the registry (e.g. llama3)."""
+
+    flavor: str = "debug"
+    """Preset of the family (llama3: tiny, debug, 1B, 3B, 8B, 70B, 405B)."""
+
+
+@dataclass(kw_only=True)
+class TrainingConfig:
+    steps: int = 60
+    """Number of optimizer steps."""
+
+    seq_len: int = 256
+    """Tokens per sequence."""
+
+    local_batch_size: int = 8
+    """Sequences per micro-batch on each data-parallel rank."""
+
+    global_batch_size: int = -1
+    """Sequences per optimizer step over all data-parallel ranks; -1 = local × dp degree.
+    Gradient accumulation steps = global / (local × dp degree), which must divide exactly."""
+
+    max_norm: float = 1.0
+    """Clip the global gradient norm to this value; 0 disables clipping."""
+
+    mixed_precision_param: Literal["float32", "bfloat16"] = "bfloat16"
+    """Parameter/compute dtype on GPU (ignored on CPU, where bf16 matmul is ~130x slower and
+    training runs in float32)."""
+
+    mixed_precision_reduce: Literal["float32", "bfloat16"] = "float32"
+    """Gradient reduction dtype for data parallelism."""
+
+    enable_cpu_offload: bool = False
+    """Keep FSDP-sharded parameters, gradients and optimizer states in CPU memory."""
+
+
+@dataclass(kw_only=True)
+class OptimizerConfig:
+    name: Literal["adamw", "adam"] = "adamw"
+    """Optimizer: adamw (decoupled weight decay) or adam."""
+
+    lr: float = 3e-3
+    """Peak learning rate."""
+
+    beta1: float = 0.9
+    """Adam beta1."""
+
+    beta2: float = 0.95
+    """Adam beta2."""
+
+    eps: float = 1e-8
+    """Adam epsilon."""
+
+    weight_decay: float = 0.1
+    """Weight decay (decoupled for adamw, L2 for adam)."""
+
+    implementation: Literal["auto", "fused", "foreach", "for-loop"] = "auto"
+    """Kernel choice: auto picks fused where the device supports it, else foreach."""
+
+
+@dataclass(kw_only=True)
+class LRSchedulerConfig:
+    warmup_steps: int = 10
+    """Linear warmup steps from ~0 to the peak learning rate."""
+
+    decay_ratio: float | None = None
+    """Fraction of the steps spent decaying at the end (warmup-stable-decay); None = decay over
+    every step after warmup."""
+
+    decay_type: Literal["linear", "cosine", "sqrt"] = "linear"
+    """Shape of the decay."""
+
+    min_lr_factor: float = 0.0
+    """The learning rate at the end, as a fraction of the peak."""
+
+
+@dataclass(kw_only=True)
+class ParallelismConfig:
+    dp_replicate: int = 1
+    """Data-parallel replicas (DDP, or the replicate dimension of HSDP)."""
+
+    dp_shard: int = -1
+    """FSDP sharding degree; -1 fills the rest of the world size."""
+
+    tp: int = 1
+    """Tensor-parallel degree."""
+
+    pp: int = 1
+    """Pipeline-parallel degree."""
+
+    cp: int = 1
+    """Context-parallel degree."""
+
+    enable_sequence_parallel: bool = True
+    """Under tensor parallel, also shard norms and residuals along the sequence."""
+
+    enable_loss_parallel: bool = True
+    """Under tensor parallel, compute the loss on vocab-sharded logits (never gathered)."""
+
+    fsdp_reshard_after_forward: bool = True
+    """Free gathered parameters after each block's forward (less memory, one more all-gather)."""
+
+
+@dataclass(kw_only=True)
+class CommConfig:
+    init_timeout_seconds: int = 300
+    """Timeout for setting up the process group and the first collectives."""
+
+    train_timeout_seconds: int = 100
+    """Timeout for each collective once training runs (a hung rank fails fast)."""
+
+
+@dataclass(kw_only=True)
+class CheckpointConfig:
+    enable: bool = False
+    """Save DCP checkpoints under <dump_folder>/checkpoint and resume from the latest one."""
+
+    interval: int = 500
+    """Save every this many steps (and always at the last step)."""
+
+
+@dataclass(kw_only=True)
+class DataConfig:
+    dataset: str = "default"
+    """Text source: default (embedded Python stdlib corpus), c4, local, or a hub dataset name."""
+
+    path: str | None = None
+    """Local json/jsonl/parquet/text file or folder (implies dataset=local)."""
+
+    dataset_config: str | None = None
+    """Hub dataset configuration name (e.g. en for c4)."""
+
+    split: str = "train"
+    """Dataset split."""
+
+    text_field: str = "text"
+    """Column holding the text."""
+
+    tokenizer: str | None = None
+    """tokenizer.json path, a folder holding one, or a hub id; default: the embedded tokenizer."""
+
+
+@dataclass(kw_only=True)
+class MetricsConfig:
+    log_freq: int = 5
+    """Log a metrics line every this many steps (and at the first and last)."""
+
+    enable_tensorboard: bool = False
+    """Write TensorBoard scalars to <dump_folder>/tb."""
+
+    peak_tflops: float | None = None
+    """Device peak TFLOP/s for MFU; default: a table for known GPUs, a measured fp32 matmul on
+    CPU."""
+
+
+@dataclass(kw_only=True)
+class DebugConfig:
+    seed: int = 0
+    """Seed for weights and any randomness in training."""
+
+    deterministic: bool = False
+    """Use deterministic algorithms only (bitwise-reproducible runs, slower on GPU)."""
+
+    log_all_ranks: bool = False
+    """Print log lines from every rank, not only rank 0."""
+
+
+@dataclass(kw_only=True)
+class ActivationCheckpointConfig:
+    mode: Literal["none", "full", "selective"] = "none"
+    """none, full (recompute every block), or selective (see selective_* fields)."""
+
+    selective_layer_freq: int = 0
+    """Selective by layer: checkpoint every k-th block (k >= 1); 0 = selective by op instead."""
+
+
+@dataclass(kw_only=True)
+class CompileConfig:
+    enable: bool = False
+    """torch.compile each transformer block (the whole model under tensor parallel)."""
+
+    cache_dir: str | None = None
+    """Inductor cache directory (TORCHINDUCTOR_CACHE_DIR), to pay each first compile once."""
+
+
+@dataclass(kw_only=True)
+class Config:
+    """The whole job. Section names are the CLI prefixes: --training.steps=10."""
+
+    job: JobConfig = field(default_factory=JobConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    lr_scheduler: LRSchedulerConfig = field(default_factory=LRSchedulerConfig)
+    parallelism: ParallelismConfig = field(default_factory=ParallelismConfig)
+    comm: CommConfig = field(default_factory=CommConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    debug: DebugConfig = field(default_factory=DebugConfig)
+    activation_checkpoint: ActivationCheckpointConfig = field(
+        default_factory=ActivationCheckpointConfig
+    )
+    compile: CompileConfig = field(default_factory=CompileConfig)

@@ -1,0 +1,138 @@
+"""Named text sources, each a streaming `datasets.IterableDataset` with a text column.
+
+Everything is streamed so that a source of any size starts at once, and so that
+`split_dataset_by_node` and `IterableDataset.state_dict()` give per-rank sharding and exact resume.
+"""
+
+import random
+import sysconfig
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import datasets
+
+from tetrad.config import ConfigError
+
+Dataset = datasets.IterableDataset
+
+# Local file suffixes and the `datasets` builder that reads them.
+_LOCAL_BUILDERS = {
+    ".json": "json",
+    ".jsonl": "json",
+    ".parquet": "parquet",
+    ".txt": "text",
+    ".text": "text",
+}
+
+
+def default_corpus_files() -> list[Path]:
+    """The standard library's own `.py` files in a fixed order: the corpus that needs no network."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    files = [
+        path
+        for path in root.rglob("*.py")
+        if not {"site-packages", "dist-packages"} & set(path.relative_to(root).parts)
+    ]
+    files.sort(key=lambda path: path.relative_to(root).as_posix())
+    # A fixed shuffle: in path order the stream starts with long runs of one kind of file
+    # (codec tables, tests), which makes a short run's loss curve mostly about the ordering.
+    random.Random(0).shuffle(files)
+    return files
+
+
+def _read_files(files: list[str]) -> Iterator[dict[str, str]]:
+    for file in files:
+        yield {"text": Path(file).read_text(encoding="utf-8", errors="replace")}
+
+
+def _default_source(path: str | None, dataset_config: str | None, split: str) -> Dataset:
+    # One shard per file, so ranks split the corpus by files and resume within a file.
+    return datasets.IterableDataset.from_generator(
+        _read_files,
+        features=datasets.Features({"text": datasets.Value("string")}),
+        gen_kwargs={"files": [str(file) for file in default_corpus_files()]},
+    )
+
+
+def _c4_source(path: str | None, dataset_config: str | None, split: str) -> Dataset:
+    return _hub_source("allenai/c4", dataset_config or "en", split)
+
+
+def _local_files(path: str) -> tuple[str, list[str]]:
+    """The builder name and sorted files for a local file or a folder of one kind of file."""
+    root = Path(path)
+    if root.is_dir():
+        files = sorted(file for file in root.rglob("*") if file.suffix in _LOCAL_BUILDERS)
+    elif root.is_file():
+        files = [root]
+    else:
+        raise ConfigError(f"--data.path {path!r} does not exist")
+    builders = {_LOCAL_BUILDERS.get(file.suffix) for file in files}
+    if len(builders) != 1 or None in builders:
+        raise ConfigError(
+            f"--data.path {path!r} must be one file, or a folder of files of one kind, ending in "
+            f"{', '.join(_LOCAL_BUILDERS)}; found suffixes {sorted({f.suffix for f in files})}"
+        )
+    return builders.pop(), [str(file) for file in files]
+
+
+def _local_source(path: str | None, dataset_config: str | None, split: str) -> Dataset:
+    if path is None:
+        raise ConfigError(
+            "--data.dataset 'local' needs --data.path: a json/jsonl/parquet/txt file or a folder "
+            "of them"
+        )
+    builder, files = _local_files(path)
+    return datasets.load_dataset(builder, data_files={split: files}, split=split, streaming=True)
+
+
+def _hub_source(name: str, dataset_config: str | None, split: str) -> Dataset:
+    try:
+        return datasets.load_dataset(name, dataset_config, split=split, streaming=True)
+    except Exception as err:  # the hub client raises many types; all mean "cannot open it"
+        reason = f"{type(err).__name__}: {' '.join(str(err).split())}"
+        raise ConfigError(
+            f"--data.dataset {name!r} (config {dataset_config!r}, split {split!r}) could not be "
+            f"opened on the Hugging Face hub ({reason}); use a built-in source "
+            f"({', '.join(map(repr, SOURCES))}) or check the name and your network"
+        ) from err
+
+
+SOURCES: dict[str, Callable[[str | None, str | None, str], Dataset]] = {
+    "default": _default_source,
+    "c4": _c4_source,
+    "local": _local_source,
+}
+"""Built-in sources by name; any other name is opened on the hub."""
+
+# Built-in sources whose text column is fixed, whatever --data.text_field says.
+_FIXED_TEXT_FIELDS = {"default": "text", "c4": "text"}
+
+
+def _column_names(ds: Dataset) -> list[str]:
+    if ds.column_names is not None:
+        return ds.column_names
+    first = next(iter(ds), None)  # features unknown until read: look at the first row
+    return [] if first is None else list(first)
+
+
+def build_text_source(
+    dataset: str, *, path: str | None, dataset_config: str | None, split: str, text_field: str
+) -> tuple[Dataset, str]:
+    """The streaming dataset named by the data config, and the name of its text column.
+
+    A `path` means a local source whatever `dataset` says.
+    """
+    name = "local" if path is not None else dataset
+    if name in SOURCES:
+        ds = SOURCES[name](path, dataset_config, split)
+    else:
+        ds = _hub_source(name, dataset_config, split)
+    text_field = _FIXED_TEXT_FIELDS.get(name, text_field)
+    columns = _column_names(ds)
+    if text_field not in columns:
+        raise ConfigError(
+            f"dataset {path or name!r} has no column {text_field!r} (columns: {columns}); "
+            f"pick one with --data.text_field"
+        )
+    return ds, text_field

@@ -1,0 +1,91 @@
+"""Process group, device and seeding: the same code path for one CPU process and many GPUs."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import random
+from collections.abc import Callable
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+
+def device_type() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def init_distributed(timeout_seconds: int) -> torch.device:
+    """Join (or, outside torchrun, create a one-rank) process group; return this rank's device.
+
+    A one-rank group keeps the single-process run on the same DeviceMesh code path as a
+    multi-process one. The backend follows the device: nccl on CUDA, gloo on CPU.
+    """
+    backend = "nccl" if device_type() == "cuda" else "gloo"
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    device = torch.device("cuda", local_rank) if backend == "nccl" else torch.device("cpu")
+    if backend == "nccl":
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        timeout = datetime.timedelta(seconds=timeout_seconds)
+        if "WORLD_SIZE" in os.environ:
+            dist.init_process_group(backend, timeout=timeout, device_id=_device_id(device))
+        else:
+            dist.init_process_group(
+                backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout
+            )
+    return device
+
+
+def _device_id(device: torch.device) -> torch.device | None:
+    # Binding nccl to the device lets it set up communicators eagerly; gloo takes none.
+    return device if device.type == "cuda" else None
+
+
+def set_determinism(seed: int, deterministic: bool) -> None:
+    """Seed every generator identically on all ranks (so a meta-initialised model is identical
+    to a single-process one) and, if asked, use deterministic kernels only."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if deterministic:
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+
+
+def materialize_and_init(
+    model: nn.Module,
+    build_reference: Callable[[], nn.Module],
+    *,
+    device: torch.device,
+    seed: int,
+    sharded: bool,
+) -> None:
+    """Allocate a meta-built (possibly parallelized) model on ``device`` and initialise it so
+    that its weights equal a single-process build's under the same seed, whatever the layout.
+
+    DTensor's sharded RNG cannot promise that (on CPU meshes it even repeats one shard's values
+    on every rank), so a parallelized model is initialised as a full replica on the CPU and
+    each rank keeps its own shards. The replica costs one full fp32 copy in host memory: start
+    models too large for that from a seed checkpoint or pretrained weights instead.
+    """
+    model.to_empty(device=device)
+    torch.manual_seed(seed)
+    if not sharded:
+        with torch.no_grad():
+            model.init_weights(buffer_device=device)
+        return
+    with torch.device("meta"):
+        reference = build_reference()
+    reference.to_empty(device="cpu")
+    with torch.no_grad():
+        reference.init_weights()
+        for name, buffer in reference.named_buffers():  # non-persistent ones (rotary tables)
+            model.get_buffer(name).copy_(buffer)
+    set_model_state_dict(
+        model, reference.state_dict(), options=StateDictOptions(full_state_dict=True)
+    )

@@ -1,0 +1,90 @@
+"""Parallelism degrees → one named DeviceMesh, checked against the world size."""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+
+from tetrad.config.loader import ConfigError
+
+MESH_DIM_NAMES = ("pp", "dp_replicate", "dp_shard", "cp", "tp")
+
+
+@dataclass(kw_only=True)
+class ParallelDims:
+    """Degrees of each parallelism; ``dp_shard=-1`` takes whatever the others leave.
+
+    The mesh is laid out (pp, dp_replicate, dp_shard, cp, tp): tensor parallel innermost, where
+    its per-layer collectives get the fastest links, pipeline outermost, where point-to-point
+    traffic tolerates the slowest.
+    """
+
+    dp_replicate: int
+    dp_shard: int
+    cp: int
+    tp: int
+    pp: int
+    world_size: int
+
+    def __post_init__(self) -> None:
+        others = self.dp_replicate * self.cp * self.tp * self.pp
+        if self.dp_shard == -1:
+            if self.world_size % others:
+                raise ConfigError(
+                    f"cannot fill --parallelism.dp_shard: {self._arithmetic(exclude_shard=True)}"
+                    f" = {others} does not divide world size {self.world_size}"
+                )
+            self.dp_shard = self.world_size // others
+        if others * self.dp_shard != self.world_size:
+            raise ConfigError(
+                f"parallelism degrees {self._arithmetic()} = {others * self.dp_shard} ≠ world size"
+                f" {self.world_size}; make their product equal it (dp_shard=-1 fills the rest)"
+            )
+
+    def _arithmetic(self, exclude_shard: bool = False) -> str:
+        terms = [
+            f"{name} {getattr(self, name)}"
+            for name in MESH_DIM_NAMES
+            if not (exclude_shard and name == "dp_shard")
+        ]
+        return " × ".join(terms)
+
+    @property
+    def dp(self) -> int:
+        """Data-parallel degree: how many different batches are in flight."""
+        return self.dp_replicate * self.dp_shard
+
+    @property
+    def fsdp_enabled(self) -> bool:
+        return self.dp_shard * self.cp > 1
+
+    @property
+    def loss_parallel_degree(self) -> int:
+        """Ranks whose tokens make up one loss average (data and context parallel)."""
+        return self.dp * self.cp
+
+    @functools.cached_property
+    def meshes(self) -> dict[str, DeviceMesh]:
+        """The world mesh under "world", each of its dimensions by name, and flattened views:
+        dp (data loading), dp_shard_cp (FSDP shards), dp_cp (loss and gradient reductions),
+        and fsdp (dp_shard_cp, with dp_replicate in front for HSDP)."""
+        from tetrad.distributed.init import device_type
+
+        world = init_device_mesh(
+            device_type(),
+            tuple(getattr(self, name) for name in MESH_DIM_NAMES),
+            mesh_dim_names=MESH_DIM_NAMES,
+        )
+        meshes = {"world": world, **{name: world[name] for name in MESH_DIM_NAMES}}
+        meshes["dp"] = world["dp_replicate", "dp_shard"]._flatten("dp")
+        meshes["dp_shard_cp"] = world["dp_shard", "cp"]._flatten("dp_shard_cp")
+        meshes["dp_cp"] = world["dp_replicate", "dp_shard", "cp"]._flatten("dp_cp")
+        if self.dp_replicate == 1:
+            meshes["fsdp"] = meshes["dp_shard_cp"]
+        elif self.cp == 1:
+            meshes["fsdp"] = world["dp_replicate", "dp_shard"]
+        else:
+            meshes["fsdp"] = world["dp_replicate", "dp_shard_cp"]
+        return meshes

@@ -1,0 +1,53 @@
+"""DTensor-aware reductions shared by the trainer: loss sums and the global gradient norm."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor
+
+
+def reduce_sum(tensor: torch.Tensor, mesh: DeviceMesh) -> torch.Tensor:
+    """Sum a plain tensor over the ranks of ``mesh`` (a new tensor; the input is untouched)."""
+    tensor = tensor.detach().clone()
+    if mesh.size() > 1:
+        dist.all_reduce(tensor, group=mesh.get_group())
+    return tensor
+
+
+def group_by_tensor_kind(tensors: Iterable[torch.Tensor]) -> list[list[torch.Tensor]]:
+    """DTensors and plain tensors in separate non-empty lists: foreach and fused kernels take one
+    kind per call, and TP without sequence parallel leaves the norm weights plain."""
+    tensors = list(tensors)
+    groups = [
+        [t for t in tensors if isinstance(t, DTensor)],
+        [t for t in tensors if not isinstance(t, DTensor)],
+    ]
+    return [group for group in groups if group]
+
+
+def clip_grad_norm_(
+    parameters: Iterable[torch.Tensor],
+    max_norm: float,
+    pp_mesh: DeviceMesh | None = None,
+) -> torch.Tensor:
+    """Clip gradients by their global L2 norm over every mesh dimension; return the norm.
+
+    DTensor gradients (FSDP, TP) reduce over their own meshes inside ``get_total_norm``; plain
+    gradients are whole on each rank. Pipeline stages hold disjoint parameters, so their squared
+    norms are summed across ``pp``.
+    """
+    groups = group_by_tensor_kind(p for p in parameters if p.grad is not None)
+    squares = []
+    for group in groups:
+        norm = torch.nn.utils.get_total_norm([p.grad for p in group], norm_type=2.0, foreach=True)
+        squares.append((norm.full_tensor() if isinstance(norm, DTensor) else norm) ** 2)
+    total_norm = torch.stack(squares).sum().sqrt()
+    if pp_mesh is not None and pp_mesh.size() > 1:
+        total_norm = reduce_sum(total_norm**2, pp_mesh).sqrt()
+    for group in groups:
+        torch.nn.utils.clip_grads_with_norm_(group, max_norm, total_norm, foreach=True)
+    return total_norm

@@ -1,0 +1,23 @@
+"""The Llama 3 family: model, presets and its ModelSpec."""
+
+from tetrad.models.llama3.model import Llama3Config, RopeScaling, Transformer, num_flops_per_token
+from tetrad.models.llama3.parallelize import parallelize_llama3
+from tetrad.models.llama3.presets import llama3_presets
+from tetrad.models.spec import ModelSpec
+
+llama3_spec = ModelSpec(
+    name="llama3",
+    presets=llama3_presets,
+    build_model=Transformer,
+    num_flops_per_token=num_flops_per_token,
+    parallelize_fn=parallelize_llama3,
+)
+
+__all__ = [
+    "Llama3Config",
+    "RopeScaling",
+    "Transformer",
+    "llama3_presets",
+    "llama3_spec",
+    "num_flops_per_token",
+]

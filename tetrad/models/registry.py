@@ -1,0 +1,19 @@
+"""Model families by --model.name."""
+
+from __future__ import annotations
+
+from tetrad.config import ConfigError
+from tetrad.models.llama3 import llama3_spec
+from tetrad.models.spec import ModelSpec, did_you_mean
+
+_SPECS: dict[str, ModelSpec] = {spec.name: spec for spec in (llama3_spec,)}
+
+
+def get_model_spec(name: str) -> ModelSpec:
+    """The registered spec called ``name``; a one-line ValueError with a suggestion otherwise."""
+    if name not in _SPECS:
+        raise ConfigError(
+            f"unknown --model.name '{name}';{did_you_mean(name, _SPECS)} "
+            f"available: {', '.join(_SPECS)}"
+        )
+    return _SPECS[name]

@@ -1,0 +1,56 @@
+"""ModelSpec: what the trainer needs to know about a model family, and nothing more."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from torch import nn
+
+from tetrad.config import ConfigError
+
+
+def did_you_mean(name: str, choices: Iterable[str]) -> str:
+    """A " did you mean 'X'?" fragment naming the closest choice, ignoring case (8b → 8B)."""
+    by_lower = {choice.lower(): choice for choice in choices}
+    match = difflib.get_close_matches(name.lower(), by_lower, n=1)
+    return f" did you mean '{by_lower[match[0]]}'?" if match else ""
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelSpec:
+    name: str
+    """Registry name, the value of --model.name."""
+
+    presets: Mapping[str, Any]
+    """Config dataclasses (with a vocab_size field) by flavor, the values of --model.flavor."""
+
+    build_model: Callable[[Any], nn.Module]
+    """config → model; called under torch.device("meta"), so it must not initialise weights."""
+
+    num_flops_per_token: Callable[[Any, int], int]
+    """(config, seq_len) → training FLOPs per token, for MFU."""
+
+    parallelize_fn: Callable[..., None] | None = None
+    """Applies TP/SP, activation checkpointing, compile and FSDP to a model in place: the one
+    place where a family's module structure meets the device mesh."""
+
+    def config_for(self, flavor: str, *, vocab_size: int) -> Any:
+        """A copy of the preset, its vocab_size taken from the tokenizer where the preset has 0."""
+        if flavor not in self.presets:
+            raise ConfigError(
+                f"unknown --model.flavor '{flavor}' for {self.name};"
+                f"{did_you_mean(flavor, self.presets)} available: {', '.join(self.presets)}"
+            )
+        preset = self.presets[flavor]
+        if preset.vocab_size == 0:
+            return dataclasses.replace(preset, vocab_size=vocab_size)
+        if preset.vocab_size < vocab_size:
+            raise ConfigError(
+                f"{self.name} '{flavor}' has vocab_size {preset.vocab_size}, fewer than the "
+                f"tokenizer's {vocab_size}; use a smaller tokenizer or a preset with vocab_size 0"
+            )
+        return dataclasses.replace(preset)

@@ -1,0 +1,218 @@
+"""The Trainer: builds every piece in the order of the data flow, then runs the loop.
+
+It wires things together and implements no parallelism: the model family's ``parallelize_fn``
+applies TP → activation checkpointing → compile → FSDP from outside the model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.tensor import DTensor
+from torch.distributed.tensor.parallel import loss_parallel
+
+from tetrad.components.loss import IGNORE_INDEX, cross_entropy_sum
+from tetrad.components.lr_scheduler import build_lr_scheduler
+from tetrad.components.metrics import MetricsLogger, peak_tflops
+from tetrad.components.optimizer import build_optimizer
+from tetrad.config import Config, ConfigError, save_config
+from tetrad.data import build_dataloader, build_tokenizer
+from tetrad.distributed.init import init_distributed, materialize_and_init, set_determinism
+from tetrad.distributed.parallel_dims import ParallelDims
+from tetrad.distributed.utils import clip_grad_norm_, reduce_sum
+from tetrad.models.registry import get_model_spec
+from tetrad.tools.logging import init_logging
+
+logger = logging.getLogger(__name__)
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+
+
+class Trainer:
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        set_determinism(config.debug.seed, config.debug.deterministic)
+        self.device = init_distributed(config.comm.init_timeout_seconds)
+        self.rank = dist.get_rank()
+        init_logging(self.rank, all_ranks=config.debug.log_all_ranks)
+        self.dump_folder = Path(config.job.dump_folder)
+        self.parallel_dims = self.build_parallel_dims()
+        self.grad_accum_steps = self.build_grad_accumulation()
+        self.tokenizer = build_tokenizer(config.data.tokenizer)
+        self.model = self.build_model()
+        self.optimizer = build_optimizer([self.model], config.optimizer, self.device)
+        self.lr_scheduler = build_lr_scheduler(
+            self.optimizer, config.lr_scheduler, config.training.steps
+        )
+        self.dataloader = self.build_dataloader()
+        self.metrics = self.build_metrics()
+        self.step = 0
+        if self.rank == 0:
+            save_config(config, self.dump_folder / "config.toml")
+
+    def build_parallel_dims(self) -> ParallelDims:
+        p = self.config.parallelism
+        dims = ParallelDims(
+            dp_replicate=p.dp_replicate,
+            dp_shard=p.dp_shard,
+            cp=p.cp,
+            tp=p.tp,
+            pp=p.pp,
+            world_size=dist.get_world_size(),
+        )
+        dims.meshes  # noqa: B018 - create every process group now, at start-up
+        return dims
+
+    def build_grad_accumulation(self) -> int:
+        t, dp = self.config.training, self.parallel_dims.dp
+        per_step = t.local_batch_size * dp
+        global_batch = per_step if t.global_batch_size == -1 else t.global_batch_size
+        if global_batch % per_step:
+            raise ConfigError(
+                f"--training.global_batch_size {global_batch} is not a multiple of "
+                f"local_batch_size {t.local_batch_size} × dp degree {dp} = {per_step}"
+            )
+        return global_batch // per_step
+
+    def build_model(self) -> nn.Module:
+        """Build on meta, parallelize, materialise on the device, initialise every weight."""
+        spec = get_model_spec(self.config.model.name)
+        self.model_config = spec.config_for(
+            self.config.model.flavor, vocab_size=self.tokenizer.vocab_size
+        )
+        with torch.device("meta"):
+            model = spec.build_model(self.model_config)
+        self.flops_per_token = spec.num_flops_per_token(
+            self.model_config, self.config.training.seq_len
+        )
+        if spec.parallelize_fn is not None:
+            spec.parallelize_fn(model, self.parallel_dims, self.config)
+        materialize_and_init(
+            model,
+            lambda: spec.build_model(self.model_config),
+            device=self.device,
+            seed=self.config.debug.seed,
+            sharded=self.parallel_dims.world_size > 1,
+        )
+        model.train()
+        num_params = sum(p.numel() for p in model.parameters())
+        logger.info(
+            "model %s/%s: %.1fM parameters (this rank), %.1f MFLOP/token",
+            self.config.model.name, self.config.model.flavor, num_params / 1e6,
+            self.flops_per_token / 1e6,
+        )  # fmt: skip
+        return model
+
+    def build_dataloader(self):
+        d, t = self.config.data, self.config.training
+        dp_mesh = self.parallel_dims.meshes["dp"]
+        return build_dataloader(
+            dataset=d.dataset,
+            path=d.path,
+            dataset_config=d.dataset_config,
+            split=d.split,
+            text_field=d.text_field,
+            tokenizer=self.tokenizer,
+            seq_len=t.seq_len,
+            batch_size=t.local_batch_size,
+            dp_rank=dp_mesh.get_local_rank(),
+            dp_world_size=dp_mesh.size(),
+        )
+
+    def build_metrics(self) -> MetricsLogger:
+        self.dump_folder.mkdir(parents=True, exist_ok=True)
+        m = self.config.metrics
+        return MetricsLogger(
+            dump_folder=self.dump_folder,
+            device=self.device,
+            flops_per_token=self.flops_per_token,
+            peak_tflops=peak_tflops(self.device, m.peak_tflops),
+            enable_tensorboard=m.enable_tensorboard,
+            write=self.rank == 0,
+        )
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        """bf16 autocast for GPU runs that FSDP's mixed precision does not already cover."""
+        bf16 = self.config.training.mixed_precision_param == "bfloat16"
+        if self.device.type == "cuda" and bf16 and not self.parallel_dims.fsdp_enabled:
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def forward_backward(self, micro_batches: list[Batch]) -> torch.Tensor:
+        """Accumulate gradients over the micro-batches; return the global mean loss."""
+        num_tokens = sum(int((labels != IGNORE_INDEX).sum()) for _, labels in micro_batches)
+        loss_mesh = self.parallel_dims.meshes["dp_cp"]
+        global_tokens = reduce_sum(torch.tensor(float(num_tokens)), loss_mesh)
+        # Data-parallel gradient reduction averages over dp×cp ranks; scaling by that degree
+        # turns the average into the sum of every token's gradient / all tokens.
+        scale = self.parallel_dims.loss_parallel_degree / global_tokens
+        loss_sum = torch.zeros((), device=self.device)
+        for i, (inputs, labels) in enumerate(micro_batches):
+            inputs, labels = inputs.to(self.device), labels.to(self.device)
+            self._set_gradient_sync(last=i == len(micro_batches) - 1)
+            with self._loss_parallel():
+                with self._autocast():
+                    logits = self.model(inputs)
+                loss = cross_entropy_sum(logits, labels)
+                (loss * scale).backward()
+            loss_sum += loss.full_tensor() if isinstance(loss, DTensor) else loss.detach()
+        return reduce_sum(loss_sum, loss_mesh) / global_tokens
+
+    def _loss_parallel(self) -> contextlib.AbstractContextManager:
+        """Cross-entropy on vocab-sharded logits when the TP plan leaves them sharded."""
+        p = self.config.parallelism
+        return (
+            loss_parallel()
+            if self.parallel_dims.tp > 1 and p.enable_loss_parallel
+            else (contextlib.nullcontext())
+        )
+
+    def _set_gradient_sync(self, last: bool) -> None:
+        # FSDP2 reduce-scatters gradients only on the last micro-batch of a step.
+        if hasattr(self.model, "set_requires_gradient_sync"):
+            self.model.set_requires_gradient_sync(last)
+
+    def train_step(self, micro_batches: list[Batch]) -> tuple[torch.Tensor, torch.Tensor]:
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = self.forward_backward(micro_batches)
+        max_norm = self.config.training.max_norm
+        grad_norm = clip_grad_norm_(
+            [p for p in self.model.parameters() if p.grad is not None],
+            max_norm if max_norm > 0 else float("inf"),
+        )
+        self.optimizer.step()
+        self.lr_scheduler.step()
+        return loss, grad_norm
+
+    def train(self) -> None:
+        t = self.config.training
+        logger.info(
+            "training %d steps: %d sequences × %d tokens per rank per micro-batch, "
+            "%d micro-batch(es) per step, dp %d",
+            t.steps, t.local_batch_size, t.seq_len, self.grad_accum_steps, self.parallel_dims.dp,
+        )  # fmt: skip
+        data_iter = iter(self.dataloader)
+        self.metrics.reset_timer()
+        while self.step < t.steps:
+            self.step += 1
+            lr = self.lr_scheduler.get_last_lr()[0]
+            micro_batches = [next(data_iter) for _ in range(self.grad_accum_steps)]
+            loss, grad_norm = self.train_step(micro_batches)
+            self.metrics.add_tokens(sum(inputs.numel() for inputs, _ in micro_batches))
+            if (
+                self.step == 1
+                or self.step % self.config.metrics.log_freq == 0
+                or (self.step == t.steps)
+            ):
+                self.metrics.log(self.step, loss=loss.item(), grad_norm=grad_norm.item(), lr=lr)
+        self.metrics.close()
+        logger.info("done: %d steps; metrics in %s", self.step, self.metrics.jsonl_path)
+
+    def close(self) -> None:
+        if dist.is_initialized():
+            dist.destroy_process_group()
