@@ -16,13 +16,19 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.parallel import loss_parallel
 
+from tetrad.components.checkpoint import CheckpointManager, ModelAndOptimizer, TrainState
 from tetrad.components.loss import IGNORE_INDEX, cross_entropy_sum
 from tetrad.components.lr_scheduler import build_lr_scheduler
 from tetrad.components.metrics import MetricsLogger, peak_tflops
 from tetrad.components.optimizer import build_optimizer
 from tetrad.config import Config, ConfigError, save_config
 from tetrad.data import build_dataloader, build_tokenizer
-from tetrad.distributed.init import init_distributed, materialize_and_init, set_determinism
+from tetrad.distributed.init import (
+    init_distributed,
+    materialize_and_init,
+    set_collective_timeout,
+    set_determinism,
+)
 from tetrad.distributed.parallel_dims import ParallelDims
 from tetrad.distributed.utils import clip_grad_norm_, reduce_sum
 from tetrad.models.registry import get_model_spec
@@ -46,14 +52,30 @@ class Trainer:
         self.tokenizer = build_tokenizer(config.data.tokenizer)
         self.model = self.build_model()
         self.optimizer = build_optimizer([self.model], config.optimizer, self.device)
-        self.lr_scheduler = build_lr_scheduler(
-            self.optimizer, config.lr_scheduler, config.training.steps
-        )
+        schedule_steps = config.lr_scheduler.total_steps or config.training.steps
+        self.lr_scheduler = build_lr_scheduler(self.optimizer, config.lr_scheduler, schedule_steps)
         self.dataloader = self.build_dataloader()
         self.metrics = self.build_metrics()
-        self.step = 0
+        self.train_state = TrainState()
+        self.checkpointer = CheckpointManager(
+            config.checkpoint,
+            self.dump_folder / config.checkpoint.folder,
+            states={
+                "model_optimizer": ModelAndOptimizer(self.model, self.optimizer),
+                "lr_scheduler": self.lr_scheduler,
+                "dataloader": self.dataloader,
+                "train_state": self.train_state,
+            },
+            total_steps=config.training.steps,
+        )
+        self.checkpointer.load_latest()
+        set_collective_timeout(
+            config.comm.train_timeout_seconds, self.parallel_dims.meshes.values()
+        )
         if self.rank == 0:
             save_config(config, self.dump_folder / "config.toml")
+            if config.job.print_config:
+                logger.info("config:\n%s", (self.dump_folder / "config.toml").read_text())
 
     def build_parallel_dims(self) -> ParallelDims:
         p = self.config.parallelism
@@ -85,6 +107,12 @@ class Trainer:
         self.model_config = spec.config_for(
             self.config.model.flavor, vocab_size=self.tokenizer.vocab_size
         )
+        seq_len, max_seq_len = self.config.training.seq_len, self.model_config.max_seq_len
+        if seq_len > max_seq_len:
+            raise ConfigError(
+                f"--training.seq_len {seq_len} exceeds {self.config.model.flavor}'s rotary table "
+                f"of {max_seq_len} positions; use a shorter sequence or a longer-context flavor"
+            )
         with torch.device("meta"):
             model = spec.build_model(self.model_config)
         self.flops_per_token = spec.num_flops_per_token(
@@ -197,21 +225,22 @@ class Trainer:
             t.steps, t.local_batch_size, t.seq_len, self.grad_accum_steps, self.parallel_dims.dp,
         )  # fmt: skip
         data_iter = iter(self.dataloader)
+        state, first_step = self.train_state, self.train_state.step + 1
         self.metrics.reset_timer()
-        while self.step < t.steps:
-            self.step += 1
+        while state.step < t.steps:
+            state.step += 1
             lr = self.lr_scheduler.get_last_lr()[0]
             micro_batches = [next(data_iter) for _ in range(self.grad_accum_steps)]
             loss, grad_norm = self.train_step(micro_batches)
             self.metrics.add_tokens(sum(inputs.numel() for inputs, _ in micro_batches))
             if (
-                self.step == 1
-                or self.step % self.config.metrics.log_freq == 0
-                or (self.step == t.steps)
+                state.step in (first_step, t.steps)
+                or state.step % self.config.metrics.log_freq == 0
             ):
-                self.metrics.log(self.step, loss=loss.item(), grad_norm=grad_norm.item(), lr=lr)
+                self.metrics.log(state.step, loss=loss.item(), grad_norm=grad_norm.item(), lr=lr)
+            self.checkpointer.maybe_save(state.step)
         self.metrics.close()
-        logger.info("done: %d steps; metrics in %s", self.step, self.metrics.jsonl_path)
+        logger.info("done: %d steps; metrics in %s", state.step, self.metrics.jsonl_path)
 
     def close(self) -> None:
         if dist.is_initialized():

@@ -65,6 +65,7 @@ CASES = {
     ),
     "fsdp2_tp2": (4, 2, ["--parallelism.tp=2", "--parallelism.dp_shard=2"]),
     "fsdp2_accum2": (2, 2, ["--parallelism.dp_shard=2", "--training.global_batch_size=8"]),
+    "fsdp2_cpu_offload": (2, 2, ["--parallelism.dp_shard=2", "--training.enable_cpu_offload"]),
     # Recomputation must not change a single gradient.
     "ac_full": (1, 1, ["--activation_checkpoint.mode=full"]),
     "ac_selective_op": (1, 1, ["--activation_checkpoint.mode=selective"]),
@@ -110,3 +111,11 @@ def test_compile_with_fsdp_matches_single_process(tmp_path, tmp_path_factory) ->
     args = ["--parallelism.dp_shard=2", "--compile.enable", f"--compile.cache_dir={cache}"]
     run_train(tmp_path, *TINY_RUN, *args, nproc=2, timeout=600)
     assert_parity(read_metrics(tmp_path), reference(tmp_path_factory, 2, 1), rtol=1e-4)
+
+
+def test_float8_with_fsdp_float8_all_gather(tmp_path, tmp_path_factory) -> None:
+    # float8 matmuls and float8 all-gathers round; 1e-2 is far below the loss's fall per step.
+    args = ["--parallelism.dp_shard=2", "--float8.enable", "--float8.enable_fsdp_float8_all_gather"]
+    run_train(tmp_path, *TINY_RUN, *args, nproc=2)
+    for got, want in zip(read_metrics(tmp_path), reference(tmp_path_factory, 2, 1), strict=True):
+        assert got["loss"] == pytest.approx(want["loss"], abs=1e-2)

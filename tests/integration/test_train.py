@@ -44,6 +44,7 @@ def test_debug_model_learns_and_writes_its_run_folder(tmp_path: Path) -> None:
         (["--model.flavor=8b"], "did you mean '8B'?"),
         (["--data.path=/no/such/file.jsonl"], "does not exist"),
         (["--training.global_batch_size=3"], "is not a multiple of local_batch_size"),
+        (["--training.seq_len=1024"], "exceeds tiny's rotary table of 512 positions"),
     ],
 )
 def test_bad_input_is_a_one_line_error(tmp_path: Path, args: list[str], message: str) -> None:

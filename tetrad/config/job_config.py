@@ -99,6 +99,10 @@ class LRSchedulerConfig:
     min_lr_factor: float = 0.0
     """The learning rate at the end, as a fraction of the peak."""
 
+    total_steps: int | None = None
+    """Length of the schedule; None = --training.steps. Set it to keep a run's schedule when it
+    is stopped early and resumed, or extended."""
+
 
 @dataclass(kw_only=True)
 class ParallelismConfig:
@@ -143,6 +147,9 @@ class CheckpointConfig:
 
     interval: int = 500
     """Save every this many steps (and always at the last step)."""
+
+    folder: str = "checkpoint"
+    """Checkpoint folder, inside --job.dump_folder."""
 
 
 @dataclass(kw_only=True)
@@ -210,6 +217,18 @@ class CompileConfig:
 
 
 @dataclass(kw_only=True)
+class Float8Config:
+    enable: bool = False
+    """Train linear layers in float8 through torchao (dims divisible by 16; not the output)."""
+
+    recipe: Literal["tensorwise", "rowwise"] = "tensorwise"
+    """Scaling granularity: one scale per tensor, or per row (more accurate, slower)."""
+
+    enable_fsdp_float8_all_gather: bool = False
+    """All-gather FSDP shards in float8 (tensorwise only): half the all-gather bytes of bf16."""
+
+
+@dataclass(kw_only=True)
 class Config:
     """The whole job. Section names are the CLI prefixes: --training.steps=10."""
 
@@ -228,3 +247,4 @@ class Config:
         default_factory=ActivationCheckpointConfig
     )
     compile: CompileConfig = field(default_factory=CompileConfig)
+    float8: Float8Config = field(default_factory=Float8Config)

@@ -267,9 +267,11 @@ def validate_config(config: Config) -> None:
         raise ConfigError(
             f"--training.global_batch_size must be positive or -1, got {t.global_batch_size}"
         )
-    if not 0 <= lr.warmup_steps <= t.steps:
+    schedule_steps = t.steps if lr.total_steps is None else lr.total_steps
+    if not 0 <= lr.warmup_steps <= schedule_steps:
         raise ConfigError(
-            f"--lr_scheduler.warmup_steps {lr.warmup_steps} must be within 0..--training.steps {t.steps}"
+            f"--lr_scheduler.warmup_steps {lr.warmup_steps} must be within 0..{schedule_steps}"
+            " (the schedule's length: --lr_scheduler.total_steps, else --training.steps)"
         )
     if lr.decay_ratio is not None and not 0.0 <= lr.decay_ratio <= 1.0:
         raise ConfigError(f"--lr_scheduler.decay_ratio must be within 0..1, got {lr.decay_ratio}")

@@ -5,13 +5,14 @@ from __future__ import annotations
 import datetime
 import os
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+from torch.distributed.device_mesh import DeviceMesh
 
 
 def device_type() -> str:
@@ -89,3 +90,12 @@ def materialize_and_init(
     set_model_state_dict(
         model, reference.state_dict(), options=StateDictOptions(full_state_dict=True)
     )
+
+
+def set_collective_timeout(seconds: int, meshes: Iterable[DeviceMesh]) -> None:
+    """Switch every process group from the generous start-up timeout to the training one, so a
+    rank that hangs mid-run fails the job in seconds rather than after the start-up allowance."""
+    timeout = datetime.timedelta(seconds=seconds)
+    groups = {dist.group.WORLD} | {mesh.get_group() for mesh in meshes if mesh.ndim == 1}
+    for group in groups:
+        dist.distributed_c10d._set_pg_timeout(timeout, group)

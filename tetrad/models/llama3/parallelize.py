@@ -1,5 +1,5 @@
-"""Where the Llama-3 module structure meets the mesh: TP/SP → activation checkpointing → compile
-→ FSDP/HSDP/DDP, in that order (each step wraps what the previous one produced)."""
+"""Where the Llama-3 module structure meets the mesh: float8 → TP/SP → activation checkpointing
+→ compile → FSDP/HSDP/DDP, in that order (each step wraps what the previous one produced)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,8 @@ from torch.distributed.tensor.parallel import (
     parallelize_module,
 )
 
-from tetrad.config import Config
+from tetrad.components.float8 import apply_float8
+from tetrad.config import Config, ConfigError
 from tetrad.distributed.activation_checkpoint import apply_activation_checkpointing
 from tetrad.distributed.compile import apply_compile
 from tetrad.distributed.data_parallel import apply_ddp, apply_fsdp, mixed_precision_policy
@@ -68,6 +69,9 @@ def apply_tensor_parallel(
 def parallelize_llama3(model: nn.Module, parallel_dims: ParallelDims, config: Config) -> None:
     """Apply every configured parallelism to ``model`` (on meta) in place."""
     meshes, p = parallel_dims.meshes, config.parallelism
+    if config.float8.enable and parallel_dims.tp > 1:
+        raise ConfigError("--float8.enable with --parallelism.tp > 1 is not supported yet")
+    apply_float8(model, config.float8, skip_fqns={"output"})
     if parallel_dims.tp > 1:
         apply_tensor_parallel(
             model,
