@@ -232,7 +232,8 @@ class Trainer:
             lr = self.lr_scheduler.get_last_lr()[0]
             micro_batches = [next(data_iter) for _ in range(self.grad_accum_steps)]
             loss, grad_norm = self.train_step(micro_batches)
-            self.metrics.add_tokens(sum(inputs.numel() for inputs, _ in micro_batches))
+            batch_tokens = sum(inputs.numel() for inputs, _ in micro_batches)
+            self.metrics.add_tokens(batch_tokens // self.parallel_dims.model_parallel_degree)
             if (
                 state.step in (first_step, t.steps)
                 or state.step % self.config.metrics.log_freq == 0

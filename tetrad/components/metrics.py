@@ -89,7 +89,8 @@ class MetricsLogger:
         self._last_time = time.perf_counter()
 
     def add_tokens(self, num_tokens: int) -> None:
-        """Tokens this rank processed (forward and backward) since the last log line."""
+        """Tokens this device processed since the last log line (a batch shared by tensor or
+        pipeline parallel ranks counts once among them)."""
         self._tokens += num_tokens
 
     def reset_timer(self) -> None:

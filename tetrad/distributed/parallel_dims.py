@@ -61,6 +61,12 @@ class ParallelDims:
         return self.dp_shard * self.cp > 1
 
     @property
+    def model_parallel_degree(self) -> int:
+        """Ranks that work on the same batch (tensor and pipeline parallel): per-device
+        throughput divides a batch's tokens among them."""
+        return self.tp * self.pp
+
+    @property
     def loss_parallel_degree(self) -> int:
         """Ranks whose tokens make up one loss average (data and context parallel)."""
         return self.dp * self.cp
