@@ -64,6 +64,11 @@ CASES = {
         ],
     ),
     "fsdp2_tp2": (4, 2, ["--parallelism.tp=2", "--parallelism.dp_shard=2"]),
+    "hsdp2x2_tp2": (
+        8,
+        4,
+        ["--parallelism.tp=2", "--parallelism.dp_shard=2", "--parallelism.dp_replicate=2"],
+    ),
     "fsdp2_accum2": (2, 2, ["--parallelism.dp_shard=2", "--training.global_batch_size=8"]),
     "fsdp2_cpu_offload": (2, 2, ["--parallelism.dp_shard=2", "--training.enable_cpu_offload"]),
     # Recomputation must not change a single gradient.
@@ -105,12 +110,19 @@ def test_bad_mesh_is_one_line_error(tmp_path: Path) -> None:
     )
 
 
-def test_compile_with_fsdp_matches_single_process(tmp_path, tmp_path_factory) -> None:
+@pytest.mark.parametrize(
+    ("layout", "dp"),
+    [
+        (["--parallelism.dp_shard=2"], 2),  # per-block compile under FSDP
+        (["--parallelism.tp=2", "--parallelism.dp_shard=1"], 1),  # whole-model compile under TP
+    ],
+    ids=["fsdp2", "tp2"],
+)
+def test_compile_matches_single_process(layout, dp, tmp_path, tmp_path_factory) -> None:
     # Inductor fuses and reorders floating-point work, hence the looser tolerance.
-    cache = REPO / ".inductor_cache"
-    args = ["--parallelism.dp_shard=2", "--compile.enable", f"--compile.cache_dir={cache}"]
+    args = [*layout, "--compile.enable", f"--compile.cache_dir={REPO / '.inductor_cache'}"]
     run_train(tmp_path, *TINY_RUN, *args, nproc=2, timeout=600)
-    assert_parity(read_metrics(tmp_path), reference(tmp_path_factory, 2, 1), rtol=1e-4)
+    assert_parity(read_metrics(tmp_path), reference(tmp_path_factory, dp, 1), rtol=1e-4)
 
 
 def test_float8_with_fsdp_float8_all_gather(tmp_path, tmp_path_factory) -> None:
