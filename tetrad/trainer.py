@@ -45,8 +45,10 @@ class Trainer:
         set_determinism(config.debug.seed, config.debug.deterministic)
         self.device = init_distributed(config.comm.init_timeout_seconds)
         self.rank = dist.get_rank()
-        init_logging(self.rank, all_ranks=config.debug.log_all_ranks)
         self.dump_folder = Path(config.job.dump_folder)
+        init_logging(
+            self.rank, all_ranks=config.debug.log_all_ranks, log_dir=self.dump_folder / "logs"
+        )
         self.parallel_dims = self.build_parallel_dims()
         self.grad_accum_steps = self.build_grad_accumulation()
         self.tokenizer = build_tokenizer(config.data.tokenizer)

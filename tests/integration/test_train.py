@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import tomllib
 from pathlib import Path
 
 import pytest
-import tomllib
 import torch
 
 from tests.conftest import TINY_RUN, read_metrics, run_train
@@ -35,6 +36,9 @@ def test_debug_model_learns_and_writes_its_run_folder(tmp_path: Path) -> None:
     assert config["training"]["steps"] == 30 and config["model"]["flavor"] == "debug"
     assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
     assert "step    30" in result.stdout
+    log = [json.loads(line) for line in (tmp_path / "logs" / "rank0.jsonl").open()]
+    assert any(entry["message"].startswith("step    30") for entry in log)
+    assert {entry["rank"] for entry in log} == {0}
 
 
 @pytest.mark.parametrize(

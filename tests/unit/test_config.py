@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import tomllib
 
 import pytest
-import tomllib
 
 from tests.conftest import REPO
 from tetrad.config import Config, ConfigError, load_config, save_config, validate_config

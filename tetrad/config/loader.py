@@ -13,6 +13,7 @@ import functools
 import inspect
 import itertools
 import textwrap
+import tomllib
 import types
 import typing
 from collections.abc import Iterator, Sequence
@@ -20,7 +21,6 @@ from pathlib import Path
 from typing import Any
 
 import tomli_w
-import tomllib
 
 from tetrad.config.job_config import Config
 
