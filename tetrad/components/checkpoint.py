@@ -19,7 +19,11 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_state_dict,
+    set_state_dict,
+)
 from torch.distributed.checkpoint.stateful import Stateful
 
 from tetrad.config.job_config import CheckpointConfig
@@ -27,6 +31,9 @@ from tetrad.config.job_config import CheckpointConfig
 logger = logging.getLogger(__name__)
 
 _STEP_DIR = re.compile(r"^step-(\d+)$")
+# Optimizer state and hyperparameters keyed by parameter FQN, not by param-group index: pipeline
+# ranks hold different parameters in their "group 0", and DCP would keep only one rank's list.
+_OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True)
 
 
 class ModelAndOptimizer(Stateful):
@@ -41,7 +48,7 @@ class ModelAndOptimizer(Stateful):
         self.optimizer = optimizer
 
     def state_dict(self) -> dict[str, Any]:
-        model_state, optimizer_state = get_state_dict(self.model, self.optimizer)
+        model_state, optimizer_state = get_state_dict(self.model, self.optimizer, options=_OPTIONS)
         return {"model": model_state, "optimizer": optimizer_state}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -50,6 +57,7 @@ class ModelAndOptimizer(Stateful):
             self.optimizer,
             model_state_dict=state_dict["model"],
             optim_state_dict=state_dict["optimizer"],
+            options=_OPTIONS,
         )
 
 
