@@ -109,6 +109,12 @@ PP_CASES = {
         _PP_MULTI,
         ["--parallelism.pp_schedule=ZBVZeroBubble", "--parallelism.dp_shard=2"],
     ),
+    "pp2_tp2": (
+        4,
+        1,
+        [],
+        ["--parallelism.tp=2", "--parallelism.enable_sequence_parallel=false"],
+    ),
 }
 
 
