@@ -1,7 +1,8 @@
 """The Trainer: builds every piece in the order of the data flow, then runs the loop.
 
 It wires things together and implements no parallelism: the model family's ``parallelize_fn``
-applies TP → activation checkpointing → compile → FSDP from outside the model.
+applies TP → activation checkpointing → compile → FSDP from outside the model, to the whole model
+or, under pipeline parallel, to each of this rank's stages (``distributed/pipeline.py``).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from tetrad.distributed.init import (
     set_determinism,
 )
 from tetrad.distributed.parallel_dims import ParallelDims
+from tetrad.distributed.pipeline import Pipeline, guard_split_backward, plan_pipeline, split_model
 from tetrad.distributed.utils import clip_grad_norm_, reduce_sum
 from tetrad.models.registry import get_model_spec
 from tetrad.tools.logging import init_logging
@@ -52,8 +54,9 @@ class Trainer:
         self.parallel_dims = self.build_parallel_dims()
         self.grad_accum_steps = self.build_grad_accumulation()
         self.tokenizer = build_tokenizer(config.data.tokenizer)
-        self.model = self.build_model()
-        self.optimizer = build_optimizer([self.model], config.optimizer, self.device)
+        self.pipeline: Pipeline | None = None
+        self.model_parts = self.build_model()
+        self.optimizer = build_optimizer(self.model_parts, config.optimizer, self.device)
         schedule_steps = config.lr_scheduler.total_steps or config.training.steps
         self.lr_scheduler = build_lr_scheduler(self.optimizer, config.lr_scheduler, schedule_steps)
         self.dataloader = self.build_dataloader()
@@ -63,7 +66,7 @@ class Trainer:
             config.checkpoint,
             self.dump_folder / config.checkpoint.folder,
             states={
-                "model_optimizer": ModelAndOptimizer(self.model, self.optimizer),
+                "model_optimizer": ModelAndOptimizer(self.model_parts, self.optimizer),
                 "lr_scheduler": self.lr_scheduler,
                 "dataloader": self.dataloader,
                 "train_state": self.train_state,
@@ -103,8 +106,9 @@ class Trainer:
             )
         return global_batch // per_step
 
-    def build_model(self) -> nn.Module:
-        """Build on meta, parallelize, materialise on the device, initialise every weight."""
+    def build_model(self) -> list[nn.Module]:
+        """Build on meta, [split into pipeline stages], parallelize each part, materialise on the
+        device, initialise every weight. Returns the model parts this rank holds."""
         spec = get_model_spec(self.config.model.name)
         self.model_config = spec.config_for(
             self.config.model.flavor, vocab_size=self.tokenizer.vocab_size
@@ -120,23 +124,35 @@ class Trainer:
         self.flops_per_token = spec.num_flops_per_token(
             self.model_config, self.config.training.seq_len
         )
-        if spec.parallelize_fn is not None:
-            spec.parallelize_fn(model, self.parallel_dims, self.config)
+        parts, plan = [model], None
+        if self.parallel_dims.pp > 1:
+            pp_mesh = self.parallel_dims.meshes["pp"]
+            plan = plan_pipeline(self.config, list(model.layers), pp_mesh.get_local_rank())
+            guard_split_backward(self.config, self.parallel_dims.fsdp_enabled)
+            parts = split_model(model, plan)
+        for part in parts:
+            if spec.parallelize_fn is not None:
+                spec.parallelize_fn(part, self.parallel_dims, self.config)
         materialize_and_init(
-            model,
+            parts,
             lambda: spec.build_model(self.model_config),
             device=self.device,
             seed=self.config.debug.seed,
             sharded=self.parallel_dims.world_size > 1,
         )
-        model.train()
-        num_params = sum(p.numel() for p in model.parameters())
+        for part in parts:
+            part.train()
+        if plan is not None:
+            self.pipeline = Pipeline(
+                parts, plan, self.parallel_dims.meshes["pp"], self.device, self._pipeline_loss
+            )
+        num_params = sum(p.numel() for part in parts for p in part.parameters())
         logger.info(
             "model %s/%s: %.1fM parameters (this rank), %.1f MFLOP/token",
             self.config.model.name, self.config.model.flavor, num_params / 1e6,
             self.flops_per_token / 1e6,
         )  # fmt: skip
-        return model
+        return parts
 
     def build_dataloader(self):
         d, t = self.config.data, self.config.training
@@ -182,16 +198,29 @@ class Trainer:
         # turns the average into the sum of every token's gradient / all tokens.
         scale = self.parallel_dims.loss_parallel_degree / global_tokens
         loss_sum = torch.zeros((), device=self.device)
+        if self.pipeline is not None:
+            # Only the rank with the last stage sees losses: sum them over the pipeline too.
+            self._loss_scale = scale
+            for inputs, labels in micro_batches:
+                with self._loss_parallel():
+                    loss_sum += self.pipeline.step(inputs.to(self.device), labels.to(self.device))
+            loss_sum = reduce_sum(loss_sum / scale, self.parallel_dims.meshes["pp"])
+            return reduce_sum(loss_sum, loss_mesh) / global_tokens
+        (model,) = self.model_parts
         for i, (inputs, labels) in enumerate(micro_batches):
             inputs, labels = inputs.to(self.device), labels.to(self.device)
             self._set_gradient_sync(last=i == len(micro_batches) - 1)
             with self._loss_parallel():
                 with self._autocast():
-                    logits = self.model(inputs)
+                    logits = model(inputs)
                 loss = cross_entropy_sum(logits, labels)
                 (loss * scale).backward()
             loss_sum += loss.full_tensor() if isinstance(loss, DTensor) else loss.detach()
         return reduce_sum(loss_sum, loss_mesh) / global_tokens
+
+    def _pipeline_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The last stage's loss per pipeline micro-batch, scaled as in forward_backward."""
+        return cross_entropy_sum(logits, labels) * self._loss_scale
 
     def _loss_parallel(self) -> contextlib.AbstractContextManager:
         """Cross-entropy on vocab-sharded logits when the TP plan leaves them sharded."""
@@ -204,16 +233,18 @@ class Trainer:
 
     def _set_gradient_sync(self, last: bool) -> None:
         # FSDP2 reduce-scatters gradients only on the last micro-batch of a step.
-        if hasattr(self.model, "set_requires_gradient_sync"):
-            self.model.set_requires_gradient_sync(last)
+        for part in self.model_parts:
+            if hasattr(part, "set_requires_gradient_sync"):
+                part.set_requires_gradient_sync(last)
 
     def train_step(self, micro_batches: list[Batch]) -> tuple[torch.Tensor, torch.Tensor]:
         self.optimizer.zero_grad(set_to_none=True)
         loss = self.forward_backward(micro_batches)
         max_norm = self.config.training.max_norm
         grad_norm = clip_grad_norm_(
-            [p for p in self.model.parameters() if p.grad is not None],
+            [p for part in self.model_parts for p in part.parameters() if p.grad is not None],
             max_norm if max_norm > 0 else float("inf"),
+            pp_mesh=self.parallel_dims.meshes["pp"],
         )
         self.optimizer.step()
         self.lr_scheduler.step()

@@ -94,6 +94,49 @@ def test_layout_matches_single_process(name: str, tmp_path, tmp_path_factory) ->
     assert_parity(read_metrics(tmp_path), reference(tmp_path_factory, dp, accum))
 
 
+# Pipeline layouts: (nproc, reference dp, args shared with the reference, pipeline args).
+# Two stages per rank need 4 blocks (tiny_pp) and, with one micro-batch per stage, 4 sequences.
+_PP_MULTI = ["--model.flavor=tiny_pp", "--training.local_batch_size=4"]
+PP_CASES = {
+    "pp2_gpipe": (2, 1, [], ["--parallelism.pp_schedule=GPipe"]),
+    "pp2_1f1b": (2, 1, [], ["--parallelism.pp_schedule=1F1B"]),
+    "pp2_interleaved1f1b": (2, 1, _PP_MULTI, ["--parallelism.pp_schedule=Interleaved1F1B"]),
+    "pp2_zbv": (2, 1, _PP_MULTI, ["--parallelism.pp_schedule=ZBVZeroBubble"]),
+    # FSDP must keep parameters gathered for the split backward: the trainer forces it.
+    "pp2_fsdp2_zbv": (
+        4,
+        2,
+        _PP_MULTI,
+        ["--parallelism.pp_schedule=ZBVZeroBubble", "--parallelism.dp_shard=2"],
+    ),
+    "pp2_tp2": (
+        4,
+        1,
+        [],
+        ["--parallelism.tp=2", "--parallelism.enable_sequence_parallel=false"],
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(PP_CASES))
+def test_pipeline_matches_single_process(name: str, tmp_path, tmp_path_factory) -> None:
+    nproc, dp, shared, pp_args = PP_CASES[name]
+    layout = ["--parallelism.pp=2", "--parallelism.dp_shard=1", *pp_args]
+    run_train(tmp_path, *TINY_RUN, *shared, *layout, nproc=nproc)
+    assert_parity(read_metrics(tmp_path), reference(tmp_path_factory, dp, 1, *shared))
+
+
+def test_bad_pipeline_split_is_one_line_error(tmp_path: Path) -> None:
+    args = ["--parallelism.pp=2", "--parallelism.dp_shard=1"]
+    args += ["--parallelism.pp_schedule=Interleaved1F1B"]  # 4 stages of tiny's 2 blocks
+    result = run_train(tmp_path, *TINY_RUN, *args, nproc=2, expect_ok=False)
+    assert result.returncode != 0
+    assert (
+        "2 layers do not split evenly into 4 pipeline stages (Interleaved1F1B: 2 per rank × pp 2)"
+        in (result.stderr + result.stdout)
+    )
+
+
 def test_bad_mesh_is_one_line_error(tmp_path: Path) -> None:
     result = run_train(
         tmp_path,

@@ -17,9 +17,21 @@ CHECKPOINTED = [
 ]
 
 
-@pytest.mark.parametrize("nproc", [1, 2], ids=["single", "fsdp2"])
-def test_resume_is_bitwise_identical(tmp_path: Path, nproc: int) -> None:
-    layout = ["--parallelism.dp_shard=2"] if nproc == 2 else []
+# Two pipeline stages per rank: the checkpoint holds both under the full model's names.
+_PP_INTERLEAVED = [
+    "--parallelism.pp=2",
+    "--parallelism.dp_shard=1",
+    "--parallelism.pp_schedule=Interleaved1F1B",
+    "--model.flavor=tiny_pp",
+    "--training.local_batch_size=4",
+]
+LAYOUTS = {"single": (1, []), "fsdp2": (2, ["--parallelism.dp_shard=2"])}
+LAYOUTS["pp2_interleaved"] = (2, _PP_INTERLEAVED)
+
+
+@pytest.mark.parametrize("name", list(LAYOUTS))
+def test_resume_is_bitwise_identical(tmp_path: Path, name: str) -> None:
+    nproc, layout = LAYOUTS[name]
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     run_train(straight, *CHECKPOINTED, *layout, nproc=nproc)
     # Stop after 3 of 6 steps (same LR schedule), then start again in the same folder.

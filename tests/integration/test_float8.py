@@ -28,7 +28,7 @@ def test_float8_converts_linears_and_tracks_fp32_loss(tmp_path: Path, recipe: st
     trainer = train(tmp_path / "float8", "--float8.enable", f"--float8.recipe={recipe}")
     converted = {
         name
-        for name, module in trainer.model.named_modules()
+        for name, module in trainer.model_parts[0].named_modules()
         if isinstance(module, float8_linear.Float8Linear)
     }
     # Every projection of both blocks (4 attention + 3 FFN), never the output layer.

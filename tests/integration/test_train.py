@@ -70,9 +70,9 @@ def test_gradient_accumulation_equals_full_batch(tmp_path: Path) -> None:
             [(inputs, labels)],
             [(inputs[:1], labels[:1]), (inputs[1:], labels[1:])],
         ):
-            trainer.model.zero_grad(set_to_none=True)
+            trainer.model_parts[0].zero_grad(set_to_none=True)
             loss = trainer.forward_backward(micro_batches)
-            grads = {n: p.grad.clone() for n, p in trainer.model.named_parameters()}
+            grads = {n: p.grad.clone() for n, p in trainer.model_parts[0].named_parameters()}
             results.append((loss, grads))
         (full_loss, full_grads), (accum_loss, accum_grads) = results
         torch.testing.assert_close(accum_loss, full_loss, rtol=1e-5, atol=0)

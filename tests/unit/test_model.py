@@ -302,7 +302,7 @@ def test_unknown_names_suggest_a_match() -> None:
         spec.config_for("8b", vocab_size=8192)
     assert str(err.value) == (
         "unknown --model.flavor '8b' for llama3; did you mean '8B'? "
-        "available: tiny, debug, 1B, 3B, 8B, 70B, 405B"
+        "available: tiny, tiny_pp, debug, 1B, 3B, 8B, 70B, 405B"
     )
 
 

@@ -19,7 +19,11 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_state_dict,
+    set_state_dict,
+)
 from torch.distributed.checkpoint.stateful import Stateful
 
 from tetrad.config.job_config import CheckpointConfig
@@ -27,16 +31,24 @@ from tetrad.config.job_config import CheckpointConfig
 logger = logging.getLogger(__name__)
 
 _STEP_DIR = re.compile(r"^step-(\d+)$")
+# Optimizer state and hyperparameters keyed by parameter FQN, not by param-group index: pipeline
+# ranks hold different parameters in their "group 0", and DCP would keep only one rank's list.
+_OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True)
 
 
 class ModelAndOptimizer(Stateful):
-    """Model and optimizer state with FQN keys that do not depend on the parallel layout."""
+    """Model and optimizer state with FQN keys that do not depend on the parallel layout.
 
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
-        self.model, self.optimizer = model, optimizer
+    Pipeline stages are copies of the full model with parts deleted; a view that shares their
+    modules gives one state dict under the full model's FQNs for all of this rank's stages.
+    """
+
+    def __init__(self, model_parts: list[nn.Module], optimizer: torch.optim.Optimizer) -> None:
+        self.model = model_parts[0] if len(model_parts) == 1 else merged_view(model_parts)
+        self.optimizer = optimizer
 
     def state_dict(self) -> dict[str, Any]:
-        model_state, optimizer_state = get_state_dict(self.model, self.optimizer)
+        model_state, optimizer_state = get_state_dict(self.model, self.optimizer, options=_OPTIONS)
         return {"model": model_state, "optimizer": optimizer_state}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -45,7 +57,31 @@ class ModelAndOptimizer(Stateful):
             self.optimizer,
             model_state_dict=state_dict["model"],
             optim_state_dict=state_dict["optimizer"],
+            options=_OPTIONS,
         )
+
+
+def merged_view(parts: list[nn.Module]) -> nn.Module:
+    """A module whose children are the parts' own (shared, not copied) submodules, merged by
+    name: containers present in several parts (a ``layers`` ModuleDict) merge their disjoint
+    entries. Parameters stay the parts' objects, so the optimizer's state maps onto it."""
+    view, merged = nn.Module(), set()
+    for part in parts:
+        if next(part.parameters(recurse=False), None) is not None:
+            raise ValueError("model parts with parameters of their own cannot be merged")
+        for name, child in part.named_children():
+            existing = view._modules.get(name)
+            if existing is None:
+                view.add_module(name, child)
+            elif existing is not child:
+                if not isinstance(existing, nn.ModuleDict) or not isinstance(child, nn.ModuleDict):
+                    raise ValueError(f"model parts both hold a different '{name}'")
+                if name not in merged:  # a new container: the parts' own stay untouched
+                    existing = nn.ModuleDict(existing)
+                    view.add_module(name, existing)
+                    merged.add(name)
+                existing.update(child)
+    return view
 
 
 class TrainState(Stateful):

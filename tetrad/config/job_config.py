@@ -28,7 +28,7 @@ class ModelConfig:
     """Model family from the registry (e.g. llama3)."""
 
     flavor: str = "debug"
-    """Preset of the family (llama3: tiny, debug, 1B, 3B, 8B, 70B, 405B)."""
+    """Preset of the family (llama3: tiny, tiny_pp, debug, 1B, 3B, 8B, 70B, 405B)."""
 
 
 @dataclass(kw_only=True)
@@ -129,6 +129,28 @@ class ParallelismConfig:
 
     fsdp_reshard_after_forward: bool = True
     """Free gathered parameters after each block's forward (less memory, one more all-gather)."""
+
+    pp_schedule: Literal[
+        "GPipe",
+        "1F1B",
+        "Interleaved1F1B",
+        "LoopedBFS",
+        "InterleavedZeroBubble",
+        "ZBVZeroBubble",
+        "DualPipeV",
+    ] = "1F1B"
+    """Pipeline schedule (with --parallelism.pp > 1). GPipe and 1F1B run one stage per rank;
+    Interleaved1F1B, LoopedBFS and InterleavedZeroBubble two or more (virtual) stages per rank;
+    ZBVZeroBubble and DualPipeV exactly two per rank, in V order."""
+
+    pp_microbatches: int = -1
+    """Micro-batches the schedule splits each local batch into; -1 = the number of pipeline
+    stages, the fewest that keep every stage busy. Must divide --training.local_batch_size."""
+
+    pp_layers_per_stage: int | None = None
+    """Transformer blocks per pipeline stage; None splits the blocks evenly over the stages
+    (1 per rank, or 2 for multi-stage schedules). With a value, the stage count is
+    ceil(n_layers / value) and the last stage takes the remainder."""
 
 
 @dataclass(kw_only=True)

@@ -285,5 +285,10 @@ def validate_config(config: Config) -> None:
     for name in ("dp_replicate", "tp", "pp", "cp"):
         if getattr(config.parallelism, name) < 1:
             raise ConfigError(f"--parallelism.{name} must be >= 1")
+    pp = config.parallelism
+    if pp.pp_microbatches == 0 or pp.pp_microbatches < -1:
+        raise ConfigError("--parallelism.pp_microbatches must be >= 1, or -1 for one per stage")
+    if pp.pp_layers_per_stage is not None and pp.pp_layers_per_stage < 1:
+        raise ConfigError("--parallelism.pp_layers_per_stage must be >= 1")
     if config.parallelism.dp_shard == 0 or config.parallelism.dp_shard < -1:
         raise ConfigError("--parallelism.dp_shard must be >= 1, or -1 to fill the world size")

@@ -59,24 +59,28 @@ def set_determinism(seed: int, deterministic: bool) -> None:
 
 
 def materialize_and_init(
-    model: nn.Module,
+    parts: list[nn.Module],
     build_reference: Callable[[], nn.Module],
     *,
     device: torch.device,
     seed: int,
     sharded: bool,
 ) -> None:
-    """Allocate a meta-built (possibly parallelized) model on ``device`` and initialise it so
-    that its weights equal a single-process build's under the same seed, whatever the layout.
+    """Allocate meta-built (possibly parallelized) model parts on ``device`` and initialise them
+    so that their weights equal a single-process build's under the same seed, whatever the
+    layout. ``parts`` are the whole model, or this rank's pipeline stages (each the full model
+    with what the stage does not own deleted, so FQNs are the full model's).
 
     DTensor's sharded RNG cannot promise that (on CPU meshes it even repeats one shard's values
     on every rank), so a parallelized model is initialised as a full replica on the CPU and
     each rank keeps its own shards. The replica costs one full fp32 copy in host memory: start
     models too large for that from a seed checkpoint or pretrained weights instead.
     """
-    model.to_empty(device=device)
+    for part in parts:
+        part.to_empty(device=device)
     torch.manual_seed(seed)
     if not sharded:
+        (model,) = parts
         with torch.no_grad():
             model.init_weights(buffer_device=device)
         return
@@ -85,11 +89,15 @@ def materialize_and_init(
     reference.to_empty(device="cpu")
     with torch.no_grad():
         reference.init_weights()
-        for name, buffer in reference.named_buffers():  # non-persistent ones (rotary tables)
-            model.get_buffer(name).copy_(buffer)
-    set_model_state_dict(
-        model, reference.state_dict(), options=StateDictOptions(full_state_dict=True)
-    )
+    state = reference.state_dict()
+    for part in parts:
+        with torch.no_grad():
+            for name, buffer in reference.named_buffers():  # non-persistent ones (rotary tables)
+                part.get_buffer(name).copy_(buffer)
+        # A pipeline stage holds a subset of the full model's keys.
+        set_model_state_dict(
+            part, state, options=StateDictOptions(full_state_dict=True, strict=False)
+        )
 
 
 def set_collective_timeout(seconds: int, meshes: Iterable[DeviceMesh]) -> None:

@@ -18,6 +18,10 @@ llama3_presets: dict[str, Llama3Config] = {
     "tiny": Llama3Config(
         dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=0, multiple_of=32, max_seq_len=512
     ),
+    # tiny with 4 blocks, for pipeline tests with 2 stages per rank on 2 ranks.
+    "tiny_pp": Llama3Config(
+        dim=64, n_layers=4, n_heads=4, n_kv_heads=2, vocab_size=0, multiple_of=32, max_seq_len=512
+    ),
     "debug": Llama3Config(dim=256, n_layers=6, n_heads=16, vocab_size=0, max_seq_len=2048),
     "1B": Llama3Config(
         dim=2048,
