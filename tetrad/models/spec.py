@@ -6,8 +6,9 @@ import dataclasses
 import difflib
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
+import torch
 from torch import nn
 
 from tetrad.config import ConfigError
@@ -18,6 +19,23 @@ def did_you_mean(name: str, choices: Iterable[str]) -> str:
     by_lower = {choice.lower(): choice for choice in choices}
     match = difflib.get_close_matches(name.lower(), by_lower, n=1)
     return f" did you mean '{by_lower[match[0]]}'?" if match else ""
+
+
+class StateDictAdapter(Protocol):
+    """Translates one model config's state dict to and from the Hugging Face layout, so
+    checkpoints can be exported to and imported from ``transformers``."""
+
+    def to_hf(self, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """tetrad FQNs and tensor layouts → HF keys and layouts (full, unsharded tensors)."""
+        ...
+
+    def from_hf(self, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The inverse of ``to_hf``."""
+        ...
+
+    def hf_config(self) -> dict[str, Any]:
+        """The ``config.json`` that ``transformers.AutoConfig`` reads for this model."""
+        ...
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -37,6 +55,9 @@ class ModelSpec:
     parallelize_fn: Callable[..., None] | None = None
     """Applies TP/SP, activation checkpointing, compile and FSDP to a model in place: the one
     place where a family's module structure meets the device mesh."""
+
+    state_dict_adapter: Callable[[Any], StateDictAdapter] | None = None
+    """config → adapter for Hugging Face import/export; None = no HF format for this family."""
 
     def config_for(self, flavor: str, *, vocab_size: int) -> Any:
         """A copy of the preset, its vocab_size taken from the tokenizer where the preset has 0."""
