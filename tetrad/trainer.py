@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -24,6 +25,7 @@ from tetrad.components.metrics import MetricsLogger, peak_tflops
 from tetrad.components.optimizer import build_optimizer
 from tetrad.config import Config, ConfigError, save_config
 from tetrad.data import build_dataloader, build_tokenizer
+from tetrad.distributed.context_parallel import ContextParallel
 from tetrad.distributed.init import (
     init_distributed,
     materialize_and_init,
@@ -56,6 +58,11 @@ class Trainer:
         self.tokenizer = build_tokenizer(config.data.tokenizer)
         self.pipeline: Pipeline | None = None
         self.model_parts = self.build_model()
+        self.context_parallel = (
+            ContextParallel(self.parallel_dims.meshes["cp"], config.training.seq_len)
+            if self.parallel_dims.cp > 1
+            else None
+        )
         self.optimizer = build_optimizer(self.model_parts, config.optimizer, self.device)
         schedule_steps = config.lr_scheduler.total_steps or config.training.steps
         self.lr_scheduler = build_lr_scheduler(self.optimizer, config.lr_scheduler, schedule_steps)
@@ -191,6 +198,9 @@ class Trainer:
 
     def forward_backward(self, micro_batches: list[Batch]) -> torch.Tensor:
         """Accumulate gradients over the micro-batches; return the global mean loss."""
+        if self.context_parallel is not None:
+            cp = self.context_parallel
+            micro_batches = [(cp.shard(inputs), cp.shard(labels)) for inputs, labels in micro_batches]
         num_tokens = sum(int((labels != IGNORE_INDEX).sum()) for _, labels in micro_batches)
         loss_mesh = self.parallel_dims.meshes["dp_cp"]
         global_tokens = reduce_sum(torch.tensor(float(num_tokens)), loss_mesh)
@@ -202,34 +212,51 @@ class Trainer:
             # Only the rank with the last stage sees losses: sum them over the pipeline too.
             self._loss_scale = scale
             for inputs, labels in micro_batches:
-                with self._loss_parallel():
-                    loss_sum += self.pipeline.step(inputs.to(self.device), labels.to(self.device))
+                inputs, labels = inputs.to(self.device), labels.to(self.device)
+                with self._train_context():
+                    loss_sum += self.pipeline.step(inputs, labels, self._positions(inputs))
             loss_sum = reduce_sum(loss_sum / scale, self.parallel_dims.meshes["pp"])
             return reduce_sum(loss_sum, loss_mesh) / global_tokens
         (model,) = self.model_parts
         for i, (inputs, labels) in enumerate(micro_batches):
             inputs, labels = inputs.to(self.device), labels.to(self.device)
             self._set_gradient_sync(last=i == len(micro_batches) - 1)
-            with self._loss_parallel():
+            with self._train_context():
                 with self._autocast():
-                    logits = model(inputs)
+                    logits = model(inputs, positions=self._positions(inputs))
                 loss = cross_entropy_sum(logits, labels)
                 (loss * scale).backward()
             loss_sum += loss.full_tensor() if isinstance(loss, DTensor) else loss.detach()
         return reduce_sum(loss_sum, loss_mesh) / global_tokens
 
+    def _positions(self, inputs: torch.Tensor) -> torch.Tensor | None:
+        """Rotary-table rows of the tokens in ``inputs`` [B, T], where they are not simply
+        0..T-1 or the model cannot see T: context parallel holds two non-contiguous chunks of
+        each sequence, and a later pipeline stage receives hidden states that sequence parallel
+        has cut along T. [B, T], so pipeline micro-batching splits it with the batch."""
+        if self.context_parallel is not None:
+            positions = self.context_parallel.positions
+        elif self.pipeline is not None:
+            positions = torch.arange(inputs.shape[1])
+        else:
+            return None
+        return positions.to(inputs.device).expand(inputs.shape[0], -1)
+
     def _pipeline_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """The last stage's loss per pipeline micro-batch, scaled as in forward_backward."""
         return cross_entropy_sum(logits, labels) * self._loss_scale
 
-    def _loss_parallel(self) -> contextlib.AbstractContextManager:
-        """Cross-entropy on vocab-sharded logits when the TP plan leaves them sharded."""
-        p = self.config.parallelism
-        return (
-            loss_parallel()
-            if self.parallel_dims.tp > 1 and p.enable_loss_parallel
-            else (contextlib.nullcontext())
-        )
+    @contextlib.contextmanager
+    def _train_context(self) -> Iterator[None]:
+        """What forward and backward run under: loss parallel, when the TP plan leaves the
+        logits vocab-sharded; context parallel's attention, which activation checkpointing's
+        recomputation in backward needs as much as the forward."""
+        with contextlib.ExitStack() as stack:
+            if self.parallel_dims.tp > 1 and self.config.parallelism.enable_loss_parallel:
+                stack.enter_context(loss_parallel())
+            if self.context_parallel is not None:
+                stack.enter_context(self.context_parallel.attention())
+            yield
 
     def _set_gradient_sync(self, last: bool) -> None:
         # FSDP2 reduce-scatters gradients only on the last micro-batch of a step.

@@ -74,6 +74,17 @@ CASES = {
     # Recomputation must not change a single gradient.
     "ac_full": (1, 1, ["--activation_checkpoint.mode=full"]),
     "ac_selective_op": (1, 1, ["--activation_checkpoint.mode=selective"]),
+    # Context parallel: each rank holds 2 of 2·cp sequence chunks and all-gathers K/V.
+    "cp2": (2, 1, ["--parallelism.cp=2", "--parallelism.dp_shard=1"]),
+    "cp4": (4, 1, ["--parallelism.cp=4", "--parallelism.dp_shard=1"]),
+    "cp2_fsdp2": (4, 2, ["--parallelism.cp=2", "--parallelism.dp_shard=2"]),
+    "cp2_tp2": (4, 1, ["--parallelism.cp=2", "--parallelism.tp=2", "--parallelism.dp_shard=1"]),
+    # Recomputation in backward must attend across the cp ranks too.
+    "cp2_ac_full": (
+        2,
+        1,
+        ["--parallelism.cp=2", "--parallelism.dp_shard=1", "--activation_checkpoint.mode=full"],
+    ),
     "fsdp2_ac_selective_layer": (
         2,
         2,
@@ -109,12 +120,9 @@ PP_CASES = {
         _PP_MULTI,
         ["--parallelism.pp_schedule=ZBVZeroBubble", "--parallelism.dp_shard=2"],
     ),
-    "pp2_tp2": (
-        4,
-        1,
-        [],
-        ["--parallelism.tp=2", "--parallelism.enable_sequence_parallel=false"],
-    ),
+    "pp2_tp2": (4, 1, [], ["--parallelism.tp=2"]),
+    "pp2_fsdp2_tp2": (8, 2, [], ["--parallelism.tp=2", "--parallelism.dp_shard=2"]),
+    "pp2_cp2_tp2": (8, 1, [], ["--parallelism.cp=2", "--parallelism.tp=2"]),
 }
 
 
@@ -134,6 +142,15 @@ def test_bad_pipeline_split_is_one_line_error(tmp_path: Path) -> None:
     assert (
         "2 layers do not split evenly into 4 pipeline stages (Interleaved1F1B: 2 per rank × pp 2)"
         in (result.stderr + result.stdout)
+    )
+
+
+def test_bad_context_parallel_length_is_one_line_error(tmp_path: Path) -> None:
+    args = ["--parallelism.cp=2", "--parallelism.dp_shard=1", "--training.seq_len=62"]
+    result = run_train(tmp_path, *TINY_RUN, *args, nproc=2, expect_ok=False)
+    assert result.returncode != 0
+    assert "--training.seq_len 62 is not divisible by 2 × cp = 4" in (
+        result.stderr + result.stdout
     )
 
 

@@ -62,9 +62,9 @@ class ParallelDims:
 
     @property
     def model_parallel_degree(self) -> int:
-        """Ranks that work on the same batch (tensor and pipeline parallel): per-device
-        throughput divides a batch's tokens among them."""
-        return self.tp * self.pp
+        """Ranks that work on the same batch (tensor, pipeline and context parallel):
+        per-device throughput divides a batch's tokens among them."""
+        return self.tp * self.pp * self.cp
 
     @property
     def loss_parallel_degree(self) -> int:

@@ -71,13 +71,6 @@ def parallelize_llama3(model: nn.Module, parallel_dims: ParallelDims, config: Co
     meshes, p = parallel_dims.meshes, config.parallelism
     if config.float8.enable and parallel_dims.tp > 1:
         raise ConfigError("--float8.enable with --parallelism.tp > 1 is not supported yet")
-    if parallel_dims.pp > 1 and parallel_dims.tp > 1 and p.enable_sequence_parallel:
-        # A later stage receives only its slice of the sequence and cannot size the rotary
-        # tables from it.
-        raise ConfigError(
-            "--parallelism.pp > 1 with --parallelism.tp > 1 needs "
-            "--parallelism.enable_sequence_parallel=false"
-        )
     apply_float8(model, config.float8, skip_fqns={"output"})
     if parallel_dims.tp > 1:
         apply_tensor_parallel(
