@@ -18,7 +18,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.parallel import loss_parallel
 
-from tetrad.components.checkpoint import CheckpointManager, ModelAndOptimizer, TrainState
+from tetrad.components.checkpoint import CheckpointManager, TrainState
 from tetrad.components.loss import IGNORE_INDEX, cross_entropy_sum
 from tetrad.components.lr_scheduler import build_lr_scheduler
 from tetrad.components.metrics import MetricsLogger, peak_tflops
@@ -72,15 +72,14 @@ class Trainer:
         self.checkpointer = CheckpointManager(
             config.checkpoint,
             self.dump_folder / config.checkpoint.folder,
-            states={
-                "model_optimizer": ModelAndOptimizer(self.model_parts, self.optimizer),
-                "lr_scheduler": self.lr_scheduler,
-                "dataloader": self.dataloader,
-                "train_state": self.train_state,
-            },
+            model_parts=self.model_parts,
+            optimizer=self.optimizer,
+            lr_scheduler=self.lr_scheduler,
+            dataloader=self.dataloader,
+            train_state=self.train_state,
             total_steps=config.training.steps,
         )
-        self.checkpointer.load_latest()
+        self.checkpointer.load()
         set_collective_timeout(
             config.comm.train_timeout_seconds, self.parallel_dims.meshes.values()
         )
@@ -200,7 +199,9 @@ class Trainer:
         """Accumulate gradients over the micro-batches; return the global mean loss."""
         if self.context_parallel is not None:
             cp = self.context_parallel
-            micro_batches = [(cp.shard(inputs), cp.shard(labels)) for inputs, labels in micro_batches]
+            micro_batches = [
+                (cp.shard(inputs), cp.shard(labels)) for inputs, labels in micro_batches
+            ]
         num_tokens = sum(int((labels != IGNORE_INDEX).sum()) for _, labels in micro_batches)
         loss_mesh = self.parallel_dims.meshes["dp_cp"]
         global_tokens = reduce_sum(torch.tensor(float(num_tokens)), loss_mesh)
@@ -279,6 +280,9 @@ class Trainer:
 
     def train(self) -> None:
         t = self.config.training
+        if self.config.checkpoint.create_seed_checkpoint:
+            self.checkpointer.save_seed()
+            return
         logger.info(
             "training %d steps: %d sequences × %d tokens per rank per micro-batch, "
             "%d micro-batch(es) per step, dp %d",
@@ -293,6 +297,7 @@ class Trainer:
             micro_batches = [next(data_iter) for _ in range(self.grad_accum_steps)]
             loss, grad_norm = self.train_step(micro_batches)
             batch_tokens = sum(inputs.numel() for inputs, _ in micro_batches)
+            state.tokens_seen += batch_tokens * self.parallel_dims.dp
             self.metrics.add_tokens(batch_tokens // self.parallel_dims.model_parallel_degree)
             if (
                 state.step in (first_step, t.steps)
@@ -300,8 +305,12 @@ class Trainer:
             ):
                 self.metrics.log(state.step, loss=loss.item(), grad_norm=grad_norm.item(), lr=lr)
             self.checkpointer.maybe_save(state.step)
+        self.checkpointer.wait()
         self.metrics.close()
-        logger.info("done: %d steps; metrics in %s", state.step, self.metrics.jsonl_path)
+        logger.info(
+            "done: %d steps, %d tokens; metrics in %s",
+            state.step, state.tokens_seen, self.metrics.jsonl_path,
+        )  # fmt: skip
 
     def close(self) -> None:
         if dist.is_initialized():
