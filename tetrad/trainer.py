@@ -200,7 +200,9 @@ class Trainer:
         """Accumulate gradients over the micro-batches; return the global mean loss."""
         if self.context_parallel is not None:
             cp = self.context_parallel
-            micro_batches = [(cp.shard(inputs), cp.shard(labels)) for inputs, labels in micro_batches]
+            micro_batches = [
+                (cp.shard(inputs), cp.shard(labels)) for inputs, labels in micro_batches
+            ]
         num_tokens = sum(int((labels != IGNORE_INDEX).sum()) for _, labels in micro_batches)
         loss_mesh = self.parallel_dims.meshes["dp_cp"]
         global_tokens = reduce_sum(torch.tensor(float(num_tokens)), loss_mesh)
