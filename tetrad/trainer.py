@@ -36,6 +36,7 @@ from tetrad.distributed.parallel_dims import ParallelDims
 from tetrad.distributed.pipeline import Pipeline, guard_split_backward, plan_pipeline, split_model
 from tetrad.distributed.utils import clip_grad_norm_, reduce_sum
 from tetrad.models.registry import get_model_spec
+from tetrad.models.spec import StateDictAdapter
 from tetrad.tools.logging import init_logging
 
 logger = logging.getLogger(__name__)
@@ -78,6 +79,7 @@ class Trainer:
             dataloader=self.dataloader,
             train_state=self.train_state,
             total_steps=config.training.steps,
+            hf_adapter=self.build_hf_adapter(),
         )
         self.checkpointer.load()
         set_collective_timeout(
@@ -100,6 +102,11 @@ class Trainer:
         )
         dims.meshes  # noqa: B018 - create every process group now, at start-up
         return dims
+
+    def build_hf_adapter(self) -> StateDictAdapter | None:
+        spec = get_model_spec(self.config.model.name)
+        adapter = spec.state_dict_adapter
+        return None if adapter is None else adapter(self.model_config)
 
     def build_grad_accumulation(self) -> int:
         t, dp = self.config.training, self.parallel_dims.dp

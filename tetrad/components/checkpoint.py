@@ -38,8 +38,10 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.checkpoint.stateful import Stateful
 
+from tetrad.components.hf_checkpoint import load_hf_weights, save_hf_weights
 from tetrad.config import ConfigError
 from tetrad.config.job_config import CheckpointConfig
+from tetrad.models.spec import StateDictAdapter
 
 logger = logging.getLogger(__name__)
 
@@ -246,8 +248,19 @@ class CheckpointManager:
         dataloader: Stateful,
         train_state: TrainState,
         total_steps: int,
+        hf_adapter: StateDictAdapter | None = None,
     ) -> None:
         self.config = config
+        self.hf_adapter = hf_adapter
+        if (config.initial_load_in_hf or config.last_save_in_hf) and hf_adapter is None:
+            raise ConfigError(
+                "this model family has no Hugging Face state-dict adapter: "
+                "--checkpoint.initial_load_in_hf / last_save_in_hf are not available for it"
+            )
+        if config.initial_load_in_hf and not config.initial_load_path:
+            raise ConfigError(
+                "--checkpoint.initial_load_in_hf needs --checkpoint.initial_load_path"
+            )
         self.folder = folder
         self.total_steps = total_steps
         self.train_state = train_state
@@ -306,6 +319,8 @@ class CheckpointManager:
             return self.folder / f"step-{steps[-1]}"
         if c.initial_load_path:
             path = Path(c.initial_load_path)
+            if c.initial_load_in_hf:
+                return path
             if problem := checkpoint_problem(path, need_marker=False):
                 raise ConfigError(f"--checkpoint.initial_load_path {path}: {problem}")
             return path
@@ -321,6 +336,11 @@ class CheckpointManager:
         path = self._source()
         if path is None:
             self._check_overwrite(0)
+            return None
+        if self.config.initial_load_in_hf and path == Path(self.config.initial_load_path or ""):
+            assert self.hf_adapter is not None
+            self._check_overwrite(0)
+            load_hf_weights(self.model, path, self.hf_adapter)
             return None
         metadata = read_metadata(path)
         held = {key.split(".", 1)[0] for key in metadata.state_dict_metadata}
@@ -365,11 +385,14 @@ class CheckpointManager:
             planned = {0}
         else:
             planned = {s for s in range(start_step + 1, self.total_steps + 1) if self._due(s)}
-        if clash := sorted(existing & planned):
+        clashes = [self.folder / f"step-{s}" for s in sorted(existing & planned)]
+        if self.config.last_save_in_hf and self.config.enable:
+            clashes += [p for p in [self._hf_folder(self.total_steps)] if p.exists()]
+        if clashes:
             raise ConfigError(
-                f"{self.folder / f'step-{clash[0]}'} exists and this run (starting after step "
-                f"{start_step}) would overwrite it; resume from it, pass --checkpoint.overwrite "
-                "to replace it, or use another --job.dump_folder"
+                f"{clashes[0]} exists and this run (starting after step {start_step}) would "
+                "overwrite it; resume from it, pass --checkpoint.overwrite to replace it, or use "
+                "another --job.dump_folder"
             )
 
     # ---- saving ----
@@ -384,6 +407,23 @@ class CheckpointManager:
             return
         last = step == self.total_steps
         self.save(step, model_only=last and self.config.last_save_model_only)
+        if last and self.config.last_save_in_hf:
+            self.export_hf(step)
+
+    def _hf_folder(self, step: int) -> Path:
+        return self.folder / f"step-{step}-hf"
+
+    def export_hf(self, step: int) -> None:
+        """The weights as a Hugging Face folder (collective: every rank takes part)."""
+        assert self.hf_adapter is not None
+        folder = self._hf_folder(step)
+        if self.rank == 0 and folder.exists():  # only with --checkpoint.overwrite
+            shutil.rmtree(folder)
+        dist.barrier()
+        begin = time.perf_counter()
+        dtype = getattr(torch, self.config.export_dtype)
+        save_hf_weights(self.model, folder, self.hf_adapter, dtype=dtype)
+        logger.info("exported %s in %.2f s", folder, time.perf_counter() - begin)
 
     def save_seed(self) -> None:
         """The seed checkpoint: the freshly initialised model alone, as step-0."""
@@ -428,13 +468,9 @@ class CheckpointManager:
         """Rank 0: marker last, then the rename that makes the checkpoint visible; then trim."""
         tmp, final = self.folder / f"step-{step}.tmp", self.folder / f"step-{step}"
         if self.rank == 0:
-            marker = tmp / COMPLETE
-            marker.write_text(json.dumps({"step": step, "states": names, "time": time.time()}))
-            _fsync(marker)
             if final.exists():  # only with --checkpoint.overwrite (checked at start-up)
                 shutil.rmtree(final)
-            tmp.rename(final)
-            _fsync(self.folder)
+            write_complete(tmp, final, step=step, names=names)
             self._purge()
         logger.info(
             "saved %s: %.2f s, of which training was blocked %.2f s",
@@ -460,6 +496,15 @@ class CheckpointManager:
         pending.future.result()
         pending.finalized.wait()
         dist.barrier(group=self.group)
+
+
+def write_complete(tmp: Path, final: Path, *, step: int, names: list[str]) -> None:
+    """Mark a fully written checkpoint complete (marker last, synced) and give it its name."""
+    marker = tmp / COMPLETE
+    marker.write_text(json.dumps({"step": step, "states": names, "time": time.time()}))
+    _fsync(marker)
+    tmp.rename(final)
+    _fsync(final.parent)
 
 
 def _step_of(path: Path) -> int | None:

@@ -184,6 +184,14 @@ class CheckpointConfig:
     """A checkpoint folder (step-N) to start from when the run's own folder holds none, e.g. a
     seed checkpoint or another run's checkpoint."""
 
+    initial_load_in_hf: bool = False
+    """--checkpoint.initial_load_path is a Hugging Face folder (model.safetensors or a sharded
+    index, with config.json): load the model's weights from it."""
+
+    last_save_in_hf: bool = False
+    """At the last step also export the weights as a Hugging Face folder, step-N-hf, that
+    transformers' from_pretrained reads (in --checkpoint.export_dtype)."""
+
     exclude_from_loading: str = ""
     """Comma-separated states not to load, which start fresh instead: model, optimizer,
     lr_scheduler, dataloader, train_state (e.g. optimizer,dataloader to fine-tune)."""
@@ -200,7 +208,7 @@ class CheckpointConfig:
     """At the last step save the model's weights only (no optimizer, data or train state)."""
 
     export_dtype: Literal["float32", "bfloat16"] = "float32"
-    """Dtype of the weights in a model-only last save."""
+    """Dtype of the weights in a model-only last save and in a Hugging Face export."""
 
     overwrite: bool = False
     """Allow this run to replace existing checkpoints of the steps it saves (by default a run
