@@ -128,10 +128,11 @@ def test_reshard_fsdp4_to_fsdp2_tp2_and_one_process(tmp_path: Path) -> None:
         losses[name] = [r["loss"] for r in records]
     # One process and TP 2 read the same (dp 1) data: same weights and moments, same losses.
     assert losses["tp2"] == pytest.approx(losses["single"], rel=1e-5)
-    # Continuous: the loss goes on near where the saved run left it, far below a fresh start's.
-    fresh = saved[0]["loss"]
+    # Continuous: the loss goes on from where the saved run left it (it keeps falling), far
+    # below what the fresh weights of its step 1 gave.
+    fresh, last = saved[0]["loss"], saved[-1]["loss"]
     for name, values in losses.items():
-        assert abs(values[0] - saved[-1]["loss"]) < 0.5 * (fresh - saved[-1]["loss"]), name
+        assert values[0] < last + 0.25 and values[0] < fresh - 1.0, (name, values, last)
 
 
 def train_command(dump_folder: Path, *args: str) -> list[str]:
