@@ -25,6 +25,10 @@ transformers = pytest.importorskip("transformers")
 LOGITS_ATOL = 1e-4  # fp32, two implementations of the same model
 
 
+def random_tokens(vocab_size: int) -> torch.Tensor:
+    return torch.randint(0, vocab_size, (2, 64), generator=torch.Generator().manual_seed(0))
+
+
 def tetrad_logits(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
         return model.eval()(tokens)
@@ -47,14 +51,15 @@ def test_trained_model_exports_to_transformers_and_converts_both_ways(tmp_path: 
     assert not torch.equal(trained.state_dict()["output.weight"], tiny_model(0).output.weight)
 
     hf = transformers.AutoModelForCausalLM.from_pretrained(exported, dtype=torch.float32)
-    tokens = torch.randint(0, trained.config.vocab_size, (2, 64), generator=torch.Generator().manual_seed(0))
+    tokens = random_tokens(trained.config.vocab_size)
     ours, theirs = tetrad_logits(trained, tokens), hf_logits(hf, tokens)
     assert (ours - theirs).abs().max().item() <= LOGITS_ATOL
 
     # tetrad convert, DCP → HF: the run's config.toml gives the model; same tensors as the export.
     converted = tmp_path / "converted-hf"
     convert([str(step3), str(converted)])
-    want, got = load_file(exported / "model.safetensors"), load_file(converted / "model.safetensors")
+    want = load_file(exported / "model.safetensors")
+    got = load_file(converted / "model.safetensors")
     assert want.keys() == got.keys() and all(torch.equal(got[k], want[k]) for k in want)
     # ... and HF → DCP: the round trip gives back the trained weights bit for bit.
     back = tmp_path / "back-dcp"
@@ -78,8 +83,9 @@ def test_hf_weights_give_transformers_logits_and_loss(tmp_path: Path) -> None:
 
     model = tiny_model(seed=0)
     load_hf_weights(model, src, adapter)
-    tokens = torch.randint(0, config.vocab_size, (2, 64), generator=torch.Generator().manual_seed(1))
-    assert (tetrad_logits(model, tokens) - hf_logits(hf, tokens)).abs().max().item() <= LOGITS_ATOL
+    tokens = random_tokens(config.vocab_size)
+    diff = (tetrad_logits(model, tokens) - hf_logits(hf, tokens)).abs().max().item()
+    assert diff <= LOGITS_ATOL
 
     run = tmp_path / "run"
     run_train(
