@@ -47,9 +47,9 @@ LAYOUTS = {
 }
 
 
-def tiny_model(seed: int) -> Transformer:
-    """The `tiny` preset with the embedded tokenizer's vocabulary, initialised as a run does."""
-    config = llama3_presets["tiny"]
+def tiny_model(seed: int, flavor: str = "tiny") -> Transformer:
+    """A preset with the embedded tokenizer's vocabulary, initialised as a one-process run does."""
+    config = llama3_presets[flavor]
     vocab_size = build_tokenizer(None).vocab_size
     model = Transformer(dataclasses.replace(config, vocab_size=vocab_size))
     torch.manual_seed(seed)
@@ -57,9 +57,9 @@ def tiny_model(seed: int) -> Transformer:
     return model
 
 
-def load_model_state(path: Path) -> dict[str, torch.Tensor]:
-    """A checkpoint's model weights, read back by DCP into a tiny model (no process group)."""
-    model = tiny_model(seed=123)
+def load_model_state(path: Path, flavor: str = "tiny") -> dict[str, torch.Tensor]:
+    """A checkpoint's model weights, read back by DCP into a model (no process group)."""
+    model = tiny_model(seed=123, flavor=flavor)
     dcp.load({"model": ModelState(model)}, checkpoint_id=str(path))
     return model.state_dict()
 

@@ -42,18 +42,19 @@ def hf_logits(model: transformers.PreTrainedModel, tokens: torch.Tensor) -> torc
 def test_trained_model_exports_to_transformers_and_converts_both_ways(tmp_path: Path) -> None:
     run = tmp_path / "run"
     run_train(
-        run, *TINY_RUN, "--training.steps=3", "--optimizer.lr=1e-2", "--checkpoint.enable",
-        "--checkpoint.last_save_in_hf",
+        run, *TINY_RUN, "--model.flavor=debug", "--training.steps=3", "--optimizer.lr=1e-2",
+        "--checkpoint.enable", "--checkpoint.last_save_in_hf",
     )  # fmt: skip
     step3, exported = run / "checkpoint" / "step-3", run / "checkpoint" / "step-3-hf"
-    trained = tiny_model(seed=0)
-    trained.load_state_dict(load_model_state(step3))
-    assert not torch.equal(trained.state_dict()["output.weight"], tiny_model(0).output.weight)
+    trained = tiny_model(seed=0, flavor="debug")
+    untrained_output = trained.output.weight.clone()
+    trained.load_state_dict(load_model_state(step3, "debug"))
+    assert not torch.equal(trained.output.weight, untrained_output)
 
     hf = transformers.AutoModelForCausalLM.from_pretrained(exported, dtype=torch.float32)
     tokens = random_tokens(trained.config.vocab_size)
-    ours, theirs = tetrad_logits(trained, tokens), hf_logits(hf, tokens)
-    assert (ours - theirs).abs().max().item() <= LOGITS_ATOL
+    diff = (tetrad_logits(trained, tokens) - hf_logits(hf, tokens)).abs().max().item()
+    assert diff <= LOGITS_ATOL
 
     # tetrad convert, DCP → HF: the run's config.toml gives the model; same tensors as the export.
     converted = tmp_path / "converted-hf"
@@ -63,8 +64,8 @@ def test_trained_model_exports_to_transformers_and_converts_both_ways(tmp_path: 
     assert want.keys() == got.keys() and all(torch.equal(got[k], want[k]) for k in want)
     # ... and HF → DCP: the round trip gives back the trained weights bit for bit.
     back = tmp_path / "back-dcp"
-    convert([str(converted), str(back), "--model.flavor=tiny"])
-    round_trip, original = load_model_state(back), load_model_state(step3)
+    convert([str(converted), str(back), "--model.flavor=debug"])
+    round_trip, original = load_model_state(back, "debug"), load_model_state(step3, "debug")
     assert round_trip.keys() == original.keys()
     assert all(torch.equal(round_trip[k], original[k]) for k in original)
 
