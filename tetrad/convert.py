@@ -94,13 +94,14 @@ def convert(argv: Sequence[str]) -> None:
         state = ModelState(model)
         model_state = state.state_dict()
         check_model_matches(model_state, read_metadata(src), src, set(model_state))
-        dcp.load({"model": state}, checkpoint_id=str(src))
+        dcp.load({"model": state}, checkpoint_id=str(src), no_dist=True)
         save_hf_weights(model, dst, adapter, dtype=getattr(torch, dtype))
     else:
         load_hf_weights(model, src, adapter)
         tmp = dst.with_name(dst.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)  # left by a conversion that did not finish
-        dcp.save({"model": ModelState(model, getattr(torch, dtype))}, checkpoint_id=str(tmp))
+        model_state = {"model": ModelState(model, getattr(torch, dtype))}
+        dcp.save(model_state, checkpoint_id=str(tmp), no_dist=True)
         write_complete(tmp, dst, step=0, names=["model"])
     print(f"converted {src} → {dst} in {time.perf_counter() - begin:.1f} s")
 
