@@ -64,6 +64,7 @@ def load_model_state(path: Path, flavor: str = "tiny") -> dict[str, torch.Tensor
     return model.state_dict()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(LAYOUTS))
 def test_resume_is_bitwise_identical(tmp_path: Path, name: str) -> None:
     nproc, layout, steps = LAYOUTS[name]
@@ -91,6 +92,7 @@ def test_resume_is_bitwise_identical(tmp_path: Path, name: str) -> None:
     assert names == [f"step-{half}", f"step-{steps}"]
 
 
+@pytest.mark.slow
 def test_reshard_fsdp4_to_fsdp2_tp2_and_one_process(tmp_path: Path) -> None:
     """A checkpoint written by 4 FSDP ranks continues on 2 FSDP ranks, 2 TP ranks and 1 process;
     the data position of 4 dp ranks cannot be split otherwise, so it must be left out."""
@@ -192,6 +194,7 @@ def test_killed_save_leaves_the_previous_checkpoint(tmp_path: Path) -> None:
     assert sorted(p.name for p in folder.iterdir()) == ["step-3", "step-4"]
 
 
+@pytest.mark.slow
 def test_seed_checkpoint_starts_every_layout_from_the_same_weights(tmp_path: Path) -> None:
     """One process initialises (seed 7) and saves step-0; FSDP 2 and TP 2 runs (seed 0) start
     from it. With lr 0 a step leaves the weights as they were, so the runs' model-only last
@@ -246,6 +249,7 @@ def _model_only_checkpoint(path: Path) -> None:
             "checkpoint but (8192, 256) in the model",
         ),
         ("overwrite", "step-2 exists and this run (starting after step 0) would overwrite it"),
+        ("load_step", "--checkpoint.load_step 4: {tmp}/run/checkpoint/step-4: it does not exist"),
     ],
 )
 def test_bad_checkpoints_are_one_line_errors(tmp_path: Path, case: str, message: str) -> None:
@@ -260,8 +264,11 @@ def test_bad_checkpoints_are_one_line_errors(tmp_path: Path, case: str, message:
     elif case == "other_shape":
         _model_only_checkpoint(tmp_path / "step-2")
         args += [f"--checkpoint.initial_load_path={tmp_path / 'step-2'}", "--model.flavor=debug"]
-    else:  # the run's own folder holds a (model-only) step-2 that it would save again
+    elif case == "overwrite":  # the run's folder holds a (model-only) step-2 it would save again
         _model_only_checkpoint(run / "checkpoint" / "step-2")
+    else:
+        _model_only_checkpoint(run / "checkpoint" / "step-2")
+        args.append("--checkpoint.load_step=4")
     before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
     result = run_train(run, *args, expect_ok=False)
     assert result.returncode == 2
