@@ -173,8 +173,9 @@ def test_bad_mesh_is_one_line_error(tmp_path: Path) -> None:
     [
         (["--parallelism.dp_shard=2"], 2),  # per-block compile under FSDP
         (["--parallelism.tp=2", "--parallelism.dp_shard=1"], 1),  # whole-model compile under TP
+        (["--parallelism.cp=2", "--parallelism.dp_shard=1"], 1),  # CP attention runs eagerly
     ],
-    ids=["fsdp2", "tp2"],
+    ids=["fsdp2", "tp2", "cp2"],
 )
 def test_compile_matches_single_process(layout, dp, tmp_path, tmp_path_factory) -> None:
     # Inductor fuses and reorders floating-point work, hence the looser tolerance.
