@@ -299,7 +299,7 @@ class CheckpointManager:
             if not (m := _STEP_DIR.match(path.name)):
                 continue
             if problem := checkpoint_problem(path):
-                if report:
+                if report and self.rank == 0:
                     logger.warning("skipping checkpoint %s: %s", path, problem)
             else:
                 steps.append(int(m[1]))
@@ -309,13 +309,12 @@ class CheckpointManager:
         """The checkpoint this run starts from: the chosen or latest one in its own folder, else
         --checkpoint.initial_load_path; None: start from scratch."""
         c = self.config
-        steps = self.complete_steps(report=True)
-        if c.load_step >= 0:
+        if c.enable and c.load_step >= 0:
             path = self.folder / f"step-{c.load_step}"
             if problem := checkpoint_problem(path):
                 raise ConfigError(f"--checkpoint.load_step {c.load_step}: {path}: {problem}")
             return path
-        if steps:
+        if c.enable and (steps := self.complete_steps(report=True)):
             return self.folder / f"step-{steps[-1]}"
         if c.initial_load_path:
             path = Path(c.initial_load_path)
@@ -330,7 +329,7 @@ class CheckpointManager:
         """Restore the run's states from its checkpoint (see ``_source``) after checking that it
         fits; refuse a run that would overwrite checkpoints it does not resume from. Returns the
         loaded checkpoint's step (None: nothing loaded)."""
-        if not self.enabled or self.config.create_seed_checkpoint:
+        if self.config.create_seed_checkpoint:
             self._check_overwrite(0)
             return None
         path = self._source()
@@ -356,6 +355,7 @@ class CheckpointManager:
         self._check_overwrite(start_step or 0)
         begin = time.perf_counter()
         dcp.load({name: self.states[name] for name in names}, checkpoint_id=str(path))
+        self._sync_lr()
         fresh = [name for name in STATES if name not in names]
         logger.info(
             "resumed from %s in %.1f s (step %d, %d tokens seen)%s",
@@ -363,6 +363,17 @@ class CheckpointManager:
             f"; not loaded, starting fresh: {', '.join(fresh)}" if fresh else "",
         )  # fmt: skip
         return _step_of(path)
+
+    def _sync_lr(self) -> None:
+        """A loaded optimizer brings the learning rate it was saved with; the scheduler, loaded
+        or fresh, decides the rate of the next step."""
+        scheduler, optimizer = self.states["lr_scheduler"], self.states["optimizer"]
+        assert isinstance(optimizer, OptimizerState)
+        if hasattr(scheduler, "get_last_lr"):
+            for group, lr in zip(
+                optimizer.optimizer.param_groups, scheduler.get_last_lr(), strict=True
+            ):
+                group["lr"] = lr
 
     def _check_dp_degree(self, metadata: Metadata, path: Path) -> None:
         saved = {int(m[1]) for k in metadata.state_dict_metadata if (m := _DP_RANK_KEY.match(k))}

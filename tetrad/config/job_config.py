@@ -182,7 +182,7 @@ class CheckpointConfig:
 
     initial_load_path: str | None = None
     """A checkpoint folder (step-N) to start from when the run's own folder holds none, e.g. a
-    seed checkpoint or another run's checkpoint."""
+    seed checkpoint or another run's checkpoint (loaded with or without --checkpoint.enable)."""
 
     initial_load_in_hf: bool = False
     """--checkpoint.initial_load_path is a Hugging Face folder (model.safetensors or a sharded
