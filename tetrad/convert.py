@@ -44,7 +44,9 @@ def _parse(argv: Sequence[str]) -> tuple[Path, Path, str, list[str]]:
         else:
             positional.append(arg)
     if len(positional) != 2:
-        raise ConfigError(f"convert needs SRC and DST, got {len(positional)} path(s); {USAGE}")
+        raise ConfigError(
+            f"convert needs SRC and DST, got {len(positional)} path(s); see tetrad convert --help"
+        )
     return Path(positional[0]), Path(positional[1]), dtype, options
 
 
