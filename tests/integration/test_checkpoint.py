@@ -18,8 +18,10 @@ import torch.distributed.checkpoint as dcp
 from tests.conftest import REPO, TINY_RUN, read_metrics, run_train
 from tetrad.components.checkpoint import COMPLETE, ModelState, write_complete
 from tetrad.components.lr_scheduler import wsd_factor
+from tetrad.config import load_config
 from tetrad.data import build_tokenizer
 from tetrad.models.llama3 import Transformer, llama3_presets
+from tetrad.trainer import Trainer
 
 CHECKPOINTED = [
     *TINY_RUN,
@@ -277,3 +279,34 @@ def test_bad_checkpoints_are_one_line_errors(tmp_path: Path, case: str, message:
     assert not (run / "metrics.jsonl").exists() and not (run / "config.toml").exists()
     written = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
     assert [p for p in written if p not in before and "logs" not in p.parts] in ([], [Path("run")])
+
+
+def test_fine_tune_start_takes_the_new_schedule(tmp_path: Path) -> None:
+    """Loading a finished run's optimizer without its scheduler or step (a fine-tune): the
+    optimizer's saved LR (0 at the end of a linear decay) must not outlive the load."""
+    args = [*TINY_RUN, "--training.steps=2", "--checkpoint.enable"]
+    pretrain = Trainer(load_config([*args, f"--job.dump_folder={tmp_path / 'pretrain'}"]))
+    try:
+        pretrain.train()
+        assert pretrain.optimizer.param_groups[0]["lr"] == 0.0
+    finally:
+        pretrain.close()
+    step2 = tmp_path / "pretrain" / "checkpoint" / "step-2"
+    fine_tune = Trainer(
+        load_config(
+            [
+                *args,
+                f"--job.dump_folder={tmp_path / 'fine_tune'}",
+                f"--checkpoint.initial_load_path={step2}",
+                "--checkpoint.exclude_from_loading=lr_scheduler,train_state,dataloader",
+                "--lr_scheduler.warmup_steps=2",
+            ]
+        )
+    )
+    try:
+        assert fine_tune.train_state.step == 0
+        assert fine_tune.optimizer.state  # the moments were loaded
+        lr = fine_tune.optimizer.param_groups[0]["lr"]
+        assert lr == fine_tune.lr_scheduler.get_last_lr()[0] == pytest.approx(1e-3 / 2)
+    finally:
+        fine_tune.close()
