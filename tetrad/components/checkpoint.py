@@ -20,7 +20,6 @@ import shutil
 import threading
 import time
 from concurrent.futures import Future
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -225,15 +224,6 @@ def check_model_matches(
         )
 
 
-@dataclass
-class _PendingSave:
-    step: int
-    future: Future
-    started: float
-    blocked: float
-    finalized: threading.Event
-
-
 class CheckpointManager:
     """Saves and loads the run's named states; see the module docstring for the folder rules."""
 
@@ -285,7 +275,8 @@ class CheckpointManager:
         # training's run on the others (on the default group, gloo would mix the two up).
         async_mode = config.async_mode == "async"
         self.group = dist.new_group(backend="gloo") if async_mode and self.enabled else None
-        self.pending: _PendingSave | None = None
+        # The async save in flight: its future, and an event set once rank 0 has made it visible.
+        self.pending: tuple[Future, threading.Event] | None = None
 
     # ---- finding and loading ----
 
@@ -452,15 +443,14 @@ class CheckpointManager:
             states: dict[str, Stateful] = {"model": ModelState(self.model, dtype)}
         else:
             states = self.states
-        finalized = threading.Event()
         begin = time.perf_counter()
         if self.group is None:
             dcp.save(states, checkpoint_id=str(tmp))
             self._finalize(step, begin, time.perf_counter() - begin, sorted(states))
-            finalized.set()
             return
         future = dcp.async_save(states, checkpoint_id=str(tmp), process_group=self.group)
         blocked = time.perf_counter() - begin
+        finalized = threading.Event()
         if self.rank == 0:
             # Rank 0's save ends after every rank's shards and the metadata are written.
             def on_done(f: Future) -> None:
@@ -473,7 +463,7 @@ class CheckpointManager:
             future.add_done_callback(on_done)
         else:
             finalized.set()
-        self.pending = _PendingSave(step, future, begin, blocked, finalized)
+        self.pending = (future, finalized)
 
     def _finalize(self, step: int, begin: float, blocked: float, names: list[str]) -> None:
         """Rank 0: marker last, then the rename that makes the checkpoint visible; then trim."""
@@ -503,9 +493,9 @@ class CheckpointManager:
         """Wait for the save in flight (async mode) to be written and made visible."""
         if self.pending is None:
             return
-        pending, self.pending = self.pending, None
-        pending.future.result()
-        pending.finalized.wait()
+        (future, finalized), self.pending = self.pending, None
+        future.result()
+        finalized.wait()
         dist.barrier(group=self.group)
 
 
