@@ -10,6 +10,8 @@ USAGE = """usage: tetrad <command> [options]
 
 commands:
   train    train a model (tetrad train --help lists every option)
+  convert  a model's weights between a DCP checkpoint and a Hugging Face folder
+           (tetrad convert --help)
 
 `tetrad train --nproc N ...` launches N local processes through torchrun;
 on several nodes, run `torchrun ... -m tetrad.train ...` on each (see scripts/multinode.slurm)."""
@@ -53,6 +55,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     command, rest = args[0], args[1:]
     if command == "train":
         train(rest)
+    elif command == "convert":
+        from tetrad.convert import main as convert
+
+        convert(rest)
     else:
         print(f"tetrad: error: unknown command {command!r}; see `tetrad --help`", file=sys.stderr)
         raise SystemExit(2)

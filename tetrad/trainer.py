@@ -18,7 +18,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.parallel import loss_parallel
 
-from tetrad.components.checkpoint import CheckpointManager, ModelAndOptimizer, TrainState
+from tetrad.components.checkpoint import CheckpointManager, TrainState
 from tetrad.components.loss import IGNORE_INDEX, cross_entropy_sum
 from tetrad.components.lr_scheduler import build_lr_scheduler
 from tetrad.components.metrics import MetricsLogger, peak_tflops
@@ -36,6 +36,7 @@ from tetrad.distributed.parallel_dims import ParallelDims
 from tetrad.distributed.pipeline import Pipeline, guard_split_backward, plan_pipeline, split_model
 from tetrad.distributed.utils import clip_grad_norm_, reduce_sum
 from tetrad.models.registry import get_model_spec
+from tetrad.models.spec import StateDictAdapter
 from tetrad.tools.logging import init_logging
 
 logger = logging.getLogger(__name__)
@@ -72,15 +73,15 @@ class Trainer:
         self.checkpointer = CheckpointManager(
             config.checkpoint,
             self.dump_folder / config.checkpoint.folder,
-            states={
-                "model_optimizer": ModelAndOptimizer(self.model_parts, self.optimizer),
-                "lr_scheduler": self.lr_scheduler,
-                "dataloader": self.dataloader,
-                "train_state": self.train_state,
-            },
+            model_parts=self.model_parts,
+            optimizer=self.optimizer,
+            lr_scheduler=self.lr_scheduler,
+            dataloader=self.dataloader,
+            train_state=self.train_state,
             total_steps=config.training.steps,
+            hf_adapter=self.build_hf_adapter(),
         )
-        self.checkpointer.load_latest()
+        self.checkpointer.load()
         set_collective_timeout(
             config.comm.train_timeout_seconds, self.parallel_dims.meshes.values()
         )
@@ -101,6 +102,11 @@ class Trainer:
         )
         dims.meshes  # noqa: B018 - create every process group now, at start-up
         return dims
+
+    def build_hf_adapter(self) -> StateDictAdapter | None:
+        spec = get_model_spec(self.config.model.name)
+        adapter = spec.state_dict_adapter
+        return None if adapter is None else adapter(self.model_config)
 
     def build_grad_accumulation(self) -> int:
         t, dp = self.config.training, self.parallel_dims.dp
@@ -281,6 +287,9 @@ class Trainer:
 
     def train(self) -> None:
         t = self.config.training
+        if self.config.checkpoint.create_seed_checkpoint:
+            self.checkpointer.save_seed()
+            return
         dims = self.parallel_dims
         logger.info(
             "training %d steps: %d sequences × %d tokens per rank per micro-batch, "
@@ -297,6 +306,7 @@ class Trainer:
             micro_batches = [next(data_iter) for _ in range(self.grad_accum_steps)]
             loss, grad_norm = self.train_step(micro_batches)
             batch_tokens = sum(inputs.numel() for inputs, _ in micro_batches)
+            state.tokens_seen += batch_tokens * self.parallel_dims.dp
             self.metrics.add_tokens(batch_tokens // self.parallel_dims.model_parallel_degree)
             if (
                 state.step in (first_step, t.steps)
@@ -304,8 +314,12 @@ class Trainer:
             ):
                 self.metrics.log(state.step, loss=loss.item(), grad_norm=grad_norm.item(), lr=lr)
             self.checkpointer.maybe_save(state.step)
+        self.checkpointer.wait()
         self.metrics.close()
-        logger.info("done: %d steps; metrics in %s", state.step, self.metrics.jsonl_path)
+        logger.info(
+            "done: %d steps, %d tokens; metrics in %s",
+            state.step, state.tokens_seen, self.metrics.jsonl_path,
+        )  # fmt: skip
 
     def close(self) -> None:
         if dist.is_initialized():

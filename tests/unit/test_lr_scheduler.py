@@ -57,3 +57,20 @@ def test_no_warmup_and_scheduler_drives_optimizer() -> None:
     resumed = build_lr_scheduler(torch.optim.SGD([param], lr=2.0), config, total_steps=4)
     resumed.load_state_dict(scheduler.state_dict())
     assert resumed.last_epoch == 4
+
+
+@pytest.mark.parametrize(("warmup", "decay_ratio"), [(4, None), (2, 0.0)])
+def test_schedule_without_decay_steps(warmup: int, decay_ratio: float | None) -> None:
+    """All-warmup or zero-decay schedules: LambdaLR's look at the step after the last one
+    must not divide by the zero decay length."""
+    param = torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.SGD([param], lr=1.0)
+    config = LRSchedulerConfig(warmup_steps=warmup, decay_ratio=decay_ratio)
+    scheduler = build_lr_scheduler(optimizer, config, total_steps=4)
+    lrs = []
+    for _ in range(4):
+        lrs.append(scheduler.get_last_lr()[0])
+        optimizer.step()
+        scheduler.step()
+    want = [0.25, 0.5, 0.75, 1.0] if warmup == 4 else [0.5, 1.0, 1.0, 1.0]
+    assert lrs == pytest.approx(want)

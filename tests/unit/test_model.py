@@ -12,6 +12,7 @@ import torch
 from tetrad.models import ModelSpec, get_model_spec
 from tetrad.models.llama3 import Llama3Config, RopeScaling, Transformer, llama3_presets
 from tetrad.models.llama3.model import count_params, num_flops_per_token, rope_inv_freq
+from tetrad.models.llama3.state_dict_adapter import Llama3StateDictAdapter
 
 # Published totals (Meta model cards / HF configs), in parameters.
 PUBLISHED = {"1B": 1.24e9, "3B": 3.21e9, "8B": 8.03e9, "70B": 70.6e9, "405B": 405.9e9}
@@ -214,70 +215,35 @@ def test_flops_per_token_by_hand(tie: bool) -> None:
     assert num_flops_per_token(config, 16) == 6 * non_embedding + attention == 665_472
 
 
-def meta_to_hf_rows(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
-    """Reorder wq/wk rows from Meta's interleaved pairs (2i, 2i+1) to HF's rotate_half pairs
-    (i, i + head_dim/2), head by head."""
-    out_dim, in_dim = weight.shape
-    head_dim = out_dim // n_heads
-    return weight.view(n_heads, head_dim // 2, 2, in_dim).transpose(1, 2).reshape(out_dim, in_dim)
-
-
 @pytest.mark.parametrize("tie", [False, True])
 def test_logits_match_hf_llama(tie: bool) -> None:
+    """The state-dict adapter's keys, q/k row order and config.json give transformers' Llama
+    tetrad's logits, and its inverse gives back tetrad's exact weights."""
     transformers = pytest.importorskip("transformers")
     config = dataclasses.replace(TINY, tie_embeddings=tie)
-    scaling = config.rope_scaling
-    assert scaling is not None
-    hf_config = transformers.LlamaConfig(
-        vocab_size=config.vocab_size,
-        hidden_size=config.dim,
-        intermediate_size=config.hidden_dim,
-        num_hidden_layers=config.n_layers,
-        num_attention_heads=config.n_heads,
-        num_key_value_heads=config.kv_heads,
-        rms_norm_eps=config.norm_eps,
-        max_position_embeddings=config.max_seq_len,
-        tie_word_embeddings=tie,
-        rope_parameters={
-            "rope_type": "llama3",
-            "rope_theta": config.rope_theta,
-            "factor": scaling.factor,
-            "low_freq_factor": scaling.low_freq_factor,
-            "high_freq_factor": scaling.high_freq_factor,
-            "original_max_position_embeddings": scaling.original_max_position_embeddings,
-        },
-    )
+    adapter = Llama3StateDictAdapter(config)
+    hf_config = transformers.LlamaConfig.from_dict(adapter.hf_config())
+    assert hf_config.rope_parameters["rope_type"] == "llama3"
     hf_config._attn_implementation = "eager"
     hf = transformers.LlamaForCausalLM(hf_config).eval()
     model = build(config)
     sd = model.state_dict()
     hf_sd = {
-        "model.embed_tokens.weight": sd["tok_embeddings.weight"],
-        "model.norm.weight": sd["norm.weight"],
-        "lm_head.weight": sd["output.weight"],
+        key: adapter.to_hf(fqn, tensor)
+        for fqn, tensor in sd.items()
+        if (key := adapter.hf_key(fqn)) is not None
     }
-    for i in range(config.n_layers):
-        ours, theirs = f"layers.{i}.", f"model.layers.{i}."
-        hf_sd |= {
-            theirs + "self_attn.q_proj.weight": meta_to_hf_rows(
-                sd[ours + "attention.wq.weight"], config.n_heads
-            ),
-            theirs + "self_attn.k_proj.weight": meta_to_hf_rows(
-                sd[ours + "attention.wk.weight"], config.kv_heads
-            ),
-            theirs + "self_attn.v_proj.weight": sd[ours + "attention.wv.weight"],
-            theirs + "self_attn.o_proj.weight": sd[ours + "attention.wo.weight"],
-            theirs + "mlp.gate_proj.weight": sd[ours + "feed_forward.w1.weight"],
-            theirs + "mlp.up_proj.weight": sd[ours + "feed_forward.w3.weight"],
-            theirs + "mlp.down_proj.weight": sd[ours + "feed_forward.w2.weight"],
-            theirs + "input_layernorm.weight": sd[ours + "attention_norm.weight"],
-            theirs + "post_attention_layernorm.weight": sd[ours + "ffn_norm.weight"],
-        }
+    if tie:
+        hf_sd["lm_head.weight"] = hf_sd["model.embed_tokens.weight"]
     hf.load_state_dict(hf_sd, strict=True)
     # A sequence longer than the original context puts positions in the scaled regime.
     tokens = torch.randint(0, config.vocab_size, (2, 100))
     with torch.no_grad():
         torch.testing.assert_close(model(tokens), hf(tokens).logits, atol=1e-5, rtol=1e-5)
+    hf_names = {fqn: adapter.hf_key(fqn) for fqn in sd}
+    for fqn, tensor in sd.items():
+        if (key := hf_names[fqn]) is not None:
+            assert torch.equal(adapter.from_hf(fqn, hf.state_dict()[key]), tensor), fqn
 
 
 def test_positions() -> None:

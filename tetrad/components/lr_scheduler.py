@@ -38,6 +38,8 @@ def wsd_factor(
     decay_start = total_steps - decay_steps
     if step < decay_start:
         return 1.0
+    if decay_steps == 0:  # all warmup (LambdaLR still asks for the step after the last)
+        return 1.0
     progress = min(1.0, (step - decay_start + 1) / decay_steps)
     if decay_type == "linear":
         curve = 1.0 - progress

@@ -173,6 +173,47 @@ class CheckpointConfig:
     folder: str = "checkpoint"
     """Checkpoint folder, inside --job.dump_folder."""
 
+    keep_latest_k: int = 0
+    """Keep only the newest k complete checkpoints (older ones are deleted after each save);
+    0 keeps all."""
+
+    load_step: int = -1
+    """Resume from this step's checkpoint instead of the latest complete one; -1 = latest."""
+
+    initial_load_path: str | None = None
+    """A checkpoint folder (step-N) to start from when the run's own folder holds none, e.g. a
+    seed checkpoint or another run's checkpoint (loaded with or without --checkpoint.enable)."""
+
+    initial_load_in_hf: bool = False
+    """--checkpoint.initial_load_path is a Hugging Face folder (model.safetensors or a sharded
+    index, with config.json): load the model's weights from it."""
+
+    last_save_in_hf: bool = False
+    """At the last step also export the weights as a Hugging Face folder, step-N-hf, that
+    transformers' from_pretrained reads (in --checkpoint.export_dtype)."""
+
+    exclude_from_loading: str = ""
+    """Comma-separated states not to load, which start fresh instead: model, optimizer,
+    lr_scheduler, dataloader, train_state (e.g. optimizer,dataloader to fine-tune)."""
+
+    async_mode: Literal["disabled", "async"] = "disabled"
+    """async: write each checkpoint in a background thread while training continues (after a
+    copy of the state); disabled: training waits for the write."""
+
+    create_seed_checkpoint: bool = False
+    """Initialise the model on one process, save it as step-0 (model only) and exit; any
+    parallel layout can then start from these exact weights."""
+
+    last_save_model_only: bool = False
+    """At the last step save the model's weights only (no optimizer, data or train state)."""
+
+    export_dtype: Literal["float32", "bfloat16"] = "float32"
+    """Dtype of the weights in a model-only last save and in a Hugging Face export."""
+
+    overwrite: bool = False
+    """Allow this run to replace existing checkpoints of the steps it saves (by default a run
+    that would overwrite a checkpoint it did not resume from refuses to start)."""
+
 
 @dataclass(kw_only=True)
 class DataConfig:

@@ -3,6 +3,7 @@
 from tetrad.models.llama3.model import Llama3Config, RopeScaling, Transformer, num_flops_per_token
 from tetrad.models.llama3.parallelize import parallelize_llama3
 from tetrad.models.llama3.presets import llama3_presets
+from tetrad.models.llama3.state_dict_adapter import Llama3StateDictAdapter
 from tetrad.models.spec import ModelSpec
 
 llama3_spec = ModelSpec(
@@ -11,10 +12,12 @@ llama3_spec = ModelSpec(
     build_model=Transformer,
     num_flops_per_token=num_flops_per_token,
     parallelize_fn=parallelize_llama3,
+    state_dict_adapter=Llama3StateDictAdapter,
 )
 
 __all__ = [
     "Llama3Config",
+    "Llama3StateDictAdapter",
     "RopeScaling",
     "Transformer",
     "llama3_presets",

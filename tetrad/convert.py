@@ -1,0 +1,121 @@
+"""``tetrad convert SRC DST [--dtype D] [model options]``: a model's weights between a DCP
+checkpoint and a Hugging Face folder, in the direction the source's format implies.
+
+A DCP source (a ``step-N`` folder) becomes safetensors + ``config.json`` that
+``transformers.AutoModelForCausalLM.from_pretrained`` reads; a Hugging Face source becomes a
+model-only DCP checkpoint that ``--checkpoint.initial_load_path`` starts a run from. The model
+is the run's: ``--model.*`` and ``--data.tokenizer`` (its vocabulary size) as for ``tetrad
+train``, taken by default from the ``config.toml`` of the run a DCP source belongs to. One
+process, no process group; nothing is written when the input is wrong.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+USAGE = """usage: tetrad convert SRC DST [--dtype float32|bfloat16] [--config FILE] [--model.* ...]
+
+SRC a DCP checkpoint folder (step-N)  → DST a Hugging Face folder (safetensors + config.json)
+SRC a Hugging Face folder             → DST a model-only DCP checkpoint (for
+                                        --checkpoint.initial_load_path)
+The model (--model.name, --model.flavor, --data.tokenizer) defaults to the config.toml of the
+run that holds a DCP source; give it explicitly for a Hugging Face source."""
+
+
+def _parse(argv: Sequence[str]) -> tuple[Path, Path, str, list[str]]:
+    from tetrad.config import ConfigError
+
+    positional, options, dtype = [], [], "float32"
+    args = list(argv)
+    while args:
+        arg = args.pop(0)
+        if arg == "--dtype" or arg.startswith("--dtype="):
+            dtype = arg.partition("=")[2] if "=" in arg else (args.pop(0) if args else "")
+            if dtype not in ("float32", "bfloat16"):
+                raise ConfigError(f"--dtype: {dtype!r} is not one of: float32, bfloat16")
+        elif arg.startswith("--"):
+            options.append(arg)
+            if "=" not in arg and args and not args[0].startswith("--"):
+                options.append(args.pop(0))
+        else:
+            positional.append(arg)
+    if len(positional) != 2:
+        raise ConfigError(
+            f"convert needs SRC and DST, got {len(positional)} path(s); see tetrad convert --help"
+        )
+    return Path(positional[0]), Path(positional[1]), dtype, options
+
+
+def convert(argv: Sequence[str]) -> None:
+    import torch
+    import torch.distributed.checkpoint as dcp
+
+    from tetrad.components.checkpoint import (
+        ModelState,
+        check_model_matches,
+        checkpoint_problem,
+        read_metadata,
+        write_complete,
+    )
+    from tetrad.components.hf_checkpoint import load_hf_weights, save_hf_weights
+    from tetrad.config import ConfigError, load_config
+    from tetrad.data import build_tokenizer
+    from tetrad.models.registry import get_model_spec
+
+    src, dst, dtype, options = _parse(argv)
+    if not src.exists():
+        raise ConfigError(f"{src} does not exist")
+    if dst.exists():
+        raise ConfigError(f"{dst} already exists; remove it or choose another destination")
+    to_hf = (src / ".metadata").is_file()
+    if not to_hf and not (src / "config.json").is_file():
+        raise ConfigError(
+            f"{src} is neither a DCP checkpoint (.metadata) nor a Hugging Face folder (config.json)"
+        )
+    run_config = src.parent.parent / "config.toml"
+    if to_hf and "--config" not in " ".join(options) and run_config.is_file():
+        options = [f"--config={run_config}", *options]
+    config = load_config(options)
+    spec = get_model_spec(config.model.name)
+    if spec.state_dict_adapter is None:
+        raise ConfigError(f"model family {spec.name} has no Hugging Face state-dict adapter")
+    vocab_size = build_tokenizer(config.data.tokenizer).vocab_size
+    model_config = spec.config_for(config.model.flavor, vocab_size=vocab_size)
+    adapter = spec.state_dict_adapter(model_config)
+    with torch.device("meta"):
+        model = spec.build_model(model_config)
+    model.to_empty(device="cpu")  # every persistent tensor is overwritten by the load
+    begin = time.perf_counter()
+    if to_hf:
+        if problem := checkpoint_problem(src, need_marker=False):
+            raise ConfigError(f"{src}: {problem}")
+        state = ModelState(model)
+        model_state = state.state_dict()
+        check_model_matches(model_state, read_metadata(src), src, set(model_state))
+        dcp.load({"model": state}, checkpoint_id=str(src), no_dist=True)
+        save_hf_weights(model, dst, adapter, dtype=getattr(torch, dtype))
+    else:
+        load_hf_weights(model, src, adapter)
+        tmp = dst.with_name(dst.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)  # left by a conversion that did not finish
+        model_state = {"model": ModelState(model, getattr(torch, dtype))}
+        dcp.save(model_state, checkpoint_id=str(tmp), no_dist=True)
+        write_complete(tmp, dst, step=0, names=["model"])
+    print(f"converted {src} → {dst} in {time.perf_counter() - begin:.1f} s")
+
+
+def main(argv: Sequence[str]) -> None:
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE)
+        raise SystemExit(0 if argv else 2)
+    from tetrad.config import ConfigError
+
+    try:
+        convert(argv)
+    except ConfigError as e:
+        print(f"tetrad: error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
