@@ -101,7 +101,7 @@ class _AllGatherKVAttention(TorchFunctionMode):
         super().__init__()
         self.context_parallel = context_parallel
 
-    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+    def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func is not F.scaled_dot_product_attention:
             return func(*args, **kwargs)
