@@ -59,6 +59,7 @@ def make_tiny_hf_model(
     if weights:
         model.save_pretrained(folder)
     else:
+        model.config.architectures = [type(model).__name__]
         model.config.save_pretrained(folder)
     shutil.copy(TOKENIZER, folder / "tokenizer.json")
     tokenizer_config = {"chat_template": CHAT_TEMPLATE, "eos_token": "<|end_of_text|>"}
