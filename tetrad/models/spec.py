@@ -23,14 +23,18 @@ def did_you_mean(name: str, choices: Iterable[str]) -> str:
 
 
 class StateDictAdapter(Protocol):
-    """Translates one model config's state dict to and from the Hugging Face layout, so
-    checkpoints can be exported to and imported from ``transformers``."""
+    """Maps one model config's parameters to and from the Hugging Face layout, one tensor at a
+    time, so a rank can load or export only the tensors it holds."""
 
-    def to_hf(self, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """tetrad FQNs and tensor layouts → HF keys and layouts (full, unsharded tensors)."""
+    def hf_key(self, fqn: str) -> str | None:
+        """The HF key of tetrad's ``fqn``; None for a tensor HF does not store (a tied output)."""
         ...
 
-    def from_hf(self, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def to_hf(self, fqn: str, tensor: torch.Tensor) -> torch.Tensor:
+        """A full (unsharded) tensor in tetrad's layout → HF's layout."""
+        ...
+
+    def from_hf(self, fqn: str, tensor: torch.Tensor) -> torch.Tensor:
         """The inverse of ``to_hf``."""
         ...
 

@@ -1,0 +1,198 @@
+"""Hugging Face safetensors weights in and out of a (possibly sharded) model.
+
+Loading reads one tensor at a time and only the keys this rank holds, then keeps the rank's own
+slice of each (``distribute_tensor`` with ``src_data_rank=None`` slices locally, no
+communication). Saving gathers each tensor once per group of ranks that hold the same
+parameters (a pipeline stage), and that group's first rank writes them, so no rank ever holds
+the whole model; rank 0 then names the files as ``transformers`` expects and writes the index
+and ``config.json``. Everything is written under ``<folder>.tmp`` and renamed at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+from torch.distributed.tensor import DTensor, distribute_tensor
+from tqdm import tqdm
+
+from tetrad.config import ConfigError
+from tetrad.models.spec import StateDictAdapter
+
+logger = logging.getLogger(__name__)
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def _rank() -> int:
+    return dist.get_rank() if _distributed() else 0
+
+
+def hf_weight_map(folder: Path) -> dict[str, Path]:
+    """HF key → the safetensors file that holds it, from the index or the single file."""
+    if (folder / INDEX_FILE).is_file():
+        weight_map = json.loads((folder / INDEX_FILE).read_text())["weight_map"]
+        return {key: folder / name for key, name in weight_map.items()}
+    if (folder / SINGLE_FILE).is_file():
+        with safe_open(folder / SINGLE_FILE, framework="pt") as f:
+            return dict.fromkeys(f.keys(), folder / SINGLE_FILE)
+    if not folder.is_dir():
+        raise ConfigError(f"Hugging Face checkpoint folder {folder} does not exist")
+    raise ConfigError(
+        f"{folder} holds no {SINGLE_FILE} or {INDEX_FILE}; is it a Hugging Face model folder?"
+    )
+
+
+@torch.no_grad()
+def load_hf_weights(model: nn.Module, folder: Path, adapter: StateDictAdapter) -> None:
+    """Copy HF weights into ``model``'s parameters (plain or DTensor), in place."""
+    folder = Path(folder)
+    weight_map = hf_weight_map(folder)
+    targets = {
+        fqn: (key, tensor)
+        for fqn, tensor in model.state_dict().items()
+        if (key := adapter.hf_key(fqn)) is not None
+    }
+    for fqn, (key, _) in targets.items():
+        if key not in weight_map:
+            raise ConfigError(
+                f"Hugging Face checkpoint {folder} has no '{key}' (for '{fqn}'); "
+                "is it a checkpoint of this model?"
+            )
+    files = {}  # safetensors files open lazily: only the tensors read are loaded
+    for fqn, (key, tensor) in tqdm(
+        targets.items(), desc=f"loading {folder.name}", disable=_rank() != 0, leave=False
+    ):
+        path = weight_map[key]
+        if path not in files:
+            files[path] = safe_open(path, framework="pt")
+        full = adapter.from_hf(fqn, files[path].get_tensor(key))
+        if full.shape != tensor.shape:
+            raise ConfigError(
+                f"Hugging Face checkpoint {folder}: '{key}' has shape {list(full.shape)}, "
+                f"the model expects {list(tensor.shape)} for '{fqn}'"
+            )
+        if isinstance(tensor, DTensor):
+            local = distribute_tensor(
+                full.to(tensor.device), tensor.device_mesh, tensor.placements, src_data_rank=None
+            )
+            tensor.to_local().copy_(local.to_local())
+        else:
+            tensor.copy_(full)
+    logger.info("loaded %d tensors from Hugging Face checkpoint %s", len(targets), folder)
+
+
+def _writer_group(keys: list[str]) -> tuple[bool, int]:
+    """Whether this rank writes its tensors (the lowest rank among those holding exactly these
+    keys), and its index among the writers."""
+    if not _distributed():
+        return True, 0
+    everyone: list[tuple[str, ...] | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, tuple(keys))
+    firsts = {}
+    for rank, held in enumerate(everyone):
+        firsts.setdefault(held, rank)
+    writers = sorted(firsts.values())
+    rank = dist.get_rank()
+    return rank in writers, writers.index(rank) if rank in writers else -1
+
+
+@torch.no_grad()
+def save_hf_weights(
+    model: nn.Module,
+    folder: Path,
+    adapter: StateDictAdapter,
+    *,
+    dtype: torch.dtype | None = None,
+    max_shard_size_mb: float = 5000,
+) -> None:
+    """Write ``model``'s weights as a Hugging Face folder; a collective when distributed."""
+    folder = Path(folder)
+    tmp = folder.with_name(folder.name + ".tmp")
+    if folder.exists():
+        raise ConfigError(f"{folder} already exists; remove it or choose another export folder")
+    if _rank() == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    state = {
+        fqn: tensor for fqn, tensor in model.state_dict().items() if adapter.hf_key(fqn) is not None
+    }
+    dtype = dtype or next(iter(state.values())).dtype
+    is_writer, writer_index = _writer_group(sorted(state))
+    max_bytes = int(max_shard_size_mb * 2**20)
+    files: list[tuple[list[str], int]] = []  # this writer's files: HF keys, tensor bytes
+    shard: dict[str, torch.Tensor] = {}
+    shard_bytes = 0
+
+    def flush() -> None:
+        nonlocal shard, shard_bytes
+        if shard:
+            save_file(shard, tmp / f"part-{writer_index}-{len(files)}.safetensors")
+            files.append((list(shard), shard_bytes))
+            shard, shard_bytes = {}, 0
+
+    if _distributed():
+        dist.barrier()  # the temporary folder exists
+    for fqn, tensor in state.items():
+        full = tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+        if not is_writer:
+            continue
+        full = adapter.to_hf(fqn, full.detach().to("cpu", dtype)).contiguous()
+        size = full.numel() * full.element_size()
+        if shard and shard_bytes + size > max_bytes:
+            flush()
+        shard[adapter.hf_key(fqn)] = full
+        shard_bytes += size
+    flush()
+    everyone = [files]
+    if _distributed():
+        everyone = [None] * dist.get_world_size()
+        dist.all_gather_object(everyone, (writer_index, files) if is_writer else None)
+        everyone = [f for _, f in sorted(e for e in everyone if e is not None)]
+    if _rank() == 0:
+        _finish(tmp, folder, everyone, adapter, dtype)
+    if _distributed():
+        dist.barrier()
+    logger.info("exported Hugging Face checkpoint %s", folder)
+
+
+def _finish(
+    tmp: Path,
+    folder: Path,
+    files_by_writer: list[list[tuple[list[str], int]]],
+    adapter: StateDictAdapter,
+    dtype: torch.dtype,
+) -> None:
+    """Rename the writers' parts to transformers' names, write the index and config.json, and
+    move the folder into place."""
+    parts = [
+        (tmp / f"part-{w}-{i}.safetensors", keys, size)
+        for w, files in enumerate(files_by_writer)
+        for i, (keys, size) in enumerate(files)
+    ]
+    if len(parts) == 1:
+        parts[0][0].rename(tmp / SINGLE_FILE)
+    else:
+        weight_map, total = {}, 0
+        for n, (path, keys, size) in enumerate(parts, start=1):
+            name = f"model-{n:05d}-of-{len(parts):05d}.safetensors"
+            total += size
+            path.rename(tmp / name)
+            weight_map |= dict.fromkeys(keys, name)
+        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+        (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+    config = adapter.hf_config() | {"torch_dtype": str(dtype).removeprefix("torch.")}
+    (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    tmp.rename(folder)
