@@ -169,7 +169,7 @@ class Trainer:
             )
         num_params = sum(p.numel() for part in parts for p in part.parameters())
         logger.info(
-            "model %s/%s: %.1fM parameters (this rank), %.1f MFLOP/token",
+            "model %s %s: %.1fM parameters (this rank), %.1f MFLOP/token",
             self.config.model.name, model_name, num_params / 1e6,
             self.flops_per_token / 1e6,
         )  # fmt: skip

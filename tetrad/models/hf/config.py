@@ -221,6 +221,31 @@ def _check_sliding_window(config: Config, hf_config: Any) -> None:
             )
 
 
+def _check_checkpoint_keys(resolved: HFModelConfig) -> None:
+    """Every tensor of the checkpoint must have a place in the model and vice versa: a model
+    smaller than its weights (a changed layer count) must not silently drop some."""
+    import torch
+
+    from tetrad.components.hf_checkpoint import hf_weight_map
+    from tetrad.models.hf import HFStateDictAdapter, build_hf_model
+
+    with torch.device("meta"):
+        model = build_hf_model(resolved)
+    adapter = HFStateDictAdapter(resolved)
+    expected = {adapter.hf_key(fqn) for fqn in model.state_dict()} - {None}
+    stored = set(hf_weight_map(resolved.folder))
+    if resolved.tie_embeddings:
+        stored.discard("lm_head.weight")  # some tied checkpoints store the copy too
+    for keys, problem in ((stored - expected, "unused by"), (expected - stored, "missing for")):
+        if keys:
+            raise ConfigError(
+                f"{resolved.folder}: {len(keys)} checkpoint tensors {problem} the model "
+                f"(e.g. {sorted(keys)[0]}); config.json and the weights disagree, or "
+                f"--model.hf_overrides {resolved.overrides} changed the model's shape: use "
+                "--model.hf_init random for a resized variant"
+            )
+
+
 def resolve_hf_config(config: Config, vocab_size: int) -> HFModelConfig:
     """--model.hf_path/hf_overrides/hf_init → HFModelConfig; one-line ConfigErrors."""
     from transformers import AutoConfig
@@ -260,6 +285,8 @@ def resolve_hf_config(config: Config, vocab_size: int) -> HFModelConfig:
         )
     _check_parallelism(config, resolved)
     _check_sliding_window(config, hf_config)
+    if init == "pretrained":
+        _check_checkpoint_keys(resolved)
     logger.info(
         "hf model %s (%s): %d layers, dim %d, %d heads (%d kv), vocab %d, %s weights",
         m.hf_path, resolved.architecture, resolved.n_layers, resolved.dim, resolved.n_heads,
