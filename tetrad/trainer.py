@@ -124,7 +124,7 @@ class Trainer:
         spec = get_model_spec(self.config.model.name)
         if spec.resolve_config is not None:
             self.model_config = spec.resolve_config(self.config, self.tokenizer.vocab_size)
-            model_name = self.config.model.hf_path or spec.name
+            model_name = getattr(self.model_config, "architecture", spec.name)
         else:
             self.model_config = spec.config_for(
                 self.config.model.flavor, vocab_size=self.tokenizer.vocab_size
@@ -169,7 +169,7 @@ class Trainer:
             )
         num_params = sum(p.numel() for part in parts for p in part.parameters())
         logger.info(
-            "model %s %s: %.1fM parameters (this rank), %.1f MFLOP/token",
+            "model %s/%s: %.1fM parameters (this rank), %.1f MFLOP/token",
             self.config.model.name, model_name, num_params / 1e6,
             self.flops_per_token / 1e6,
         )  # fmt: skip
