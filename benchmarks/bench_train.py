@@ -1,9 +1,10 @@
 """Throughput of the debug preset as the training log reports it: median tokens/s and MFU.
 
-Runs `tetrad train` for each layout (1 process; FSDP 2; TP 2) with seq_len 256 and 2048 tokens
-per rank per step, skips the first steps (warm-up), and prints one line per layout.
+Runs `tetrad train` for each layout (1 process; FSDP 2; TP 2; and, with --layouts, CP 2 and
+PP 2 with 1F1B) with seq_len 256 and 2048 tokens per data-parallel rank per step, skips the first
+steps (warm-up), and prints one line per layout.
 
-    python benchmarks/bench_train.py [--steps 40] [--layouts single,fsdp2,tp2] [extra train args]
+    python benchmarks/bench_train.py [--steps 40] [--layouts single,fsdp2,tp2,cp2,pp2] [train args]
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ LAYOUTS = {
     "single": (1, []),
     "fsdp2": (2, ["--parallelism.dp_shard=2"]),
     "tp2": (2, ["--parallelism.tp=2", "--parallelism.dp_shard=1"]),
+    "cp2": (2, ["--parallelism.cp=2", "--parallelism.dp_shard=1"]),
+    "pp2": (2, ["--parallelism.pp=2", "--parallelism.dp_shard=1"]),
 }
 WARMUP_STEPS = 5
 

@@ -314,10 +314,12 @@ class Trainer:
 
     def train(self) -> None:
         t = self.config.training
+        dims = self.parallel_dims
         logger.info(
             "training %d steps: %d sequences × %d tokens per rank per micro-batch, "
-            "%d micro-batch(es) per step, dp %d",
-            t.steps, t.local_batch_size, t.seq_len, self.grad_accum_steps, self.parallel_dims.dp,
+            "%d micro-batch(es) per step, dp %d, cp %d",
+            t.steps, t.local_batch_size, t.seq_len // dims.cp, self.grad_accum_steps, dims.dp,
+            dims.cp,
         )  # fmt: skip
         data_iter = iter(self.dataloader)
         state, first_step = self.train_state, self.train_state.step + 1

@@ -112,7 +112,10 @@ PP_CASES = {
     "pp2_gpipe": (2, 1, [], ["--parallelism.pp_schedule=GPipe"]),
     "pp2_1f1b": (2, 1, [], ["--parallelism.pp_schedule=1F1B"]),
     "pp2_interleaved1f1b": (2, 1, _PP_MULTI, ["--parallelism.pp_schedule=Interleaved1F1B"]),
+    "pp2_looped_bfs": (2, 1, _PP_MULTI, ["--parallelism.pp_schedule=LoopedBFS"]),
+    "pp2_interleaved_zb": (2, 1, _PP_MULTI, ["--parallelism.pp_schedule=InterleavedZeroBubble"]),
     "pp2_zbv": (2, 1, _PP_MULTI, ["--parallelism.pp_schedule=ZBVZeroBubble"]),
+    "pp2_dualpipev": (2, 1, _PP_MULTI, ["--parallelism.pp_schedule=DualPipeV"]),
     # FSDP must keep parameters gathered for the split backward: the trainer forces it.
     "pp2_fsdp2_zbv": (
         4,
@@ -173,8 +176,9 @@ def test_bad_mesh_is_one_line_error(tmp_path: Path) -> None:
     [
         (["--parallelism.dp_shard=2"], 2),  # per-block compile under FSDP
         (["--parallelism.tp=2", "--parallelism.dp_shard=1"], 1),  # whole-model compile under TP
+        (["--parallelism.cp=2", "--parallelism.dp_shard=1"], 1),  # CP attention runs eagerly
     ],
-    ids=["fsdp2", "tp2"],
+    ids=["fsdp2", "tp2", "cp2"],
 )
 def test_compile_matches_single_process(layout, dp, tmp_path, tmp_path_factory) -> None:
     # Inductor fuses and reorders floating-point work, hence the looser tolerance.

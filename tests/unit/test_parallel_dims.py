@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from tetrad.config import ConfigError
+from tetrad.distributed.context_parallel import chunk_order
 from tetrad.distributed.parallel_dims import ParallelDims
 
 
@@ -47,3 +48,13 @@ def test_product_mismatch_shows_the_arithmetic() -> None:
 def test_fill_that_does_not_divide() -> None:
     with pytest.raises(ConfigError, match="does not divide world size 6"):
         dims(6, tp=4)
+
+
+def test_context_parallel_chunks_balance_causal_work() -> None:
+    # Rank r holds chunks r and 2·cp−1−r: under a causal mask chunk c attends to c+1 chunks,
+    # so every rank attends to the same number of (chunk, key-chunk) pairs.
+    for cp in (1, 2, 4, 8):
+        order = chunk_order(cp)
+        assert sorted(order) == list(range(2 * cp))
+        work = [order[2 * r] + order[2 * r + 1] + 2 for r in range(cp)]
+        assert work == [2 * cp + 1] * cp

@@ -9,21 +9,27 @@ Llama 3 paper; it trains on CPU and GPU alike, where PyTorch's ring-attention
 ``context_parallel`` is CUDA-only, and the lower-right causal bias keeps SDPA's flash and
 memory-efficient kernels usable on GPU (no dense mask is built).
 
-The model stays single-device code: a ``TorchFunctionMode`` swaps this attention in for its
-causal ``scaled_dot_product_attention`` calls, and the trainer passes each token's position
-to the rotary embedding.
+The model stays single-device code: while ``attention()`` is active, this attention stands in
+for ``torch.nn.functional.scaled_dot_product_attention`` (the model's causal calls), and the
+trainer passes each token's position to the rotary embedding. It replaces the module attribute
+rather than using a ``TorchFunctionMode`` because activation checkpointing recomputes blocks
+inside the autograd engine, where a mode entered around ``backward()`` is not active.
 """
 
 from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
 from torch.distributed._functional_collectives import all_gather_single
 from torch.distributed.device_mesh import DeviceMesh
 from torch.nn.attention.bias import causal_lower_right
-from torch.overrides import TorchFunctionMode
 
 from tetrad.config import ConfigError
+
+_sdpa = F.scaled_dot_product_attention
 
 
 def chunk_order(cp: int) -> list[int]:
@@ -55,11 +61,30 @@ class ContextParallel:
         """[B, seq_len] → this rank's [B, seq_len // cp] (its two chunks, concatenated)."""
         return batch[:, self.positions.to(batch.device)]
 
-    def attention(self) -> TorchFunctionMode:
-        """Context manager under which the model's causal SDPA attends across the cp ranks;
-        active for forward and backward alike, so activation-checkpointing recomputation
-        gathers K/V too."""
-        return _AllGatherKVAttention(self)
+    @contextlib.contextmanager
+    def attention(self) -> Iterator[None]:
+        """Within it, the model's causal SDPA attends across the cp ranks. Keep it open over
+        backward too: activation checkpointing's recomputation must gather K/V as well."""
+        with _sdpa_as(self._sdpa):
+            yield
+
+    @torch.compiler.disable  # eager between compiled parts: collectives and the causal bias
+    def _sdpa(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        attn_mask: torch.Tensor | None = None,
+        dropout_p: float = 0.0,
+        is_causal: bool = False,
+        scale: float | None = None,
+        enable_gqa: bool = False,
+    ) -> torch.Tensor:
+        if attn_mask is not None or not is_causal:
+            raise NotImplementedError("context parallel supports causal attention without a mask")
+        if dropout_p:
+            raise NotImplementedError("context parallel does not support attention dropout")
+        return self.attend(q, k, v, scale, enable_gqa)
 
     def attend(
         self,
@@ -81,38 +106,30 @@ class ContextParallel:
             torch.cat([chunks[i] for i in self.gathered_index], dim=2) for chunks in gathered
         )
         outputs = []
-        for local, chunk in enumerate(self.local_chunks):
-            end = (chunk + 1) * self.chunk
-            outputs.append(
-                F.scaled_dot_product_attention(
-                    q[:, :, local * self.chunk : (local + 1) * self.chunk],
-                    keys[:, :, :end],
-                    values[:, :, :end],
-                    attn_mask=causal_lower_right(self.chunk, end),
-                    scale=scale,
-                    enable_gqa=enable_gqa,
+        # The stock SDPA, back in place while it runs: the causal bias object dispatches only
+        # when the function called is torch's own.
+        with _sdpa_as(_sdpa):
+            for local, chunk in enumerate(self.local_chunks):
+                end = (chunk + 1) * self.chunk
+                outputs.append(
+                    _sdpa(
+                        q[:, :, local * self.chunk : (local + 1) * self.chunk],
+                        keys[:, :, :end],
+                        values[:, :, :end],
+                        attn_mask=causal_lower_right(self.chunk, end),
+                        scale=scale,
+                        enable_gqa=enable_gqa,
+                    )
                 )
-            )
         return torch.cat(outputs, dim=2)
 
 
-class _AllGatherKVAttention(TorchFunctionMode):
-    def __init__(self, context_parallel: ContextParallel) -> None:
-        super().__init__()
-        self.context_parallel = context_parallel
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func is not F.scaled_dot_product_attention:
-            return func(*args, **kwargs)
-        q, k, v, *rest = args
-        options = dict(
-            zip(("attn_mask", "dropout_p", "is_causal", "scale"), rest, strict=False), **kwargs
-        )
-        if options.get("attn_mask") is not None or not options.get("is_causal", False):
-            raise NotImplementedError("context parallel supports causal attention without a mask")
-        if options.get("dropout_p", 0.0):
-            raise NotImplementedError("context parallel does not support attention dropout")
-        return self.context_parallel.attend(
-            q, k, v, options.get("scale"), options.get("enable_gqa", False)
-        )
+@contextlib.contextmanager
+def _sdpa_as(function: Callable[..., torch.Tensor]) -> Iterator[None]:
+    """``torch.nn.functional.scaled_dot_product_attention`` is ``function`` within."""
+    previous = F.scaled_dot_product_attention
+    F.scaled_dot_product_attention = function
+    try:
+        yield
+    finally:
+        F.scaled_dot_product_attention = previous
