@@ -81,17 +81,21 @@ def test_export_keys_are_the_safetensors_keys(folders: dict[str, Path]) -> None:
 
 
 def test_config_json_is_the_truth_and_overrides_are_explicit(folders: dict[str, Path]) -> None:
-    model_config = resolve(
-        folders["llama"], "--model.hf_overrides=num_hidden_layers=1,rms_norm_eps=1e-5"
-    )
+    overrides = "--model.hf_overrides=num_hidden_layers=1,rms_norm_eps=1e-5"
+    model_config = resolve(folders["llama"], overrides, "--model.hf_init=random")
     assert model_config.n_layers == 1 and model_config.hf_config.rms_norm_eps == 1e-5
     assert model_config.overrides == {"num_hidden_layers": 1, "rms_norm_eps": 1e-5}
     assert (model_config.dim, model_config.n_heads, model_config.kv_heads) == (64, 4, 2)
-    assert model_config.init == "pretrained"  # the folder holds weights
+    assert resolve(folders["llama"]).init == "pretrained"  # the folder holds weights
     assert model_config.hf_config._attn_implementation == "sdpa"
     assert model_config.hf_config.use_cache is False
     assert model_config.chat_template == make_tiny.CHAT_TEMPLATE
-    assert resolve(folders["llama"], "--model.hf_init=random").init == "random"
+    # Pretrained weights for two layers do not silently lose one.
+    with pytest.raises(
+        ConfigError,
+        match=r"9 checkpoint tensors have no place in the model \(e\.g\. model\.layers\.1\.",
+    ):
+        resolve(folders["llama"], overrides)
     with pytest.raises(
         ConfigError, match="has no field 'num_hiden_layers'; did you mean num_hidden_layers"
     ):
@@ -156,3 +160,10 @@ def test_flops_per_token_as_for_llama3(tmp_path: Path) -> None:
     )
     folder = make_tiny.make_tiny_hf_model(tmp_path, "llama", weights=False, intermediate_size=192)
     assert hf_flops(resolve(folder), 128) == llama3_flops(llama3, 128)
+
+
+@pytest.mark.parametrize("name", ["qwen2.5_7b", "llama3.2_1b_hf"])
+def test_example_configs_load(name: str) -> None:
+    config = load_config(["--config", str(REPO / "configs" / f"{name}.toml")])
+    assert config.model.name == "hf" and config.model.hf_init == "pretrained"
+    assert config.model.hf_path in ("Qwen/Qwen2.5-7B", "meta-llama/Llama-3.2-1B")

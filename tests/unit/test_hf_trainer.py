@@ -39,12 +39,17 @@ def build_trainer(folder: Path, dump: Path, *args: str) -> Trainer:
     return Trainer(config)
 
 
-@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "qwen3"])
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "qwen3", "llama_tied"])
 def test_first_step_loss_equals_transformers(family: str, tmp_path: Path) -> None:
-    folder = make_tiny.make_tiny_hf_model(tmp_path / family, family, seed=1)
+    tied = family.endswith("_tied")
+    folder = make_tiny.make_tiny_hf_model(
+        tmp_path / family, family.removesuffix("_tied"), seed=1, tie_word_embeddings=tied
+    )
     trainer = build_trainer(folder, tmp_path / "run")
     try:
         assert trainer.model_config.init == "pretrained"
+        (model,) = trainer.model_parts
+        assert (model.lm_head.weight is model.embed_tokens.weight) == tied
         assert trainer.tokenizer.vocab_size == 8192  # the folder's tokenizer.json
         inputs, labels = next(iter(trainer.dataloader))
         loss = trainer.forward_backward([(inputs, labels)])

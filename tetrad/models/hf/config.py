@@ -236,10 +236,14 @@ def _check_checkpoint_keys(resolved: HFModelConfig) -> None:
     stored = set(hf_weight_map(resolved.folder))
     if resolved.tie_embeddings:
         stored.discard("lm_head.weight")  # some tied checkpoints store the copy too
-    for keys, problem in ((stored - expected, "unused by"), (expected - stored, "missing for")):
+    problems = (
+        (stored - expected, "checkpoint tensors have no place in the model"),
+        (expected - stored, "model tensors are missing from the checkpoint"),
+    )
+    for keys, problem in problems:
         if keys:
             raise ConfigError(
-                f"{resolved.folder}: {len(keys)} checkpoint tensors {problem} the model "
+                f"{resolved.folder}: {len(keys)} {problem} "
                 f"(e.g. {sorted(keys)[0]}); config.json and the weights disagree, or "
                 f"--model.hf_overrides {resolved.overrides} changed the model's shape: use "
                 "--model.hf_init random for a resized variant"
