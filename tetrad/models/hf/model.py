@@ -26,75 +26,59 @@ from torch import nn
 from tetrad.models.hf.config import HFModelConfig
 
 
-def _init_module(module: nn.Module, std: float) -> None:
-    """HF's generic initialisation (``PreTrainedModel._init_weights``) for the module kinds of a
-    decoder: normal(0, initializer_range) matrices, zero biases, unit norms."""
-    if isinstance(module, nn.Linear):
-        nn.init.normal_(module.weight, mean=0.0, std=std)
-        if module.bias is not None:
-            nn.init.zeros_(module.bias)
-    elif isinstance(module, nn.Embedding):
-        nn.init.normal_(module.weight, mean=0.0, std=std)
-        if module.padding_idx is not None:
-            module.weight[module.padding_idx].zero_()
-    elif "Norm" in type(module).__name__:
-        for name, param in module.named_parameters(recurse=False):
-            (nn.init.ones_ if name == "weight" else nn.init.zeros_)(param)
-
-
-def _init_rotary_buffers(model: nn.Module, device: torch.device | None) -> None:
-    """Recompute the rotary tables (non-persistent buffers, garbage after ``to_empty``) by
-    building each rotary module afresh from its config."""
-    for module in model.modules():
-        if "RotaryEmbedding" not in type(module).__name__ or not hasattr(module, "config"):
-            continue
-        with torch.device("cpu"):
-            fresh = type(module)(config=module.config)
-        for name, buffer in fresh.named_buffers(recurse=False):
-            target = module.get_buffer(name)
-            if device is not None and target.device != device:
-                target = target.to(device)
-                setattr(module, name, target)
-            target.copy_(buffer)
-
-
 class _HFBase(nn.Module):
-    """What both wrappers share: config, tying, initialisation."""
+    """What both wrappers share: config, tying, initialisation by the HF class's own rules."""
 
     embed_tokens: nn.Embedding | None
     lm_head: nn.Linear | None
 
-    def __init__(self, config: HFModelConfig) -> None:
+    def __init__(self, config: HFModelConfig, hf_model: nn.Module) -> None:
         super().__init__()
         self.config = config
+        # The family's ``PreTrainedModel._init_weights(module)``: its init scheme (e.g. Gemma's
+        # zero-centred norms) and its buffers (rotary tables, embedding scales). A plain
+        # attribute: the method's model shares our modules and adds no state.
+        self._hf_init_weights = hf_model._init_weights
 
     def _tie(self) -> None:
-        embed, head = self._embedding(), self.lm_head
+        embed, head = self.embed_tokens, self.lm_head
         if self.config.tie_embeddings and embed is not None and head is not None:
             head.weight = embed.weight  # to_empty unties shared parameters
 
-    def _embedding(self) -> nn.Embedding | None:
-        return self.embed_tokens
-
     @torch.no_grad()
     def init_buffers(self, buffer_device: torch.device | None = None) -> None:
-        """Non-persistent buffers (rotary tables) and embedding tying, for loaded weights."""
+        """Recompute the non-persistent buffers (garbage after ``to_empty``, in no checkpoint)
+        and re-tie the embeddings; parameters are left as they are (loaded weights). Buffers
+        stay on their device."""
         self._tie()
-        _init_rotary_buffers(self, buffer_device)
+        for module in self.modules():
+            if not module._non_persistent_buffers_set:
+                continue
+            # The HF init also draws the module's own weights: let it draw meta stand-ins
+            # (no values, no RNG use, no collectives on sharded ones) and keep the real ones.
+            params = dict(module._parameters)
+            try:
+                for name, param in params.items():
+                    if param is not None:
+                        stand_in = torch.empty(param.shape, dtype=param.dtype, device="meta")
+                        module._parameters[name] = nn.Parameter(stand_in, requires_grad=False)
+                self._hf_init_weights(module)
+            finally:
+                module._parameters.update(params)
 
     @torch.no_grad()
     def init_weights(self, buffer_device: torch.device | None = None) -> None:
-        """Every parameter from the global RNG in module order (as HF's ``_init_weights``),
-        so a meta build materialised with ``to_empty`` matches a direct one under one seed."""
-        self.init_buffers(buffer_device)
-        std = getattr(self.config.hf_config, "initializer_range", 0.02) or 0.02
+        """Every parameter from the global RNG in module order, as the HF class initialises
+        them, so a meta build materialised with ``to_empty`` matches a direct one under one
+        seed."""
+        self._tie()
         seen: set[int] = set()
         for module in self.modules():
             params = [id(p) for p in module.parameters(recurse=False)]
             if params and all(p in seen for p in params):
                 continue  # a tied lm_head: its matrix is the embedding's, initialised once
             seen.update(params)
-            _init_module(module, std)
+            self._hf_init_weights(module)
 
 
 class HFCausalLM(_HFBase):
@@ -105,7 +89,7 @@ class HFCausalLM(_HFBase):
     norm: nn.Module | None
 
     def __init__(self, config: HFModelConfig, hf_model: nn.Module) -> None:
-        super().__init__(config)
+        super().__init__(config, hf_model)
         base = hf_model.model
         self.embed_tokens = base.embed_tokens
         self.layers = nn.ModuleDict({str(i): layer for i, layer in enumerate(base.layers)})
@@ -138,7 +122,7 @@ class HFGenericCausalLM(_HFBase):
     """Any HF causal LM, run by transformers' own forward (FSDP/DDP, AC, compile only)."""
 
     def __init__(self, config: HFModelConfig, hf_model: nn.Module) -> None:
-        super().__init__(config)
+        super().__init__(config, hf_model)
         self.model = hf_model.model
         self.lm_head = hf_model.lm_head
         self._tie()
