@@ -2,9 +2,9 @@
 batch: pretrained weights loaded into the sharded parameters (each rank its own slices), then
 loss and gradient norm per step within RTOL, as tests/distributed/test_parity.py does for llama3.
 
-Qwen3 (grouped-query attention, per-head q/k norms) runs every layout; Qwen2 (q/k/v biases)
-and Llama run tensor parallel, where their module roles set the plan (Mistral's modules are
-Llama's: tests/unit/test_hf*.py checks its numerics against transformers).
+Qwen3 (grouped-query attention, per-head q/k norms) runs every layout; Qwen2 (q/k/v biases),
+Mistral and Llama (with context parallel) run tensor parallel, where their module roles set
+the plan.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ CASES = {
     "qwen3_fsdp2_tp2": ("qwen3", 4, 2, ["--parallelism.tp=2", "--parallelism.dp_shard=2"]),
     "qwen3_pp2": ("qwen3", 2, 1, ["--parallelism.pp=2", "--parallelism.dp_shard=1"]),
     "qwen2_tp2": ("qwen2", 2, 1, TP2),
+    "mistral_tp2": ("mistral", 2, 1, TP2),
     # Context parallel all-gathers K/V inside HF's own SDPA call, here under TP as well.
     "llama_cp2_tp2": ("llama", 4, 1, ["--parallelism.cp=2", *TP2]),
 }
