@@ -10,9 +10,14 @@ the plan.
 from __future__ import annotations
 
 import importlib.util
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+import torch
+import transformers
 
 from tests.conftest import REPO, TINY_RUN, read_metrics, run_train
 from tests.distributed.test_parity import RTOL, assert_parity, reference
@@ -54,3 +59,32 @@ def test_hf_layout_matches_single_process(
     run_train(tmp_path, *TINY_RUN, *model, *layout, nproc=nproc)
     got = read_metrics(tmp_path)
     assert_parity(got, reference(tmp_path_factory, dp, 1, *model), rtol=RTOL)
+
+
+def test_export_after_sharded_training_loads_in_transformers(
+    folders: dict[str, Path], tmp_path: Path
+) -> None:
+    """FSDP 2 × TP 2 training, then an HF export gathered from the 2-D sharded parameters:
+    transformers loads it and computes the logits the sharded model computed."""
+    worker = REPO / "tests/distributed/hf_export_worker.py"
+    layout = ["--parallelism.tp=2", "--parallelism.dp_shard=2", "--training.steps=2"]
+    model = ["--model.name=hf", f"--model.hf_path={folders['qwen3']}"]
+    args = [*TINY_RUN, *model, *layout, f"--job.dump_folder={tmp_path / 'run'}"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=4"]
+    result = subprocess.run(
+        [*cmd, str(worker), str(tmp_path), *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    exported = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "export").eval()
+    with torch.no_grad():
+        got = exported(torch.arange(128).reshape(2, 64)).logits
+    # The same weights; only tensor parallel's split matmuls sum in another order.
+    torch.testing.assert_close(got, torch.load(tmp_path / "logits.pt"), rtol=1e-5, atol=1e-5)
+    original = transformers.AutoModelForCausalLM.from_pretrained(folders["qwen3"]).eval()
+    with torch.no_grad():
+        assert (original(torch.arange(128).reshape(2, 64)).logits - got).abs().max() > 1e-3
