@@ -167,3 +167,41 @@ def test_example_configs_load(name: str) -> None:
     config = load_config(["--config", str(REPO / "configs" / f"{name}.toml")])
     assert config.model.name == "hf" and config.model.hf_init == "pretrained"
     assert config.model.hf_path in ("Qwen/Qwen2.5-7B", "meta-llama/Llama-3.2-1B")
+
+
+@pytest.mark.parametrize(
+    ("name", "config", "published"),
+    [
+        (
+            "Qwen2.5-7B",
+            transformers.Qwen2Config(
+                hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+                num_attention_heads=28, num_key_value_heads=4, vocab_size=152064,
+                max_position_embeddings=131072, tie_word_embeddings=False,
+                architectures=["Qwen2ForCausalLM"],
+            ),
+            7.62e9,
+        ),
+        (
+            "Llama-3.2-1B",
+            transformers.LlamaConfig(
+                hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
+                head_dim=64, tie_word_embeddings=True, architectures=["LlamaForCausalLM"],
+            ),
+            1.24e9,
+        ),
+    ],
+    ids=["qwen2.5_7b", "llama3.2_1b"],
+)  # fmt: skip
+def test_published_sizes_from_config_json(name, config, published, tmp_path: Path) -> None:
+    config.save_pretrained(tmp_path)  # config.json only: built on meta, nothing allocated
+    model_config = resolve_hf_config(
+        load_config(["--model.name=hf", f"--model.hf_path={tmp_path}"]), vocab_size=8192
+    )
+    assert model_config.init == "random"
+    with torch.device("meta"):
+        model = build_hf_model(model_config)
+    total = count_params(model_config)["total"]
+    assert total == sum(p.numel() for p in model.parameters())
+    assert total == pytest.approx(published, rel=5e-3), name

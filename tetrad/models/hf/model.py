@@ -29,9 +29,6 @@ from tetrad.models.hf.config import HFModelConfig
 class _HFBase(nn.Module):
     """What both wrappers share: config, tying, initialisation by the HF class's own rules."""
 
-    embed_tokens: nn.Embedding | None
-    lm_head: nn.Linear | None
-
     def __init__(self, config: HFModelConfig, hf_model: nn.Module) -> None:
         super().__init__()
         self.config = config
@@ -86,7 +83,9 @@ class HFCausalLM(_HFBase):
     ``embed_tokens``, ``norm`` and ``lm_head`` to None and delete entries of ``layers``; it then
     takes and/or returns hidden states [B, T, dim]."""
 
+    embed_tokens: nn.Embedding | None
     norm: nn.Module | None
+    lm_head: nn.Linear | None
 
     def __init__(self, config: HFModelConfig, hf_model: nn.Module) -> None:
         super().__init__(config, hf_model)
@@ -128,7 +127,7 @@ class HFGenericCausalLM(_HFBase):
         self._tie()
 
     @property
-    def embed_tokens(self) -> nn.Embedding:  # type: ignore[override]
+    def embed_tokens(self) -> nn.Module:
         return self.model.get_input_embeddings()
 
     @property
