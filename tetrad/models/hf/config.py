@@ -274,6 +274,8 @@ def resolve_hf_config(config: Config, vocab_size: int) -> HFModelConfig:
             "model.safetensors.index.json; use --model.hf_init random to start from scratch"
         )
     init = m.hf_init if m.hf_init != "auto" else "pretrained" if has_weights(folder) else "random"
+    if m.hf_init == "auto" and init == "random":
+        logger.warning("%s holds no safetensors weights: initialising from the seed", folder)
     resolved = HFModelConfig(
         source=m.hf_path,
         folder=folder,
