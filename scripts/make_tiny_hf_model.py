@@ -37,6 +37,7 @@ FAMILIES = {
     "qwen2": "Qwen2Config",
     "qwen3": "Qwen3Config",
     "gemma": "GemmaConfig",
+    "gpt2": "GPT2Config",
 }
 
 
@@ -52,7 +53,9 @@ def make_tiny_hf_model(
     folder.mkdir(parents=True, exist_ok=True)
     vocab_size = tokenizers.Tokenizer.from_file(str(TOKENIZER)).get_vocab_size()
     config_cls = getattr(transformers, FAMILIES[family])
-    extra = {"head_dim": 16} if family in ("qwen3", "gemma") else {}
+    extra: dict[str, Any] = {"head_dim": 16} if family in ("qwen3", "gemma") else {}
+    if family == "gpt2":  # no dropout, so its loss can be compared with transformers' in eval
+        extra |= {"resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}
     config = config_cls(vocab_size=vocab_size, **{**TINY, **extra, **fields})
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config)

@@ -32,7 +32,7 @@ NATIVE = ["llama", "mistral", "qwen2", "qwen3"]
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("hf")
-    return {f: make_tiny.make_tiny_hf_model(root / f, f) for f in [*NATIVE, "gemma"]}
+    return {f: make_tiny.make_tiny_hf_model(root / f, f) for f in [*NATIVE, "gemma", "gpt2"]}
 
 
 def resolve(folder: Path, *args: str):
@@ -53,7 +53,7 @@ def load_pair(folder: Path, *args: str):
     return model, hf.train()
 
 
-@pytest.mark.parametrize("family", [*NATIVE, "gemma"])
+@pytest.mark.parametrize("family", [*NATIVE, "gemma", "gpt2"])
 def test_loss_matches_transformers(family: str, folders: dict[str, Path]) -> None:
     model, hf = load_pair(folders[family])
     torch.manual_seed(0)

@@ -39,7 +39,9 @@ def build_trainer(folder: Path, dump: Path, *args: str) -> Trainer:
     return Trainer(config)
 
 
-@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "qwen3", "llama_tied", "gemma"])
+@pytest.mark.parametrize(
+    "family", ["llama", "mistral", "qwen2", "qwen3", "llama_tied", "gemma", "gpt2"]
+)
 def test_first_step_loss_equals_transformers(family: str, tmp_path: Path) -> None:
     tied = family.endswith("_tied")
     folder = make_tiny.make_tiny_hf_model(

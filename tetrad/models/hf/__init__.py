@@ -32,14 +32,18 @@ class HFStateDictAdapter:
     HF's ``model.`` prefix. A tied lm_head is not stored (HF re-ties it on load)."""
 
     def __init__(self, config: HFModelConfig) -> None:
+        import transformers
+
         self.config = config
+        cls = getattr(transformers, config.architecture)
+        # HF's keys of the parameters that are another's when embeddings are tied.
+        self.tied_keys = set(getattr(cls, "_tied_weights_keys", None) or ())
 
     def hf_key(self, fqn: str) -> str | None:
-        if self.config.tie_embeddings and fqn.startswith("lm_head."):
+        key = f"model.{fqn}" if self.config.native and not fqn.startswith("lm_head.") else fqn
+        if self.config.tie_embeddings and key in self.tied_keys:
             return None
-        if self.config.native and not fqn.startswith("lm_head."):
-            return f"model.{fqn}"
-        return fqn
+        return key
 
     def to_hf(self, fqn: str, tensor: torch.Tensor) -> torch.Tensor:
         return tensor

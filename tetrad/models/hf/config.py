@@ -182,7 +182,7 @@ def _architecture(hf_config: Any, source: str) -> str:
 
     supported = ", ".join(NATIVE_FAMILIES.values())
     for name in hf_config.architectures or []:
-        if name.endswith("ForCausalLM") and hasattr(transformers, name):
+        if name.endswith(("ForCausalLM", "LMHeadModel")) and hasattr(transformers, name):
             return name
     raise ConfigError(
         f"--model.hf_path {source!r}: architectures {hf_config.architectures} has no "
@@ -235,7 +235,7 @@ def _check_checkpoint_keys(resolved: HFModelConfig) -> None:
     expected = {adapter.hf_key(fqn) for fqn in model.state_dict()} - {None}
     stored = set(hf_weight_map(resolved.folder))
     if resolved.tie_embeddings:
-        stored.discard("lm_head.weight")  # some tied checkpoints store the copy too
+        stored -= adapter.tied_keys  # some tied checkpoints store the copy too
     problems = (
         (stored - expected, "checkpoint tensors have no place in the model"),
         (expected - stored, "model tensors are missing from the checkpoint"),

@@ -10,8 +10,9 @@ transformers class named by the config (on meta, under the trainer) and rehouses
   ``scaled_dot_product_attention`` (what context parallel intercepts), and rotary positions
   come from the caller (pipeline stages, context-parallel chunks). FQNs are HF's without the
   ``model.`` prefix of the base model (``layers.0.self_attn.q_proj.weight``).
-- ``HFGenericCausalLM`` (any other ``*ForCausalLM``): the base model and lm_head under their HF
-  names (``model.…``, ``lm_head``), run by transformers' own forward.
+- ``HFGenericCausalLM`` (any other ``*ForCausalLM``/``*LMHeadModel``): the base model and the
+  output head under their HF names (``model``/``transformer``/…, ``lm_head``), run by
+  transformers' own forward.
 
 Both take token ids [B, T] and return logits [B, T, vocab].
 """
@@ -23,6 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from tetrad.config import ConfigError
 from tetrad.models.hf.config import HFModelConfig
 
 
@@ -37,8 +39,11 @@ class _HFBase(nn.Module):
         # attribute: the method's model shares our modules and adds no state.
         self._hf_init_weights = hf_model._init_weights
 
+    def _head(self) -> nn.Module | None:
+        return self.lm_head
+
     def _tie(self) -> None:
-        embed, head = self.embed_tokens, self.lm_head
+        embed, head = self.embed_tokens, self._head()
         if self.config.tie_embeddings and embed is not None and head is not None:
             head.weight = embed.weight  # to_empty unties shared parameters
 
@@ -118,26 +123,52 @@ class HFCausalLM(_HFBase):
 
 
 class HFGenericCausalLM(_HFBase):
-    """Any HF causal LM, run by transformers' own forward (FSDP/DDP, AC, compile only)."""
+    """Any other HF causal LM, run by transformers' own forward (FSDP/HSDP/DDP, activation
+    checkpointing and compile only). Its base model and output head keep their HF names
+    (``model``, ``transformer``, ``gpt_neox``…; ``lm_head``), so FQNs are HF's keys."""
 
-    def __init__(self, config: HFModelConfig, hf_model: nn.Module) -> None:
+    def __init__(self, config: HFModelConfig, hf_model: Any) -> None:
         super().__init__(config, hf_model)
-        self.model = hf_model.model
-        self.lm_head = hf_model.lm_head
+        base, head = hf_model.base_model, hf_model.get_output_embeddings()
+        self._base_name = hf_model.base_model_prefix
+        self._head_name = next(name for name, child in hf_model.named_children() if child is head)
+        self.add_module(self._base_name, base)
+        self.add_module(self._head_name, head)
+        # The decoder layers: the one ModuleList of num_hidden_layers blocks in the base model.
+        self._layers_name = next(
+            (
+                name
+                for name, child in base.named_modules()
+                if isinstance(child, nn.ModuleList) and len(child) == config.n_layers
+            ),
+            None,
+        )
+        if self._layers_name is None:
+            raise ConfigError(
+                f"{config.architecture}: no list of {config.n_layers} decoder layers found; "
+                "tetrad cannot shard it per layer"
+            )
         self._tie()
 
     @property
+    def base(self) -> Any:
+        return self._modules[self._base_name]
+
+    @property
     def embed_tokens(self) -> nn.Module:
-        return self.model.get_input_embeddings()
+        return self.base.get_input_embeddings()
+
+    def _head(self) -> nn.Module:
+        return self._modules[self._head_name]
 
     @property
     def layers(self) -> nn.Module:
         """The decoder layers, for activation checkpointing, compile and FSDP."""
-        return self.model.layers
+        return self.base.get_submodule(self._layers_name)
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
-        out = self.model(input_ids=tokens, position_ids=positions, use_cache=False)
-        return self.lm_head(out.last_hidden_state)
+        out = self.base(input_ids=tokens, position_ids=positions, use_cache=False)
+        return self._head()(out.last_hidden_state)
 
 
 def build_hf_model(config: HFModelConfig) -> nn.Module:
