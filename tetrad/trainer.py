@@ -18,7 +18,8 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.parallel import loss_parallel
 
-from tetrad.components.checkpoint import CheckpointManager, TrainState
+from tetrad.components.checkpoint import CheckpointManager, TrainState, merged_view
+from tetrad.components.hf_checkpoint import load_hf_weights
 from tetrad.components.loss import IGNORE_INDEX, cross_entropy_sum
 from tetrad.components.lr_scheduler import build_lr_scheduler
 from tetrad.components.metrics import MetricsLogger, peak_tflops
@@ -36,7 +37,7 @@ from tetrad.distributed.parallel_dims import ParallelDims
 from tetrad.distributed.pipeline import Pipeline, guard_split_backward, plan_pipeline, split_model
 from tetrad.distributed.utils import clip_grad_norm_, reduce_sum
 from tetrad.models.registry import get_model_spec
-from tetrad.models.spec import StateDictAdapter
+from tetrad.models.spec import ModelSpec, StateDictAdapter
 from tetrad.tools.logging import init_logging
 
 logger = logging.getLogger(__name__)
@@ -56,7 +57,7 @@ class Trainer:
         )
         self.parallel_dims = self.build_parallel_dims()
         self.grad_accum_steps = self.build_grad_accumulation()
-        self.tokenizer = build_tokenizer(config.data.tokenizer)
+        self.tokenizer = build_tokenizer(self._tokenizer_spec())
         self.pipeline: Pipeline | None = None
         self.model_parts = self.build_model()
         self.context_parallel = (
@@ -123,13 +124,18 @@ class Trainer:
         """Build on meta, [split into pipeline stages], parallelize each part, materialise on the
         device, initialise every weight. Returns the model parts this rank holds."""
         spec = get_model_spec(self.config.model.name)
-        self.model_config = spec.config_for(
-            self.config.model.flavor, vocab_size=self.tokenizer.vocab_size
-        )
+        if spec.resolve_config is not None:
+            self.model_config = spec.resolve_config(self.config, self.tokenizer.vocab_size)
+            model_name = getattr(self.model_config, "architecture", spec.name)
+        else:
+            self.model_config = spec.config_for(
+                self.config.model.flavor, vocab_size=self.tokenizer.vocab_size
+            )
+            model_name = self.config.model.flavor
         seq_len, max_seq_len = self.config.training.seq_len, self.model_config.max_seq_len
         if seq_len > max_seq_len:
             raise ConfigError(
-                f"--training.seq_len {seq_len} exceeds {self.config.model.flavor}'s rotary table "
+                f"--training.seq_len {seq_len} exceeds {model_name}'s rotary table "
                 f"of {max_seq_len} positions; use a shorter sequence or a longer-context flavor"
             )
         with torch.device("meta"):
@@ -142,17 +148,21 @@ class Trainer:
             pp_mesh = self.parallel_dims.meshes["pp"]
             plan = plan_pipeline(self.config, list(model.layers), pp_mesh.get_local_rank())
             guard_split_backward(self.config, self.parallel_dims.fsdp_enabled)
-            parts = split_model(model, plan)
+            parts = split_model(model, plan, first=spec.pipeline_first, last=spec.pipeline_last)
         for part in parts:
             if spec.parallelize_fn is not None:
                 spec.parallelize_fn(part, self.parallel_dims, self.config)
-        materialize_and_init(
-            parts,
-            lambda: spec.build_model(self.model_config),
-            device=self.device,
-            seed=self.config.debug.seed,
-            sharded=self.parallel_dims.world_size > 1,
-        )
+        if (weights := self._hf_weights_folder(spec)) is not None:
+            assert spec.state_dict_adapter is not None
+            self._load_hf_weights(parts, weights, spec.state_dict_adapter(self.model_config))
+        else:
+            materialize_and_init(
+                parts,
+                lambda: spec.build_model(self.model_config),
+                device=self.device,
+                seed=self.config.debug.seed,
+                sharded=self.parallel_dims.world_size > 1,
+            )
         for part in parts:
             part.train()
         if plan is not None:
@@ -162,10 +172,47 @@ class Trainer:
         num_params = sum(p.numel() for part in parts for p in part.parameters())
         logger.info(
             "model %s/%s: %.1fM parameters (this rank), %.1f MFLOP/token",
-            self.config.model.name, self.config.model.flavor, num_params / 1e6,
+            self.config.model.name, model_name, num_params / 1e6,
             self.flops_per_token / 1e6,
         )  # fmt: skip
         return parts
+
+    def _tokenizer_spec(self) -> str | None:
+        """--data.tokenizer, else the model family's own (an HF model's folder), else None."""
+        if self.config.data.tokenizer is not None:
+            return self.config.data.tokenizer
+        spec = get_model_spec(self.config.model.name)
+        return spec.default_tokenizer(self.config) if spec.default_tokenizer else None
+
+    def _hf_weights_folder(self, spec: ModelSpec) -> Path | None:
+        """The Hugging Face folder to start from: --checkpoint.initial_load_path with
+        --checkpoint.initial_load_in_hf, else the family's own pretrained weights (an HF model's
+        folder); None = initialise from the seed. A checkpoint in the run's own folder still
+        takes precedence: the checkpoint manager loads it over these weights."""
+        c = self.config.checkpoint
+        if not c.initial_load_in_hf:
+            return spec.weights_folder(self.model_config) if spec.weights_folder else None
+        if spec.state_dict_adapter is None:
+            raise ConfigError(
+                f"{spec.name} has no Hugging Face state-dict adapter: "
+                "--checkpoint.initial_load_in_hf is not available for it"
+            )
+        if not c.initial_load_path:
+            raise ConfigError(
+                "--checkpoint.initial_load_in_hf needs --checkpoint.initial_load_path"
+            )
+        return Path(c.initial_load_path)
+
+    def _load_hf_weights(
+        self, parts: list[nn.Module], folder: Path, adapter: StateDictAdapter
+    ) -> None:
+        """Pretrained weights in place of initialisation: allocate, recompute the buffers that
+        no checkpoint holds (rotary tables), read each rank's shards from the safetensors."""
+        for part in parts:
+            part.to_empty(device=self.device)
+            part.init_buffers(self.device)
+        logger.info("loading Hugging Face weights from %s", folder)
+        load_hf_weights(merged_view(parts), folder, adapter)
 
     def build_dataloader(self):
         d, t = self.config.data, self.config.training

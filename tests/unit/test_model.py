@@ -261,7 +261,9 @@ def test_positions() -> None:
 
 
 def test_unknown_names_suggest_a_match() -> None:
-    with pytest.raises(ValueError, match=r"'lama3'; did you mean 'llama3'\? available: llama3$"):
+    with pytest.raises(
+        ValueError, match=r"'lama3'; did you mean 'llama3'\? available: llama3, hf$"
+    ):
         get_model_spec("lama3")
     spec = get_model_spec("llama3")
     with pytest.raises(ValueError) as err:

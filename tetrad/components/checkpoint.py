@@ -37,7 +37,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.checkpoint.stateful import Stateful
 
-from tetrad.components.hf_checkpoint import load_hf_weights, save_hf_weights
+from tetrad.components.hf_checkpoint import save_hf_weights
 from tetrad.config import ConfigError
 from tetrad.config.job_config import CheckpointConfig
 from tetrad.models.spec import StateDictAdapter
@@ -242,14 +242,10 @@ class CheckpointManager:
     ) -> None:
         self.config = config
         self.hf_adapter = hf_adapter
-        if (config.initial_load_in_hf or config.last_save_in_hf) and hf_adapter is None:
+        if config.last_save_in_hf and hf_adapter is None:
             raise ConfigError(
                 "this model family has no Hugging Face state-dict adapter: "
-                "--checkpoint.initial_load_in_hf / last_save_in_hf are not available for it"
-            )
-        if config.initial_load_in_hf and not config.initial_load_path:
-            raise ConfigError(
-                "--checkpoint.initial_load_in_hf needs --checkpoint.initial_load_path"
+                "--checkpoint.last_save_in_hf is not available for it"
             )
         self.folder = folder
         self.total_steps = total_steps
@@ -307,10 +303,8 @@ class CheckpointManager:
             return path
         if c.enable and (steps := self.complete_steps(report=True)):
             return self.folder / f"step-{steps[-1]}"
-        if c.initial_load_path:
+        if c.initial_load_path and not c.initial_load_in_hf:  # HF weights: the trainer's
             path = Path(c.initial_load_path)
-            if c.initial_load_in_hf:
-                return path
             if problem := checkpoint_problem(path, need_marker=False):
                 raise ConfigError(f"--checkpoint.initial_load_path {path}: {problem}")
             return path
@@ -326,11 +320,6 @@ class CheckpointManager:
         path = self._source()
         if path is None:
             self._check_overwrite(0)
-            return None
-        if self.config.initial_load_in_hf and path == Path(self.config.initial_load_path or ""):
-            assert self.hf_adapter is not None
-            self._check_overwrite(0)
-            load_hf_weights(self.model, path, self.hf_adapter)
             return None
         metadata = read_metadata(path)
         held = {key.split(".", 1)[0] for key in metadata.state_dict_metadata}

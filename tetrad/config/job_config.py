@@ -25,10 +25,23 @@ class JobConfig:
 @dataclass(kw_only=True)
 class ModelConfig:
     name: str = "llama3"
-    """Model family from the registry (e.g. llama3)."""
+    """Model family from the registry: llama3, or hf (a Hugging Face model, see hf_path)."""
 
     flavor: str = "debug"
-    """Preset of the family (llama3: tiny, tiny_pp, debug, 1B, 3B, 8B, 70B, 405B)."""
+    """Preset of the family (llama3: tiny, tiny_pp, debug, 1B, 3B, 8B, 70B, 405B; unused by hf,
+    whose config.json defines the model)."""
+
+    hf_path: str | None = None
+    """With --model.name hf: a local folder holding an HF config.json (and usually safetensors
+    and tokenizer.json), or a hub id such as Qwen/Qwen2.5-7B (downloaded on first use)."""
+
+    hf_overrides: str = ""
+    """With --model.name hf: comma-separated key=value changes to config.json (JSON values), e.g.
+    num_hidden_layers=2,hidden_size=64 for a debug-size variant; each one is logged."""
+
+    hf_init: Literal["auto", "pretrained", "random"] = "auto"
+    """With --model.name hf: pretrained loads the folder's safetensors; random initialises from
+    --debug.seed; auto = pretrained when the folder holds weights, else random."""
 
 
 @dataclass(kw_only=True)

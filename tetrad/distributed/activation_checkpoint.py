@@ -30,10 +30,9 @@ def _op_selective_context():
     return create_selective_checkpoint_contexts(_save_matmul_policy)
 
 
-def apply_activation_checkpointing(
-    blocks: nn.ModuleDict, config: ActivationCheckpointConfig
-) -> None:
-    """Wrap the blocks of ``blocks`` in place (their keys, and so checkpoint FQNs, are kept)."""
+def apply_activation_checkpointing(blocks: nn.Module, config: ActivationCheckpointConfig) -> None:
+    """Wrap the blocks of ``blocks`` (a ModuleDict or ModuleList) in place; their keys, and so
+    checkpoint FQNs, are kept."""
     if config.mode == "none":
         return
     for index, (name, block) in enumerate(list(blocks.named_children())):

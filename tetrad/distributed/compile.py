@@ -11,9 +11,10 @@ from tetrad.config.job_config import CompileConfig
 
 
 def apply_compile(
-    model: nn.Module, blocks: nn.ModuleDict, config: CompileConfig, *, whole_model: bool
+    model: nn.Module, blocks: nn.Module, config: CompileConfig, *, whole_model: bool
 ) -> None:
-    """Compile in place (FQNs unchanged). ``whole_model`` is for tensor parallel, whose DTensor
+    """Compile in place (FQNs unchanged); ``blocks`` is a ModuleDict or ModuleList of blocks.
+    ``whole_model`` is for tensor parallel, whose DTensor
     backward breaks across per-block graph boundaries in torch 2.13."""
     if not config.enable:
         return
@@ -22,5 +23,5 @@ def apply_compile(
     if whole_model:
         model.compile()
         return
-    for block in blocks.values():
+    for block in blocks.children():
         block.compile()

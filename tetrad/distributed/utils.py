@@ -43,11 +43,15 @@ def clip_grad_norm_(
     groups = group_by_tensor_kind(p for p in parameters if p.grad is not None)
     squares = []
     for group in groups:
-        norm = torch.nn.utils.get_total_norm([p.grad for p in group], norm_type=2.0, foreach=True)
+        # Sum in float64: a float32 norm over a sparse gradient (an embedding's, most rows
+        # zero) is off by up to ~1e-4 on CPU, and differently for each sharding.
+        norms = [torch.linalg.vector_norm(p.grad, 2, dtype=torch.float64) for p in group]
+        norm = torch.linalg.vector_norm(torch.stack(norms), 2)
         squares.append((norm.full_tensor() if isinstance(norm, DTensor) else norm) ** 2)
     total_norm = torch.stack(squares).sum().sqrt()
     if pp_mesh is not None and pp_mesh.size() > 1:
         total_norm = reduce_sum(total_norm**2, pp_mesh).sqrt()
+    total_norm = total_norm.float()
     for group in groups:
         torch.nn.utils.clip_grads_with_norm_(group, max_norm, total_norm, foreach=True)
     return total_norm

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from tetrad.config import ConfigError
+from tetrad.models.hf import hf_spec
 from tetrad.models.llama3 import llama3_spec
 from tetrad.models.spec import ModelSpec, did_you_mean
 
-_SPECS: dict[str, ModelSpec] = {spec.name: spec for spec in (llama3_spec,)}
+_SPECS: dict[str, ModelSpec] = {spec.name: spec for spec in (llama3_spec, hf_spec)}
 
 
 def get_model_spec(name: str) -> ModelSpec:

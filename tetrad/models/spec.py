@@ -6,6 +6,7 @@ import dataclasses
 import difflib
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol
 
 import torch
@@ -62,6 +63,24 @@ class ModelSpec:
 
     state_dict_adapter: Callable[[Any], StateDictAdapter] | None = None
     """config → adapter for Hugging Face import/export; None = no HF format for this family."""
+
+    resolve_config: Callable[[Any, int], Any] | None = None
+    """(job Config, tokenizer vocab size) → model config, for families defined by files rather
+    than presets (the HF backend: config.json + overrides); None = ``config_for`` a preset."""
+
+    default_tokenizer: Callable[[Any], str | None] | None = None
+    """job Config → the tokenizer to use when --data.tokenizer is unset (e.g. the model's own
+    folder); None = the embedded default."""
+
+    weights_folder: Callable[[Any], Path | None] | None = None
+    """model config → a folder of HF safetensors to load (through ``state_dict_adapter``) in
+    place of initialisation; None (or returning None) = initialise from the seed."""
+
+    pipeline_first: tuple[str, ...] = ("tok_embeddings",)
+    """Top-level modules only the first pipeline stage keeps (the token embedding)."""
+
+    pipeline_last: tuple[str, ...] = ("norm", "output")
+    """Top-level modules only the last pipeline stage keeps (final norm, output projection)."""
 
     def config_for(self, flavor: str, *, vocab_size: int) -> Any:
         """A copy of the preset, its vocab_size taken from the tokenizer where the preset has 0."""

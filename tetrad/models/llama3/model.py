@@ -258,14 +258,20 @@ class Transformer(nn.Module):
         return _INIT_STD / math.sqrt(2 * (layer_id + 1)) if self.config.depth_init else _INIT_STD
 
     @torch.no_grad()
-    def init_weights(self, buffer_device: torch.device | None = None) -> None:
-        """Initialise every parameter and buffer from the global RNG, in a fixed order, so a
-        meta build materialised with ``to_empty`` matches a direct build under the same seed."""
+    def init_buffers(self, buffer_device: torch.device | None = None) -> None:
+        """Recompute the rotary tables (garbage after ``to_empty``, in no checkpoint) and re-tie
+        the embeddings; parameters are left as they are, e.g. loaded weights."""
         device = buffer_device or self.rope_cos.device
         self.rope_cos, self.rope_sin = rope_tables(self.config, device)
         tied = self.config.tie_embeddings
         if tied and self.tok_embeddings is not None and self.output is not None:
             self.output.weight = self.tok_embeddings.weight  # to_empty unties shared parameters
+
+    @torch.no_grad()
+    def init_weights(self, buffer_device: torch.device | None = None) -> None:
+        """Initialise every parameter and buffer from the global RNG, in a fixed order, so a
+        meta build materialised with ``to_empty`` matches a direct build under the same seed."""
+        self.init_buffers(buffer_device)
         if self.tok_embeddings is not None:
             _trunc_normal_(self.tok_embeddings.weight, _INIT_STD)
         for key, layer in self.layers.items():

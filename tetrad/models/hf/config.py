@@ -1,0 +1,301 @@
+"""The Hugging Face config as the truth: read it, apply explicit overrides (logged), and derive
+the few fields tetrad needs (dims, layers, heads, vocab, positions) from it.
+
+Nothing here builds a model: ``resolve_hf_config`` turns ``--model.hf_path`` (a local folder or a
+hub id) plus ``--model.hf_overrides`` into an ``HFModelConfig`` that the builder, the
+parallelize function, the FLOP counter and the state-dict adapter all read.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from tetrad.config import Config, ConfigError
+
+logger = logging.getLogger(__name__)
+
+# model_type → architecture families whose decoder layers tetrad drives itself (so rotary
+# positions reach every pipeline stage and context-parallel rank), with a tensor-parallel plan.
+NATIVE_FAMILIES = {
+    "llama": "LlamaForCausalLM",
+    "mistral": "MistralForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+}
+_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
+
+
+@dataclass(kw_only=True)
+class HFModelConfig:
+    """A resolved Hugging Face model: its source, its (overridden) config and how to start."""
+
+    source: str
+    """--model.hf_path as given: a folder or a hub id."""
+
+    folder: Path
+    """Local folder holding config.json (for a hub id: the downloaded snapshot)."""
+
+    hf_config: Any
+    """The ``transformers.PretrainedConfig``, overrides applied, sdpa attention, no KV cache."""
+
+    init: Literal["pretrained", "random"]
+    """Load the folder's safetensors, or initialise from the seed."""
+
+    overrides: dict[str, Any]
+    """The --model.hf_overrides that were applied, by key."""
+
+    chat_template: str | None = None
+    """The tokenizer's chat template, when the folder has one (kept for SFT)."""
+
+    @property
+    def architecture(self) -> str:
+        return self.hf_config.architectures[0]
+
+    @property
+    def native(self) -> bool:
+        """Whether tetrad runs the decoder loop itself (TP plan, pipeline, context parallel)."""
+        return NATIVE_FAMILIES.get(self.hf_config.model_type) == self.architecture
+
+    @property
+    def dim(self) -> int:
+        return self.hf_config.hidden_size
+
+    @property
+    def n_layers(self) -> int:
+        return self.hf_config.num_hidden_layers
+
+    @property
+    def n_heads(self) -> int:
+        return self.hf_config.num_attention_heads
+
+    @property
+    def kv_heads(self) -> int:
+        return getattr(self.hf_config, "num_key_value_heads", None) or self.n_heads
+
+    @property
+    def head_dim(self) -> int:
+        return getattr(self.hf_config, "head_dim", None) or self.dim // self.n_heads
+
+    @property
+    def hidden_dim(self) -> int:
+        """The gated MLP's width (intermediate_size)."""
+        return self.hf_config.intermediate_size
+
+    @property
+    def vocab_size(self) -> int:
+        return self.hf_config.vocab_size
+
+    @property
+    def max_seq_len(self) -> int:
+        return self.hf_config.max_position_embeddings
+
+    @property
+    def tie_embeddings(self) -> bool:
+        return bool(getattr(self.hf_config, "tie_word_embeddings", False))
+
+    def hf_dict(self) -> dict[str, Any]:
+        """config.json contents for an export: the overridden config, cache use restored."""
+        data = self.hf_config.to_dict()
+        data["use_cache"] = True
+        data.pop("_attn_implementation_autoset", None)
+        return data
+
+
+def parse_overrides(text: str) -> dict[str, str]:
+    """``"a=1,b=x"`` → {"a": "1", "b": "x"}; a one-line ConfigError on a malformed item."""
+    items: dict[str, str] = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        key, eq, value = item.partition("=")
+        if not eq or not key.strip():
+            raise ConfigError(f"--model.hf_overrides: {item!r} is not key=value")
+        items[key.strip()] = value.strip()
+    return items
+
+
+def _parse_value(raw: str) -> Any:
+    try:
+        return json.loads(raw)
+    except json.JSONDecodeError:
+        return raw  # a bare string, e.g. hidden_act=gelu
+
+
+def apply_overrides(hf_config: Any, overrides: dict[str, str]) -> dict[str, Any]:
+    """Set each key on the config (only keys it already has), logging old → new."""
+    applied: dict[str, Any] = {}
+    known = hf_config.to_dict()
+    for key, raw in overrides.items():
+        if key not in known:
+            match = difflib.get_close_matches(key, known, n=1)
+            hint = f"; did you mean {match[0]}?" if match else ""
+            raise ConfigError(
+                f"--model.hf_overrides: {hf_config.model_type} config has no field {key!r}{hint}"
+            )
+        value = _parse_value(raw)
+        logger.info("hf config override: %s = %r (config.json: %r)", key, value, known[key])
+        setattr(hf_config, key, value)
+        applied[key] = value
+    return applied
+
+
+def _local_folder(source: str) -> Path:
+    """The folder itself, or a hub id's snapshot (config, tokenizer, safetensors only)."""
+    path = Path(source).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists() or source.startswith((".", "/", "~")):
+        raise ConfigError(f"--model.hf_path {source!r}: not a folder")
+    try:
+        from huggingface_hub import snapshot_download
+
+        patterns = ["*.json", "*.safetensors", "*.jinja", "tokenizer.model"]
+        return Path(snapshot_download(source, allow_patterns=patterns))
+    except Exception as err:  # the hub client raises many types; all mean "cannot fetch it"
+        reason = f"{type(err).__name__}: {' '.join(str(err).split())[:200]}"
+        raise ConfigError(
+            f"--model.hf_path {source!r}: not a local folder, and not downloadable from the "
+            f"Hugging Face hub ({reason})"
+        ) from err
+
+
+def has_weights(folder: Path) -> bool:
+    return any((folder / name).is_file() for name in _WEIGHT_FILES)
+
+
+def _chat_template(folder: Path) -> str | None:
+    jinja = folder / "chat_template.jinja"
+    if jinja.is_file():
+        return jinja.read_text()
+    tokenizer_config = folder / "tokenizer_config.json"
+    if tokenizer_config.is_file():
+        template = json.loads(tokenizer_config.read_text()).get("chat_template")
+        return template if isinstance(template, str) else None
+    return None
+
+
+def _architecture(hf_config: Any, source: str) -> str:
+    import transformers
+
+    supported = ", ".join(NATIVE_FAMILIES.values())
+    for name in hf_config.architectures or []:
+        if name.endswith(("ForCausalLM", "LMHeadModel")) and hasattr(transformers, name):
+            return name
+    raise ConfigError(
+        f"--model.hf_path {source!r}: architectures {hf_config.architectures} has no "
+        f"*ForCausalLM class that transformers {transformers.__version__} knows; "
+        f"tetrad trains causal language models (fully supported: {supported})"
+    )
+
+
+def _check_parallelism(config: Config, resolved: HFModelConfig) -> None:
+    p = config.parallelism
+    if resolved.native:
+        return
+    supported = ", ".join(NATIVE_FAMILIES.values())
+    for name in ("tp", "pp", "cp"):
+        if getattr(p, name) > 1:
+            raise ConfigError(
+                f"{resolved.architecture} is not yet supported for --parallelism.{name} > 1 "
+                f"(supported: {supported}); FSDP/HSDP/DDP, activation checkpointing and compile "
+                "work for every architecture"
+            )
+
+
+def _check_sliding_window(config: Config, hf_config: Any) -> None:
+    """tetrad attends causally over the whole sequence; that equals sliding-window attention
+    only while the sequence fits in the window."""
+    window = getattr(hf_config, "sliding_window", None)
+    layer_types = getattr(hf_config, "layer_types", None)
+    if layer_types is not None and "sliding_attention" not in layer_types:
+        return
+    if getattr(hf_config, "use_sliding_window", True) and window:
+        seq_len = config.training.seq_len
+        if seq_len > window:
+            raise ConfigError(
+                f"--training.seq_len {seq_len} exceeds the model's sliding_window {window}, "
+                "which tetrad does not implement; train with sequences of at most the window"
+            )
+
+
+def _check_checkpoint_keys(resolved: HFModelConfig) -> None:
+    """Every tensor of the checkpoint must have a place in the model and vice versa: a model
+    smaller than its weights (a changed layer count) must not silently drop some."""
+    import torch
+
+    from tetrad.components.hf_checkpoint import hf_weight_map
+    from tetrad.models.hf import HFStateDictAdapter, build_hf_model
+
+    with torch.device("meta"):
+        model = build_hf_model(resolved)
+    adapter = HFStateDictAdapter(resolved)
+    expected = {adapter.hf_key(fqn) for fqn in model.state_dict()} - {None}
+    stored = set(hf_weight_map(resolved.folder))
+    if resolved.tie_embeddings:
+        stored -= adapter.tied_keys  # some tied checkpoints store the copy too
+    problems = (
+        (stored - expected, "checkpoint tensors have no place in the model"),
+        (expected - stored, "model tensors are missing from the checkpoint"),
+    )
+    for keys, problem in problems:
+        if keys:
+            raise ConfigError(
+                f"{resolved.folder}: {len(keys)} {problem} "
+                f"(e.g. {sorted(keys)[0]}); config.json and the weights disagree, or "
+                f"--model.hf_overrides {resolved.overrides} changed the model's shape: use "
+                "--model.hf_init random for a resized variant"
+            )
+
+
+def resolve_hf_config(config: Config, vocab_size: int) -> HFModelConfig:
+    """--model.hf_path/hf_overrides/hf_init → HFModelConfig; one-line ConfigErrors."""
+    from transformers import AutoConfig
+
+    m = config.model
+    if not m.hf_path:
+        raise ConfigError("--model.name hf needs --model.hf_path (a folder or a hub id)")
+    folder = _local_folder(m.hf_path)
+    try:
+        hf_config = AutoConfig.from_pretrained(folder)
+    except (OSError, ValueError, KeyError) as err:
+        raise ConfigError(
+            f"--model.hf_path {m.hf_path!r}: cannot read config.json ({err})".splitlines()[0]
+        ) from err
+    overrides = apply_overrides(hf_config, parse_overrides(m.hf_overrides))
+    hf_config.architectures = [_architecture(hf_config, m.hf_path)]
+    hf_config.use_cache = False
+    hf_config._attn_implementation = "sdpa"  # causal SDPA: what context parallel intercepts
+    if m.hf_init == "pretrained" and not has_weights(folder):
+        raise ConfigError(
+            f"--model.hf_init pretrained: {folder} holds no model.safetensors or "
+            "model.safetensors.index.json; use --model.hf_init random to start from scratch"
+        )
+    init = m.hf_init if m.hf_init != "auto" else "pretrained" if has_weights(folder) else "random"
+    if m.hf_init == "auto" and init == "random":
+        logger.warning("%s holds no safetensors weights: initialising from the seed", folder)
+    resolved = HFModelConfig(
+        source=m.hf_path,
+        folder=folder,
+        hf_config=hf_config,
+        init=init,
+        overrides=overrides,
+        chat_template=_chat_template(folder),
+    )
+    if vocab_size > resolved.vocab_size:
+        raise ConfigError(
+            f"the tokenizer has {vocab_size} tokens but {resolved.architecture} only "
+            f"{resolved.vocab_size} embedding rows; use the model's own tokenizer"
+        )
+    _check_parallelism(config, resolved)
+    _check_sliding_window(config, hf_config)
+    if init == "pretrained":
+        _check_checkpoint_keys(resolved)
+    logger.info(
+        "hf model %s (%s): %d layers, dim %d, %d heads (%d kv), vocab %d, %s weights",
+        m.hf_path, resolved.architecture, resolved.n_layers, resolved.dim, resolved.n_heads,
+        resolved.kv_heads, resolved.vocab_size, init,
+    )  # fmt: skip
+    return resolved

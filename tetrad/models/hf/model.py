@@ -1,0 +1,223 @@
+"""Hugging Face ``*ForCausalLM`` models, unchanged, behind tetrad's model interface.
+
+Single-device PyTorch like every tetrad model. ``build_hf_model`` instantiates the
+transformers class named by the config (on meta, under the trainer) and rehouses its modules:
+
+- ``HFCausalLM`` (Llama, Mistral, Qwen2, Qwen3): the base model's own ``embed_tokens``,
+  ``layers`` (as a ModuleDict "0".."n-1", so a pipeline stage can drop blocks and keep FQNs),
+  ``norm``, ``rotary_emb`` and the ``lm_head``, with tetrad's loop over the HF decoder layers.
+  The loop passes no attention mask, so HF's SDPA path calls causal
+  ``scaled_dot_product_attention`` (what context parallel intercepts), and rotary positions
+  come from the caller (pipeline stages, context-parallel chunks). FQNs are HF's without the
+  ``model.`` prefix of the base model (``layers.0.self_attn.q_proj.weight``).
+- ``HFGenericCausalLM`` (any other ``*ForCausalLM``/``*LMHeadModel``): the base model and the
+  output head under their HF names (``model``/``transformer``/…, ``lm_head``), run by
+  transformers' own forward.
+
+Both take token ids [B, T] and return logits [B, T, vocab].
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from tetrad.config import ConfigError
+from tetrad.models.hf.config import HFModelConfig
+
+
+class _HFBase(nn.Module):
+    """What both wrappers share: config, tying, initialisation by the HF class's own rules."""
+
+    def __init__(self, config: HFModelConfig, hf_model: nn.Module) -> None:
+        super().__init__()
+        self.config = config
+        # The family's ``PreTrainedModel._init_weights(module)``: its init scheme (e.g. Gemma's
+        # zero-centred norms) and its buffers (rotary tables, embedding scales). A plain
+        # attribute: the method's model shares our modules and adds no state.
+        self._hf_init_weights = hf_model._init_weights
+
+    def _head(self) -> nn.Module | None:
+        return self.lm_head
+
+    def _tie(self) -> None:
+        embed, head = self.embed_tokens, self._head()
+        if self.config.tie_embeddings and embed is not None and head is not None:
+            head.weight = embed.weight  # to_empty unties shared parameters
+
+    @torch.no_grad()
+    def init_buffers(self, buffer_device: torch.device | None = None) -> None:
+        """Recompute the non-persistent buffers (garbage after ``to_empty``, in no checkpoint)
+        and re-tie the embeddings; parameters are left as they are (loaded weights). Buffers
+        stay on their device."""
+        self._tie()
+        for module in self.modules():
+            if not module._non_persistent_buffers_set:
+                continue
+            # The HF init also draws the module's own weights: let it draw meta stand-ins
+            # (no values, no RNG use, no collectives on sharded ones) and keep the real ones.
+            params = dict(module._parameters)
+            try:
+                for name, param in params.items():
+                    if param is not None:
+                        stand_in = torch.empty(param.shape, dtype=param.dtype, device="meta")
+                        module._parameters[name] = nn.Parameter(stand_in, requires_grad=False)
+                self._hf_init_weights(module)
+            finally:
+                module._parameters.update(params)
+
+    @torch.no_grad()
+    def init_weights(self, buffer_device: torch.device | None = None) -> None:
+        """Every parameter from the global RNG in module order, as the HF class initialises
+        them, so a meta build materialised with ``to_empty`` matches a direct one under one
+        seed."""
+        self._tie()
+        seen: set[int] = set()
+        for module in self.modules():
+            params = [id(p) for p in module.parameters(recurse=False)]
+            if params and all(p in seen for p in params):
+                continue  # a tied lm_head: its matrix is the embedding's, initialised once
+            seen.update(params)
+            self._hf_init_weights(module)
+
+
+class HFCausalLM(_HFBase):
+    """A Llama-like HF decoder driven by tetrad's loop. A pipeline stage may set
+    ``embed_tokens``, ``norm`` and ``lm_head`` to None and delete entries of ``layers``; it then
+    takes and/or returns hidden states [B, T, dim]."""
+
+    embed_tokens: nn.Embedding | None
+    norm: nn.Module | None
+    lm_head: nn.Linear | None
+
+    def __init__(self, config: HFModelConfig, hf_model: nn.Module) -> None:
+        super().__init__(config, hf_model)
+        base = hf_model.model
+        self.embed_tokens = base.embed_tokens
+        self.layers = nn.ModuleDict({str(i): layer for i, layer in enumerate(base.layers)})
+        self.norm = base.norm
+        self.rotary_emb = base.rotary_emb
+        self.lm_head = hf_model.lm_head
+        self._tie()
+
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """tokens: [B, T] ids (or [B, T, dim] hidden states without embed_tokens).
+        positions: [B, T] (or [T]) rotary positions; default 0..T-1. Returns logits
+        [B, T, vocab] (or hidden states [B, T, dim] without lm_head)."""
+        # Read T before embedding: under sequence parallel the embedding's output holds only
+        # this rank's slice of the sequence, while attention sees all of it.
+        if positions is None:
+            positions = torch.arange(tokens.shape[1], device=tokens.device).unsqueeze(0)
+        elif positions.dim() == 1:
+            positions = positions.unsqueeze(0)
+        h = self.embed_tokens(tokens) if self.embed_tokens is not None else tokens
+        position_embeddings = self.rotary_emb(h, position_ids=positions)  # cos, sin [B, T, hd]
+        for layer in self.layers.values():
+            # No mask: HF's SDPA attention then runs causal scaled_dot_product_attention.
+            h = layer(h, attention_mask=None, position_embeddings=position_embeddings)
+        if self.norm is not None:
+            h = self.norm(h)
+        return self.lm_head(h) if self.lm_head is not None else h
+
+
+class HFGenericCausalLM(_HFBase):
+    """Any other HF causal LM, run by transformers' own forward (FSDP/HSDP/DDP, activation
+    checkpointing and compile only). Its base model and output head keep their HF names
+    (``model``, ``transformer``, ``gpt_neox``…; ``lm_head``), so FQNs are HF's keys."""
+
+    def __init__(self, config: HFModelConfig, hf_model: Any) -> None:
+        super().__init__(config, hf_model)
+        base, head = hf_model.base_model, hf_model.get_output_embeddings()
+        self._base_name = hf_model.base_model_prefix
+        self._head_name = next(name for name, child in hf_model.named_children() if child is head)
+        self.add_module(self._base_name, base)
+        self.add_module(self._head_name, head)
+        # The decoder layers: the one ModuleList of num_hidden_layers blocks in the base model.
+        self._layers_name = next(
+            (
+                name
+                for name, child in base.named_modules()
+                if isinstance(child, nn.ModuleList) and len(child) == config.n_layers
+            ),
+            None,
+        )
+        if self._layers_name is None:
+            raise ConfigError(
+                f"{config.architecture}: no list of {config.n_layers} decoder layers found; "
+                "tetrad cannot shard it per layer"
+            )
+        self._tie()
+
+    @property
+    def base(self) -> Any:
+        return self._modules[self._base_name]
+
+    @property
+    def embed_tokens(self) -> nn.Module:
+        return self.base.get_input_embeddings()
+
+    def _head(self) -> nn.Module:
+        return self._modules[self._head_name]
+
+    @property
+    def layers(self) -> nn.Module:
+        """The decoder layers, for activation checkpointing, compile and FSDP."""
+        return self.base.get_submodule(self._layers_name)
+
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+        out = self.base(input_ids=tokens, position_ids=positions, use_cache=False)
+        return self._head()(out.last_hidden_state)
+
+
+def build_hf_model(config: HFModelConfig) -> nn.Module:
+    """Instantiate the config's ``*ForCausalLM`` (under the caller's device context, meta in
+    the trainer) and wrap it."""
+    import transformers
+
+    cls: Any = getattr(transformers, config.architecture)
+    hf_model = cls(config.hf_config)
+    wrapper = HFCausalLM if config.native else HFGenericCausalLM
+    return wrapper(config, hf_model)
+
+
+def count_params(config: HFModelConfig) -> dict[str, int]:
+    """Parameter counts of a Llama-like decoder (gated MLP, RMSNorm, optional q/k/v biases as in
+    Qwen2, per-head q/k norms as in Qwen3), from the config alone. A tied lm_head counts 0."""
+    c, dim, hd = config.hf_config, config.dim, config.head_dim
+    q_dim, kv_dim = config.n_heads * hd, config.kv_heads * hd
+    attention = dim * q_dim + 2 * dim * kv_dim + q_dim * dim
+    if c.model_type == "qwen2":
+        attention += q_dim + 2 * kv_dim  # q/k/v biases; o_proj has none
+    elif getattr(c, "attention_bias", False):
+        attention += q_dim + 2 * kv_dim + dim
+    if c.model_type == "qwen3":
+        attention += 2 * hd  # q_norm, k_norm
+    mlp = 3 * dim * config.hidden_dim + (
+        2 * config.hidden_dim + dim if getattr(c, "mlp_bias", False) else 0
+    )
+    block = attention + mlp + 2 * dim
+    counts = {
+        "embed_tokens": config.vocab_size * dim,
+        "layers": config.n_layers * block,
+        "norm": dim,
+        "lm_head": 0 if config.tie_embeddings else config.vocab_size * dim,
+    }
+    counts["total"] = sum(counts.values())
+    return counts
+
+
+def num_flops_per_token(config: HFModelConfig, seq_len: int) -> int:
+    """Training FLOPs per token, as for llama3: 6·N over the non-embedding parameters (the
+    output projection counts, tied or not) plus 6·2·n_layers·(heads·head_dim)·seq_len for QKᵀ
+    and attention·V (Kaplan et al. 2020)."""
+    if config.native:
+        counts = count_params(config)
+        n = counts["layers"] + counts["norm"] + config.vocab_size * config.dim
+    else:  # no formula for every architecture: count a meta build's parameters instead
+        with torch.device("meta"):
+            model = build_hf_model(config)
+        n = sum(p.numel() for p in model.parameters()) - config.vocab_size * config.dim
+        n += config.vocab_size * config.dim if config.tie_embeddings else 0
+    return 6 * n + 12 * config.n_layers * config.n_heads * config.head_dim * seq_len
