@@ -17,6 +17,22 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+import torch
+import torch.distributed.checkpoint as dcp
+
+from tetrad.components.checkpoint import (
+    ModelState,
+    check_model_matches,
+    checkpoint_problem,
+    read_metadata,
+    write_complete,
+)
+from tetrad.components.hf_checkpoint import load_hf_weights, save_hf_weights
+from tetrad.config import ConfigError, load_config
+from tetrad.data import build_tokenizer
+from tetrad.distributed.init import materialize_for_loading
+from tetrad.models.registry import get_model_spec
+
 USAGE = """usage: tetrad convert SRC DST [--dtype float32|bfloat16] [--config FILE] [--model.* ...]
 
 SRC a DCP checkpoint folder (step-N)  → DST a Hugging Face folder (safetensors + config.json)
@@ -27,8 +43,6 @@ run that holds a DCP source; give it explicitly for a Hugging Face source."""
 
 
 def _parse(argv: Sequence[str]) -> tuple[Path, Path, str, list[str]]:
-    from tetrad.config import ConfigError
-
     positional, options, dtype = [], [], "float32"
     args = list(argv)
     while args:
@@ -51,21 +65,6 @@ def _parse(argv: Sequence[str]) -> tuple[Path, Path, str, list[str]]:
 
 
 def convert(argv: Sequence[str]) -> None:
-    import torch
-    import torch.distributed.checkpoint as dcp
-
-    from tetrad.components.checkpoint import (
-        ModelState,
-        check_model_matches,
-        checkpoint_problem,
-        read_metadata,
-        write_complete,
-    )
-    from tetrad.components.hf_checkpoint import load_hf_weights, save_hf_weights
-    from tetrad.config import ConfigError, load_config
-    from tetrad.data import build_tokenizer
-    from tetrad.models.registry import get_model_spec
-
     src, dst, dtype, options = _parse(argv)
     if not src.exists():
         raise ConfigError(f"{src} does not exist")
@@ -83,12 +82,12 @@ def convert(argv: Sequence[str]) -> None:
     spec = get_model_spec(config.model.name)
     if spec.state_dict_adapter is None:
         raise ConfigError(f"model family {spec.name} has no Hugging Face state-dict adapter")
-    vocab_size = build_tokenizer(config.data.tokenizer).vocab_size
-    model_config = spec.config_for(config.model.flavor, vocab_size=vocab_size)
+    vocab_size = build_tokenizer(spec.tokenizer_for(config)).vocab_size
+    model_config = spec.model_config(config, vocab_size=vocab_size)
     adapter = spec.state_dict_adapter(model_config)
     with torch.device("meta"):
         model = spec.build_model(model_config)
-    model.to_empty(device="cpu")  # every persistent tensor is overwritten by the load
+    materialize_for_loading([model], torch.device("cpu"))  # the load fills every weight
     begin = time.perf_counter()
     if to_hf:
         if problem := checkpoint_problem(src, need_marker=False):
@@ -112,8 +111,6 @@ def main(argv: Sequence[str]) -> None:
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE)
         raise SystemExit(0 if argv else 2)
-    from tetrad.config import ConfigError
-
     try:
         convert(argv)
     except ConfigError as e:

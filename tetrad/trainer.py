@@ -30,6 +30,7 @@ from tetrad.distributed.context_parallel import ContextParallel
 from tetrad.distributed.init import (
     init_distributed,
     materialize_and_init,
+    materialize_for_loading,
     set_collective_timeout,
     set_determinism,
 )
@@ -57,7 +58,7 @@ class Trainer:
         )
         self.parallel_dims = self.build_parallel_dims()
         self.grad_accum_steps = self.build_grad_accumulation()
-        self.tokenizer = build_tokenizer(self._tokenizer_spec())
+        self.tokenizer = build_tokenizer(get_model_spec(config.model.name).tokenizer_for(config))
         self.pipeline: Pipeline | None = None
         self.model_parts = self.build_model()
         self.context_parallel = (
@@ -124,14 +125,8 @@ class Trainer:
         """Build on meta, [split into pipeline stages], parallelize each part, materialise on the
         device, initialise every weight. Returns the model parts this rank holds."""
         spec = get_model_spec(self.config.model.name)
-        if spec.resolve_config is not None:
-            self.model_config = spec.resolve_config(self.config, self.tokenizer.vocab_size)
-            model_name = getattr(self.model_config, "architecture", spec.name)
-        else:
-            self.model_config = spec.config_for(
-                self.config.model.flavor, vocab_size=self.tokenizer.vocab_size
-            )
-            model_name = self.config.model.flavor
+        self.model_config = spec.model_config(self.config, vocab_size=self.tokenizer.vocab_size)
+        model_name = getattr(self.model_config, "architecture", self.config.model.flavor)
         seq_len, max_seq_len = self.config.training.seq_len, self.model_config.max_seq_len
         if seq_len > max_seq_len:
             raise ConfigError(
@@ -177,13 +172,6 @@ class Trainer:
         )  # fmt: skip
         return parts
 
-    def _tokenizer_spec(self) -> str | None:
-        """--data.tokenizer, else the model family's own (an HF model's folder), else None."""
-        if self.config.data.tokenizer is not None:
-            return self.config.data.tokenizer
-        spec = get_model_spec(self.config.model.name)
-        return spec.default_tokenizer(self.config) if spec.default_tokenizer else None
-
     def _hf_weights_folder(self, spec: ModelSpec) -> Path | None:
         """The Hugging Face folder to start from: --checkpoint.initial_load_path with
         --checkpoint.initial_load_in_hf, else the family's own pretrained weights (an HF model's
@@ -208,9 +196,7 @@ class Trainer:
     ) -> None:
         """Pretrained weights in place of initialisation: allocate, recompute the buffers that
         no checkpoint holds (rotary tables), read each rank's shards from the safetensors."""
-        for part in parts:
-            part.to_empty(device=self.device)
-            part.init_buffers(self.device)
+        materialize_for_loading(parts, self.device)
         logger.info("loading Hugging Face weights from %s", folder)
         load_hf_weights(merged_view(parts), folder, adapter)
 

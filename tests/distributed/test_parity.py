@@ -148,13 +148,6 @@ def test_bad_pipeline_split_is_one_line_error(tmp_path: Path) -> None:
     )
 
 
-def test_bad_context_parallel_length_is_one_line_error(tmp_path: Path) -> None:
-    args = ["--parallelism.cp=2", "--parallelism.dp_shard=1", "--training.seq_len=62"]
-    result = run_train(tmp_path, *TINY_RUN, *args, nproc=2, expect_ok=False)
-    assert result.returncode != 0
-    assert "--training.seq_len 62 is not divisible by 2 × cp = 4" in (result.stderr + result.stdout)
-
-
 def test_bad_mesh_is_one_line_error(tmp_path: Path) -> None:
     result = run_train(
         tmp_path,

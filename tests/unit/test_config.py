@@ -90,6 +90,10 @@ def test_typo_in_toml_file(tmp_path) -> None:
         (["--training.steps=5", "--lr_scheduler.warmup_steps=6"], "warmup_steps 6 must be within"),
         (["--lr_scheduler.decay_ratio=1.5"], "decay_ratio must be within 0..1"),
         (["--parallelism.tp=0"], "--parallelism.tp must be >= 1"),
+        (
+            ["--parallelism.cp=2", "--training.seq_len=62"],
+            "--training.seq_len 62 is not divisible by 2 × cp = 4",
+        ),
     ],
 )
 def test_bad_combinations(argv: list[str], message: str) -> None:

@@ -9,6 +9,7 @@ import time
 import pytest
 import torch
 
+from tetrad.distributed.init import materialize_for_loading
 from tetrad.models import ModelSpec, get_model_spec
 from tetrad.models.llama3 import Llama3Config, RopeScaling, Transformer, llama3_presets
 from tetrad.models.llama3.model import count_params, num_flops_per_token, rope_inv_freq
@@ -284,3 +285,15 @@ def test_config_for_vocab() -> None:
         spec.config_for("8B", vocab_size=200_000)
     with pytest.raises(ValueError, match="vocab_size is 0"):
         Transformer(llama3_presets["debug"])
+
+
+def test_materialize_for_loading_keeps_buffers_and_ties() -> None:
+    # A model whose weights a checkpoint fills: to_empty unties the embeddings and leaves the
+    # rotary tables as garbage; both must be as in a directly built model.
+    config = dataclasses.replace(TINY, tie_embeddings=True)
+    model = build_on_meta(config)
+    materialize_for_loading([model], torch.device("cpu"))
+    assert model.output.weight is model.tok_embeddings.weight
+    reference = build(config)
+    torch.testing.assert_close(model.rope_cos, reference.rope_cos, rtol=0, atol=0)
+    torch.testing.assert_close(model.rope_sin, reference.rope_sin, rtol=0, atol=0)

@@ -285,6 +285,12 @@ def validate_config(config: Config) -> None:
     for name in ("dp_replicate", "tp", "pp", "cp"):
         if getattr(config.parallelism, name) < 1:
             raise ConfigError(f"--parallelism.{name} must be >= 1")
+    cp = config.parallelism.cp
+    if t.seq_len % (2 * cp):
+        raise ConfigError(
+            f"--training.seq_len {t.seq_len} is not divisible by 2 × cp = {2 * cp}: context "
+            "parallel cuts every sequence into 2·cp equal chunks"
+        )
     pp = config.parallelism
     if pp.pp_microbatches == 0 or pp.pp_microbatches < -1:
         raise ConfigError("--parallelism.pp_microbatches must be >= 1, or -1 for one per stage")

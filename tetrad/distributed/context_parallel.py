@@ -10,10 +10,10 @@ Llama 3 paper; it trains on CPU and GPU alike, where PyTorch's ring-attention
 memory-efficient kernels usable on GPU (no dense mask is built).
 
 The model stays single-device code: while ``attention()`` is active, this attention stands in
-for ``torch.nn.functional.scaled_dot_product_attention`` (the model's causal calls), and the
-trainer passes each token's position to the rotary embedding. It replaces the module attribute
-rather than using a ``TorchFunctionMode`` because activation checkpointing recomputes blocks
-inside the autograd engine, where a mode entered around ``backward()`` is not active.
+for ``torch.nn.functional.scaled_dot_product_attention`` (process-wide; the trainer runs one
+step at a time), and the trainer passes each token's position to the rotary embedding. A
+``TorchFunctionMode`` would be scoped more tightly, but activation checkpointing recomputes
+blocks inside the autograd engine, where a mode entered around ``backward()`` is not active.
 """
 
 from __future__ import annotations
@@ -42,11 +42,6 @@ class ContextParallel:
 
     def __init__(self, cp_mesh: DeviceMesh, seq_len: int) -> None:
         cp = cp_mesh.size()
-        if seq_len % (2 * cp):
-            raise ConfigError(
-                f"--training.seq_len {seq_len} is not divisible by 2 × cp = {2 * cp}: context "
-                "parallel cuts every sequence into 2·cp equal chunks"
-            )
         self.mesh, self.cp, self.rank = cp_mesh, cp, cp_mesh.get_local_rank()
         self.chunk = seq_len // (2 * cp)
         order = chunk_order(cp)
@@ -56,6 +51,7 @@ class ContextParallel:
         self.positions = torch.cat(
             [torch.arange(c * self.chunk, (c + 1) * self.chunk) for c in self.local_chunks]
         )  # [seq_len // cp]: this rank's tokens, as rows of the rotary table
+        self._attention = self._sdpa  # one bound method: compiled code guards on its identity
 
     def shard(self, batch: torch.Tensor) -> torch.Tensor:
         """[B, seq_len] → this rank's [B, seq_len // cp] (its two chunks, concatenated)."""
@@ -65,7 +61,7 @@ class ContextParallel:
     def attention(self) -> Iterator[None]:
         """Within it, the model's causal SDPA attends across the cp ranks. Keep it open over
         backward too: activation checkpointing's recomputation must gather K/V as well."""
-        with _sdpa_as(self._sdpa):
+        with _sdpa_as(self._attention):
             yield
 
     @torch.compiler.disable  # eager between compiled parts: collectives and the causal bias
@@ -81,9 +77,15 @@ class ContextParallel:
         enable_gqa: bool = False,
     ) -> torch.Tensor:
         if attn_mask is not None or not is_causal:
-            raise NotImplementedError("context parallel supports causal attention without a mask")
+            raise ConfigError(
+                "context parallel needs causal attention without a mask (packed sequences); "
+                "this model passes a mask: train it with --parallelism.cp=1"
+            )
         if dropout_p:
-            raise NotImplementedError("context parallel does not support attention dropout")
+            raise ConfigError(
+                "context parallel does not support attention dropout; turn it off in the "
+                "model config or use --parallelism.cp=1"
+            )
         return self.attend(q, k, v, scale, enable_gqa)
 
     def attend(

@@ -100,6 +100,15 @@ def materialize_and_init(
         )
 
 
+def materialize_for_loading(parts: list[nn.Module], device: torch.device) -> None:
+    """Allocate meta-built model parts for weights that a checkpoint will fill: no
+    initialisation, only the buffers no checkpoint holds (rotary tables) and re-tied
+    embeddings, which ``to_empty`` unties."""
+    for part in parts:
+        part.to_empty(device=device)
+        part.init_buffers(device)
+
+
 def set_collective_timeout(seconds: int, meshes: Iterable[DeviceMesh]) -> None:
     """Switch every process group from the generous start-up timeout to the training one, so a
     rank that hangs mid-run fails the job in seconds rather than after the start-up allowance."""

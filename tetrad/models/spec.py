@@ -52,7 +52,10 @@ class ModelSpec:
     """Config dataclasses (with a vocab_size field) by flavor, the values of --model.flavor."""
 
     build_model: Callable[[Any], nn.Module]
-    """config → model; called under torch.device("meta"), so it must not initialise weights."""
+    """config → model; called under torch.device("meta"), so it must not initialise weights.
+    The model provides ``init_weights(buffer_device)`` (every parameter and buffer from the
+    global RNG) and ``init_buffers(buffer_device)`` (only the non-persistent buffers, e.g.
+    rotary tables, and ties, for a model whose weights are then loaded)."""
 
     num_flops_per_token: Callable[[Any, int], int]
     """(config, seq_len) → training FLOPs per token, for MFU."""
@@ -81,6 +84,19 @@ class ModelSpec:
 
     pipeline_last: tuple[str, ...] = ("norm", "output")
     """Top-level modules only the last pipeline stage keeps (final norm, output projection)."""
+
+    def model_config(self, config: Any, *, vocab_size: int) -> Any:
+        """The model config a job Config asks for: the family's own resolution (files), else
+        the --model.flavor preset."""
+        if self.resolve_config is not None:
+            return self.resolve_config(config, vocab_size)
+        return self.config_for(config.model.flavor, vocab_size=vocab_size)
+
+    def tokenizer_for(self, config: Any) -> str | None:
+        """--data.tokenizer, else the family's own (an HF model's folder); None = embedded."""
+        if config.data.tokenizer is not None:
+            return config.data.tokenizer
+        return self.default_tokenizer(config) if self.default_tokenizer else None
 
     def config_for(self, flavor: str, *, vocab_size: int) -> Any:
         """A copy of the preset, its vocab_size taken from the tokenizer where the preset has 0."""
