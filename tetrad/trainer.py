@@ -25,7 +25,7 @@ from tetrad.components.lr_scheduler import build_lr_scheduler
 from tetrad.components.metrics import MetricsLogger, peak_tflops
 from tetrad.components.optimizer import build_optimizer
 from tetrad.config import Config, ConfigError, save_config
-from tetrad.data import build_dataloader, build_tokenizer
+from tetrad.data import TextDataLoader, build_dataloader, build_tokenizer
 from tetrad.distributed.context_parallel import ContextParallel
 from tetrad.distributed.init import (
     init_distributed,
@@ -131,7 +131,7 @@ class Trainer:
         if seq_len > max_seq_len:
             raise ConfigError(
                 f"--training.seq_len {seq_len} exceeds {model_name}'s rotary table "
-                f"of {max_seq_len} positions; use a shorter sequence or a longer-context flavor"
+                f"of {max_seq_len} positions; use a shorter --training.seq_len or a model with a longer context"
             )
         with torch.device("meta"):
             model = spec.build_model(self.model_config)
@@ -200,7 +200,7 @@ class Trainer:
         logger.info("loading Hugging Face weights from %s", folder)
         load_hf_weights(merged_view(parts), folder, adapter)
 
-    def build_dataloader(self):
+    def build_dataloader(self) -> TextDataLoader:
         d, t = self.config.data, self.config.training
         dp_mesh = self.parallel_dims.meshes["dp"]
         return build_dataloader(
