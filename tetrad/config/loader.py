@@ -308,10 +308,10 @@ def validate_config(config: Config) -> None:
         raise ConfigError("--parallelism.pp_layers_per_stage must be >= 1")
     if config.parallelism.dp_shard == 0 or config.parallelism.dp_shard < -1:
         raise ConfigError("--parallelism.dp_shard must be >= 1, or -1 to fill the world size")
-    validate_checkpoint(config.checkpoint, config.parallelism)
+    _validate_checkpoint(config.checkpoint, config.parallelism)
 
 
-def validate_checkpoint(c: CheckpointConfig, parallelism: ParallelismConfig) -> None:
+def _validate_checkpoint(c: CheckpointConfig, parallelism: ParallelismConfig) -> None:
     """The checkpoint options' own rules; the world size (one process for a seed checkpoint)
     and the model family's HF adapter are checked at run time."""
     own = {"load_step": c.load_step != -1, "last_save_in_hf": c.last_save_in_hf}
