@@ -18,7 +18,9 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.parallel import loss_parallel
 
-from tetrad.components.checkpoint import CheckpointManager, TrainState, merged_view
+from tetrad.components.checkpoint import CheckpointManager
+from tetrad.components.checkpoint_folder import resume_source, will_load_model
+from tetrad.components.checkpoint_states import TrainState, merged_view
 from tetrad.components.hf_checkpoint import load_hf_weights
 from tetrad.components.loss import IGNORE_INDEX, cross_entropy_sum
 from tetrad.components.lr_scheduler import build_lr_scheduler
@@ -38,7 +40,7 @@ from tetrad.distributed.parallel_dims import ParallelDims
 from tetrad.distributed.pipeline import Pipeline, guard_split_backward, plan_pipeline, split_model
 from tetrad.distributed.utils import clip_grad_norm_, reduce_sum
 from tetrad.models.registry import get_model_spec
-from tetrad.models.spec import ModelSpec, StateDictAdapter
+from tetrad.models.spec import ModelSpec
 from tetrad.tools.logging import init_logging
 
 logger = logging.getLogger(__name__)
@@ -60,6 +62,11 @@ class Trainer:
         self.grad_accum_steps = self.build_grad_accumulation()
         self.tokenizer = build_tokenizer(get_model_spec(config.model.name).tokenizer_for(config))
         self.pipeline: Pipeline | None = None
+        # Where the run starts from is decided once, before building: a model whose weights a
+        # checkpoint will fill is neither initialised nor loaded from Hugging Face first.
+        self.resume_from = resume_source(
+            config.checkpoint, self.dump_folder / config.checkpoint.folder
+        )
         self.model_parts = self.build_model()
         self.context_parallel = (
             ContextParallel(self.parallel_dims.meshes["cp"], config.training.seq_len)
@@ -81,9 +88,9 @@ class Trainer:
             dataloader=self.dataloader,
             train_state=self.train_state,
             total_steps=config.training.steps,
-            hf_adapter=self.build_hf_adapter(),
+            hf_adapter=self.hf_adapter,
         )
-        self.checkpointer.load()
+        self.checkpointer.load(self.resume_from)
         set_collective_timeout(
             config.comm.train_timeout_seconds, self.parallel_dims.meshes.values()
         )
@@ -105,11 +112,6 @@ class Trainer:
         dims.meshes  # noqa: B018 - create every process group now, at start-up
         return dims
 
-    def build_hf_adapter(self) -> StateDictAdapter | None:
-        spec = get_model_spec(self.config.model.name)
-        adapter = spec.state_dict_adapter
-        return None if adapter is None else adapter(self.model_config)
-
     def build_grad_accumulation(self) -> int:
         t, dp = self.config.training, self.parallel_dims.dp
         per_step = t.local_batch_size * dp
@@ -126,6 +128,9 @@ class Trainer:
         device, initialise every weight. Returns the model parts this rank holds."""
         spec = get_model_spec(self.config.model.name)
         self.model_config = spec.model_config(self.config, vocab_size=self.tokenizer.vocab_size)
+        self.hf_adapter = (
+            spec.state_dict_adapter(self.model_config) if spec.state_dict_adapter else None
+        )
         model_name = getattr(self.model_config, "architecture", self.config.model.flavor)
         seq_len, max_seq_len = self.config.training.seq_len, self.model_config.max_seq_len
         if seq_len > max_seq_len:
@@ -147,9 +152,10 @@ class Trainer:
         for part in parts:
             if spec.parallelize_fn is not None:
                 spec.parallelize_fn(part, self.parallel_dims, self.config)
-        if (weights := self._hf_weights_folder(spec)) is not None:
-            assert spec.state_dict_adapter is not None
-            self._load_hf_weights(parts, weights, spec.state_dict_adapter(self.model_config))
+        if will_load_model(self.config.checkpoint, self.resume_from):
+            materialize_for_loading(parts, self.device)  # the checkpoint fills every weight
+        elif (weights := self._hf_weights_folder(spec)) is not None:
+            self._load_hf_weights(parts, weights)
         else:
             materialize_and_init(
                 parts,
@@ -180,25 +186,20 @@ class Trainer:
         c = self.config.checkpoint
         if not c.initial_load_in_hf:
             return spec.weights_folder(self.model_config) if spec.weights_folder else None
-        if spec.state_dict_adapter is None:
+        if self.hf_adapter is None:
             raise ConfigError(
                 f"{spec.name} has no Hugging Face state-dict adapter: "
                 "--checkpoint.initial_load_in_hf is not available for it"
             )
-        if not c.initial_load_path:
-            raise ConfigError(
-                "--checkpoint.initial_load_in_hf needs --checkpoint.initial_load_path"
-            )
         return Path(c.initial_load_path)
 
-    def _load_hf_weights(
-        self, parts: list[nn.Module], folder: Path, adapter: StateDictAdapter
-    ) -> None:
+    def _load_hf_weights(self, parts: list[nn.Module], folder: Path) -> None:
         """Pretrained weights in place of initialisation: allocate, recompute the buffers that
         no checkpoint holds (rotary tables), read each rank's shards from the safetensors."""
         materialize_for_loading(parts, self.device)
         logger.info("loading Hugging Face weights from %s", folder)
-        load_hf_weights(merged_view(parts), folder, adapter)
+        assert self.hf_adapter is not None
+        load_hf_weights(merged_view(parts), folder, self.hf_adapter)
 
     def build_dataloader(self) -> TextDataLoader:
         d, t = self.config.data, self.config.training

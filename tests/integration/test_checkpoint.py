@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -198,13 +199,19 @@ def test_killed_save_leaves_the_previous_checkpoint(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_seed_checkpoint_starts_every_layout_from_the_same_weights(tmp_path: Path) -> None:
-    """One process initialises (seed 7) and saves step-0; FSDP 2 and TP 2 runs (seed 0) start
-    from it. With lr 0 a step leaves the weights as they were, so the runs' model-only last
-    saves must hold the seed's weights exactly (TP 2 exports them in bfloat16)."""
+    """One process initialises (seed 7) and saves step-0, in float32 whatever the export dtype;
+    FSDP 2 and TP 2 runs (seed 0) start from it. With lr 0 a step leaves the weights as they
+    were, so the runs' model-only last saves must hold the seed's weights exactly (TP 2 exports
+    them in bfloat16)."""
     seed = tmp_path / "seed"
-    run_train(seed, *TINY_RUN, "--checkpoint.create_seed_checkpoint", "--debug.seed=7")
+    run_train(
+        seed, *TINY_RUN, "--checkpoint.create_seed_checkpoint", "--debug.seed=7",
+        "--checkpoint.export_dtype=bfloat16",
+    )  # fmt: skip
     step0 = seed / "checkpoint" / "step-0"
     assert sorted(p.name for p in (seed / "checkpoint").iterdir()) == ["step-0"]
+    metadata = dcp.FileSystemReader(str(step0)).read_metadata()
+    assert {md.properties.dtype for md in metadata.state_dict_metadata.values()} == {torch.float32}
     assert not (seed / "metrics.jsonl").exists()  # no training step
     weights = load_model_state(step0)
     for name, tensor in tiny_model(seed=7).state_dict().items():
@@ -310,3 +317,20 @@ def test_fine_tune_start_takes_the_new_schedule(tmp_path: Path) -> None:
         assert lr == fine_tune.lr_scheduler.get_last_lr()[0] == pytest.approx(1e-3 / 2)
     finally:
         fine_tune.close()
+    # A full checkpoint under another name than step-N goes on from its own step.
+    shutil.copytree(step2, tmp_path / "final")
+    go_on = Trainer(
+        load_config(
+            [
+                *args,
+                "--training.steps=4",
+                f"--job.dump_folder={tmp_path / 'go_on'}",
+                f"--checkpoint.initial_load_path={tmp_path / 'final'}",
+            ]
+        )
+    )
+    try:
+        assert go_on.train_state.step == 2
+        assert go_on.train_state.tokens_seen == 2 * TOKENS_PER_STEP
+    finally:
+        go_on.close()

@@ -94,12 +94,35 @@ def test_typo_in_toml_file(tmp_path) -> None:
             ["--parallelism.cp=2", "--training.seq_len=62"],
             "--training.seq_len 62 is not divisible by 2 × cp = 4",
         ),
+        (["--checkpoint.load_step=0"], "--checkpoint.load_step acts on the run's own"),
+        (["--checkpoint.last_save_in_hf"], "add --checkpoint.enable"),
+        (["--checkpoint.exclude_from_loading=model,optim"], "unknown state 'optim'"),
+        (["--checkpoint.initial_load_in_hf"], "needs --checkpoint.initial_load_path"),
+        (
+            ["--checkpoint.create_seed_checkpoint", "--parallelism.tp=2"],
+            "run it with --nproc=1 and no parallelism (drop --parallelism.tp)",
+        ),
     ],
 )
 def test_bad_combinations(argv: list[str], message: str) -> None:
     with pytest.raises(ConfigError, match=None) as info:
         validate_config(load_config(argv))
     assert message in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_checkpoint_options_that_fit() -> None:
+    validate_config(
+        load_config(
+            [
+                "--checkpoint.enable",
+                "--checkpoint.load_step=4",
+                "--checkpoint.last_save_in_hf",
+                "--checkpoint.exclude_from_loading=optimizer, dataloader",
+            ]
+        )
+    )
+    validate_config(load_config(["--checkpoint.create_seed_checkpoint"]))  # dp_shard -1: 1
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess[str]:

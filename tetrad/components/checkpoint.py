@@ -2,226 +2,90 @@
 data position, step, tokens seen and RNG, under ``<dump_folder>/checkpoint/step-N``.
 
 Each rank writes its own shards (``torch.distributed.checkpoint``), so a checkpoint loads into
-any parallel layout (DCP reshards on load). Crash safety: a checkpoint is written as
-``step-N.tmp``; once every rank's shards and DCP's ``.metadata`` are on disk, rank 0 writes a
-``COMPLETE`` marker into it and renames it to ``step-N``. Only a ``step-N`` folder with the
-marker, a readable ``.metadata`` and every data file it names is ever loaded; anything else is
-reported and skipped. Async saves (``dcp.async_save``) write in a background thread over a
-process group of their own, so the collectives of training and of the save never interleave.
+any parallel layout (DCP reshards on load). Crash safety (written as ``step-N.tmp``, marked
+``COMPLETE`` and renamed; anything else is reported and skipped) is the folder contract of
+``checkpoint_folder`` (as is the choice of the checkpoint a run resumes from); the states
+themselves are ``checkpoint_states``. Async saves (``dcp.async_save``) write in a background
+thread over a process group of their own, so the collectives of training and of the save never
+interleave. A failure to make a save visible on rank 0 is raised on every rank: at once in sync
+mode, from ``wait()`` or the next save in async mode.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import re
 import shutil
 import threading
 import time
 from concurrent.futures import Future
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
-from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
-from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
-    get_model_state_dict,
-    get_optimizer_state_dict,
-    set_model_state_dict,
-    set_optimizer_state_dict,
-)
+from torch.distributed.checkpoint.metadata import Metadata
 from torch.distributed.checkpoint.stateful import Stateful
 
+from tetrad.components.checkpoint_folder import (
+    COMPLETE,
+    check_model_matches,
+    checkpoint_problem,
+    complete_steps,
+    read_metadata,
+    resume_source,
+    step_folder,
+    will_load_model,
+    write_complete,
+)
+from tetrad.components.checkpoint_states import (
+    DataState,
+    LoadableTrainState,
+    ModelState,
+    OptimizerState,
+    TrainState,
+    merged_view,
+)
 from tetrad.components.hf_checkpoint import save_hf_weights
 from tetrad.config import ConfigError
 from tetrad.config.job_config import CheckpointConfig
+from tetrad.config.loader import CHECKPOINT_STATES as STATES
+from tetrad.config.loader import parse_exclude
 from tetrad.models.spec import StateDictAdapter
 
 logger = logging.getLogger(__name__)
 
-STATES = ("model", "optimizer", "lr_scheduler", "dataloader", "train_state")
-"""The named states of a checkpoint, in the order they are built; --checkpoint.exclude_from_loading
-takes these names."""
+# Importable from here, as before the folder rules and the states moved out.
+__all__ = [
+    "COMPLETE",
+    "STATES",
+    "CheckpointManager",
+    "ModelState",
+    "TrainState",
+    "check_model_matches",
+    "checkpoint_problem",
+    "merged_view",
+    "parse_exclude",
+    "read_metadata",
+    "resume_source",
+    "will_load_model",
+    "write_complete",
+]
 
-COMPLETE = "COMPLETE"
-"""Marker file, written last into a finished checkpoint."""
-
-_STEP_DIR = re.compile(r"^step-(\d+)(\.tmp)?$")
 _DP_RANK_KEY = re.compile(r"^dataloader\.dp_rank_(\d+)\.")
-# Optimizer state and hyperparameters keyed by parameter FQN, not by param-group index: pipeline
-# ranks hold different parameters in their "group 0", and DCP would keep only one rank's list.
-_OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True)
 
 
-class ModelState(Stateful):
-    """The model's parameters under FQNs that do not depend on the parallel layout (DTensors
-    when sharded). ``dtype`` casts floating tensors on save (an export in bfloat16)."""
+@dataclass
+class _PendingSave:
+    """An async save in flight; ``finalized`` is set once rank 0 has tried to make it visible,
+    ``error`` holds what went wrong then (a done-callback's exception would be swallowed)."""
 
-    def __init__(self, model: nn.Module, dtype: torch.dtype | None = None) -> None:
-        self.model, self.dtype = model, dtype
-
-    def state_dict(self) -> dict[str, Any]:
-        state = get_model_state_dict(self.model)
-        if self.dtype is None:
-            return state
-        return {k: v.to(self.dtype) if v.is_floating_point() else v for k, v in state.items()}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        set_model_state_dict(self.model, state_dict)
-
-
-class OptimizerState(Stateful):
-    """The optimizer's moments and hyperparameters, keyed by the parameters' FQNs."""
-
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
-        self.model, self.optimizer = model, optimizer
-
-    def state_dict(self) -> dict[str, Any]:
-        return get_optimizer_state_dict(self.model, self.optimizer, options=_OPTIONS)
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        set_optimizer_state_dict(self.model, self.optimizer, state_dict, options=_OPTIONS)
-
-
-class DataState(Stateful):
-    """The dataloader's position; a state it cannot take (another batch size) is a ConfigError."""
-
-    def __init__(self, dataloader: Stateful) -> None:
-        self.dataloader = dataloader
-
-    def state_dict(self) -> dict[str, Any]:
-        return self.dataloader.state_dict()
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        try:
-            self.dataloader.load_state_dict(state_dict)
-        except ValueError as e:
-            raise ConfigError(
-                f"{e} (or pass --checkpoint.exclude_from_loading=dataloader to start the data "
-                "from the beginning)"
-            ) from None
-
-
-def merged_view(parts: list[nn.Module]) -> nn.Module:
-    """A module whose children are the parts' own (shared, not copied) submodules, merged by
-    name: containers present in several parts (a ``layers`` ModuleDict) merge their disjoint
-    entries. Parameters stay the parts' objects, so the optimizer's state maps onto it."""
-    if len(parts) == 1:
-        return parts[0]
-    view, merged = nn.Module(), set()
-    for part in parts:
-        if next(part.parameters(recurse=False), None) is not None:
-            raise ValueError("model parts with parameters of their own cannot be merged")
-        for name, child in part.named_children():
-            existing = view._modules.get(name)
-            if existing is None:
-                view.add_module(name, child)
-            elif existing is not child:
-                if not isinstance(existing, nn.ModuleDict) or not isinstance(child, nn.ModuleDict):
-                    raise ValueError(f"model parts both hold a different '{name}'")
-                if name not in merged:  # a new container: the parts' own stay untouched
-                    existing = nn.ModuleDict(existing)
-                    view.add_module(name, existing)
-                    merged.add(name)
-                existing.update(child)
-    return view
-
-
-class TrainState(Stateful):
-    """The step counter, the tokens trained on so far and the RNG, so a resumed run draws the
-    same random numbers. Every rank seeds its generators alike, so one copy serves all."""
-
-    def __init__(self) -> None:
-        self.step = 0
-        self.tokens_seen = 0
-
-    def state_dict(self) -> dict[str, Any]:
-        state = {"step": self.step, "tokens_seen": self.tokens_seen, "rng": torch.get_rng_state()}
-        if torch.cuda.is_available():
-            state["cuda_rng"] = torch.cuda.get_rng_state()
-        return state
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.step = int(state_dict["step"])
-        self.tokens_seen = int(state_dict["tokens_seen"])
-        torch.set_rng_state(state_dict["rng"])
-        if "cuda_rng" in state_dict and torch.cuda.is_available():
-            torch.cuda.set_rng_state(state_dict["cuda_rng"])
-
-
-def parse_exclude(value: str) -> set[str]:
-    """``--checkpoint.exclude_from_loading``: comma-separated state names."""
-    names = {name.strip() for name in value.split(",") if name.strip()}
-    if unknown := sorted(names - set(STATES)):
-        raise ConfigError(
-            f"--checkpoint.exclude_from_loading: unknown state {unknown[0]!r}; "
-            f"the states are {', '.join(STATES)}"
-        )
-    return names
-
-
-def checkpoint_problem(path: Path, *, need_marker: bool = True) -> str | None:
-    """Why ``path`` is not a complete, intact checkpoint; None if it is one."""
-    if not path.exists():
-        return "it does not exist"
-    if not path.is_dir():
-        return "it is not a folder"
-    if path.name.endswith(".tmp"):
-        return "it is a save that did not finish (temporary name)"
-    if need_marker and not (path / COMPLETE).is_file():
-        return f"it has no {COMPLETE} marker (a save that did not finish)"
-    if not (path / ".metadata").is_file():
-        return "it is not a DCP checkpoint (no .metadata file)"
-    try:
-        metadata = read_metadata(path)
-    except Exception as e:  # a truncated or foreign file: report, never load
-        return f"its .metadata cannot be read ({type(e).__name__})"
-    needed: dict[str, int] = {}
-    for info in (metadata.storage_data or {}).values():
-        end = info.offset + info.length
-        needed[info.relative_path] = max(needed.get(info.relative_path, 0), end)
-    for name, size in sorted(needed.items()):
-        file = path / name
-        if not file.is_file():
-            return f"its data file {name} is missing"
-        if file.stat().st_size < size:
-            return f"its data file {name} is truncated"
-    return None
-
-
-def read_metadata(path: Path) -> Metadata:
-    return dcp.FileSystemReader(str(path)).read_metadata()
-
-
-def check_model_matches(
-    model_state: dict[str, Any], metadata: Metadata, path: Path, all_keys: set[str]
-) -> None:
-    """A one-line ConfigError naming the first parameter whose name or shape differs between the
-    model and the checkpoint. ``all_keys``: every FQN of the whole model (pipeline ranks hold
-    only some of them)."""
-    saved = {
-        key.removeprefix("model."): md.size
-        for key, md in metadata.state_dict_metadata.items()
-        if key.startswith("model.") and isinstance(md, TensorStorageMetadata)
-    }
-    for fqn, tensor in model_state.items():
-        if fqn not in saved:
-            raise ConfigError(f"checkpoint {path} does not fit the model: it has no {fqn}")
-        if tuple(saved[fqn]) != tuple(tensor.shape):
-            raise ConfigError(
-                f"checkpoint {path} does not fit the model: {fqn} has shape "
-                f"{tuple(saved[fqn])} in the checkpoint but {tuple(tensor.shape)} in the model"
-            )
-    if extra := sorted(set(saved) - all_keys):
-        raise ConfigError(
-            f"checkpoint {path} does not fit the model: the model has no {extra[0]} "
-            f"(the checkpoint holds {len(extra)} parameter(s) the model lacks)"
-        )
+    future: Future
+    step: int
+    finalized: threading.Event = field(default_factory=threading.Event)
+    error: BaseException | None = None
 
 
 class CheckpointManager:
@@ -262,7 +126,7 @@ class CheckpointManager:
         }
         self.dp_world_size = int(dataloader.state_dict()["dp_world_size"])
         self.rank = dist.get_rank()
-        if config.create_seed_checkpoint and dist.get_world_size() != 1:
+        if config.create_seed_checkpoint and dist.get_world_size() != 1:  # the rest: config
             raise ConfigError(
                 "--checkpoint.create_seed_checkpoint initialises the model on one process: "
                 "run it with --nproc=1 and no parallelism"
@@ -271,56 +135,24 @@ class CheckpointManager:
         # training's run on the others (on the default group, gloo would mix the two up).
         async_mode = config.async_mode == "async"
         self.group = dist.new_group(backend="gloo") if async_mode and self.enabled else None
-        # The async save in flight: its future, and an event set once rank 0 has made it visible.
-        self.pending: tuple[Future, threading.Event] | None = None
+        self.pending: _PendingSave | None = None
 
     # ---- finding and loading ----
 
     def complete_steps(self, *, report: bool = False) -> list[int]:
-        """Steps of the complete checkpoints in the folder, oldest first; with ``report``, log
-        every folder that is skipped and why."""
-        if not self.folder.is_dir():
-            return []
-        steps = []
-        for path in sorted(self.folder.iterdir()):
-            if not (m := _STEP_DIR.match(path.name)):
-                continue
-            if problem := checkpoint_problem(path):
-                if report and self.rank == 0:
-                    logger.warning("skipping checkpoint %s: %s", path, problem)
-            else:
-                steps.append(int(m[1]))
-        return sorted(steps)
+        """Steps of the complete checkpoints in the folder, oldest first."""
+        return complete_steps(self.folder, report=report)
 
-    def _source(self) -> Path | None:
-        """The checkpoint this run starts from: the chosen or latest one in its own folder, else
-        --checkpoint.initial_load_path; None: start from scratch."""
-        c = self.config
-        if c.enable and c.load_step >= 0:
-            path = self.folder / f"step-{c.load_step}"
-            if problem := checkpoint_problem(path):
-                raise ConfigError(f"--checkpoint.load_step {c.load_step}: {path}: {problem}")
-            return path
-        if c.enable and (steps := self.complete_steps(report=True)):
-            return self.folder / f"step-{steps[-1]}"
-        if c.initial_load_path and not c.initial_load_in_hf:  # HF weights: the trainer's
-            path = Path(c.initial_load_path)
-            if problem := checkpoint_problem(path, need_marker=False):
-                raise ConfigError(f"--checkpoint.initial_load_path {path}: {problem}")
-            return path
-        return None
-
-    def load(self) -> int | None:
-        """Restore the run's states from its checkpoint (see ``_source``) after checking that it
-        fits; refuse a run that would overwrite checkpoints it does not resume from. Returns the
-        loaded checkpoint's step (None: nothing loaded)."""
+    def load(self, path: Path | None) -> None:
+        """Restore the run's states from ``path`` (``resume_source``'s choice, made once by the
+        trainer before it builds the model) after checking that it fits; refuse a run that
+        would overwrite checkpoints it does not resume from (judged by the step it starts
+        after: the loaded train state's, else 0)."""
         if self.config.create_seed_checkpoint:
-            self._check_overwrite(0)
-            return None
-        path = self._source()
+            path = None
         if path is None:
             self._check_overwrite(0)
-            return None
+            return
         metadata = read_metadata(path)
         held = {key.split(".", 1)[0] for key in metadata.state_dict_metadata}
         names = [name for name in STATES if name in held and name not in self.exclude]
@@ -331,10 +163,12 @@ class CheckpointManager:
             check_model_matches(model_state, metadata, path, set().union(*all_keys))
         if "dataloader" in names:
             self._check_dp_degree(metadata, path)
-        start_step = _step_of(path) if "train_state" in names else 0
-        self._check_overwrite(start_step or 0)
         begin = time.perf_counter()
-        dcp.load({name: self.states[name] for name in names}, checkpoint_id=str(path))
+        states = {name: self.states[name] for name in names}
+        if "train_state" in states:
+            states["train_state"] = LoadableTrainState(self.train_state, metadata)
+        dcp.load(states, checkpoint_id=str(path))
+        self._check_overwrite(self.train_state.step)
         self._sync_lr()
         fresh = [name for name in STATES if name not in names]
         logger.info(
@@ -342,7 +176,6 @@ class CheckpointManager:
             path, time.perf_counter() - begin, self.train_state.step, self.train_state.tokens_seen,
             f"; not loaded, starting fresh: {', '.join(fresh)}" if fresh else "",
         )  # fmt: skip
-        return _step_of(path)
 
     def _sync_lr(self) -> None:
         """A loaded optimizer brings the learning rate it was saved with; the scheduler, loaded
@@ -376,7 +209,7 @@ class CheckpointManager:
             planned = {0}
         else:
             planned = {s for s in range(start_step + 1, self.total_steps + 1) if self._due(s)}
-        clashes = [self.folder / f"step-{s}" for s in sorted(existing & planned)]
+        clashes = [step_folder(self.folder, s) for s in sorted(existing & planned)]
         if self.config.last_save_in_hf and self.config.enable:
             clashes += [p for p in [self._hf_folder(self.total_steps)] if p.exists()]
         if clashes:
@@ -397,7 +230,10 @@ class CheckpointManager:
         if not self.config.enable or not self._due(step):
             return
         last = step == self.total_steps
-        self.save(step, model_only=last and self.config.last_save_model_only)
+        if last and self.config.last_save_model_only:
+            self.save(step, model_only=True, dtype=getattr(torch, self.config.export_dtype))
+        else:
+            self.save(step)
         if last and self.config.last_save_in_hf:
             self.export_hf(step)
 
@@ -417,55 +253,67 @@ class CheckpointManager:
         logger.info("exported %s in %.2f s", folder, time.perf_counter() - begin)
 
     def save_seed(self) -> None:
-        """The seed checkpoint: the freshly initialised model alone, as step-0."""
-        self.save(0, model_only=True)
+        """The seed checkpoint: the freshly initialised model alone, as step-0, in the model's
+        own dtype (never --checkpoint.export_dtype: every layout starts from these exact
+        weights)."""
+        self.save(0, model_only=True, dtype=None)
         self.wait()
 
-    def save(self, step: int, *, model_only: bool = False) -> None:
-        self.wait()  # one save in flight at a time
-        tmp = self.folder / f"step-{step}.tmp"
+    def save(
+        self, step: int, *, model_only: bool = False, dtype: torch.dtype | None = None
+    ) -> None:
+        """Write step ``step``'s checkpoint (``model_only``: the weights alone, cast to ``dtype``
+        if given); async mode returns once the state is copied. Raises a failure of the save
+        before, on every rank."""
+        self.wait()  # one save in flight at a time; raises a failure of the previous one
+        tmp = step_folder(self.folder, step, tmp=True)
         if self.rank == 0 and tmp.exists():  # left by a save that did not finish
             shutil.rmtree(tmp)
         dist.barrier()
-        if model_only:
-            dtype = getattr(torch, self.config.export_dtype)
-            states: dict[str, Stateful] = {"model": ModelState(self.model, dtype)}
-        else:
-            states = self.states
+        states = {"model": ModelState(self.model, dtype)} if model_only else self.states
         begin = time.perf_counter()
+        names = sorted(states)
         if self.group is None:
             dcp.save(states, checkpoint_id=str(tmp))
-            self._finalize(step, begin, time.perf_counter() - begin, sorted(states))
+            error = self._finalize(step, begin, time.perf_counter() - begin, names)
+            _raise_on_every_rank(error, step, group=None)
             return
         future = dcp.async_save(states, checkpoint_id=str(tmp), process_group=self.group)
         blocked = time.perf_counter() - begin
-        finalized = threading.Event()
-        if self.rank == 0:
-            # Rank 0's save ends after every rank's shards and the metadata are written.
-            def on_done(f: Future) -> None:
-                try:
-                    if f.exception() is None:
-                        self._finalize(step, begin, blocked, sorted(states))
-                finally:
-                    finalized.set()
+        pending = self.pending = _PendingSave(future, step)
+        if self.rank != 0:
+            pending.finalized.set()
+            return
 
-            future.add_done_callback(on_done)
-        else:
-            finalized.set()
-        self.pending = (future, finalized)
+        # Rank 0's save ends after every rank's shards and the metadata are written.
+        def on_done(f: Future) -> None:
+            try:
+                if f.exception() is None:
+                    pending.error = self._finalize(step, begin, blocked, names)
+            finally:
+                pending.finalized.set()
 
-    def _finalize(self, step: int, begin: float, blocked: float, names: list[str]) -> None:
-        """Rank 0: marker last, then the rename that makes the checkpoint visible; then trim."""
-        tmp, final = self.folder / f"step-{step}.tmp", self.folder / f"step-{step}"
+        future.add_done_callback(on_done)
+
+    def _finalize(
+        self, step: int, begin: float, blocked: float, names: list[str]
+    ) -> BaseException | None:
+        """Rank 0: marker last, then the rename that makes the checkpoint visible; then trim.
+        Returns what went wrong (the caller raises it on every rank)."""
+        tmp, final = step_folder(self.folder, step, tmp=True), step_folder(self.folder, step)
         if self.rank == 0:
-            if final.exists():  # only with --checkpoint.overwrite (checked at start-up)
-                shutil.rmtree(final)
-            write_complete(tmp, final, step=step, names=names)
-            self._purge()
+            try:
+                if final.exists():  # only with --checkpoint.overwrite (checked at start-up)
+                    shutil.rmtree(final)
+                write_complete(tmp, final, step=step, names=names)
+                self._purge()
+            except Exception as e:
+                return e
         logger.info(
             "saved %s: %.2f s, of which training was blocked %.2f s",
             final, time.perf_counter() - begin, blocked,
         )  # fmt: skip
+        return None
 
     def _purge(self) -> None:
         """--checkpoint.keep_latest_k: delete complete checkpoints older than the newest k."""
@@ -473,38 +321,30 @@ class CheckpointManager:
         if k <= 0:
             return
         for step in self.complete_steps()[:-k]:
-            shutil.rmtree(self.folder / f"step-{step}")
+            shutil.rmtree(step_folder(self.folder, step))
             logger.info(
-                "removed %s (--checkpoint.keep_latest_k %d)", self.folder / f"step-{step}", k
+                "removed %s (--checkpoint.keep_latest_k %d)", step_folder(self.folder, step), k
             )
 
     def wait(self) -> None:
-        """Wait for the save in flight (async mode) to be written and made visible."""
+        """Wait for the save in flight (async mode) to be written and made visible; raise, on
+        every rank, what went wrong with it."""
         if self.pending is None:
             return
-        (future, finalized), self.pending = self.pending, None
-        future.result()
-        finalized.wait()
-        dist.barrier(group=self.group)
+        pending, self.pending = self.pending, None
+        pending.future.result()
+        pending.finalized.wait()
+        _raise_on_every_rank(pending.error, pending.step, group=self.group)
 
 
-def write_complete(tmp: Path, final: Path, *, step: int, names: list[str]) -> None:
-    """Mark a fully written checkpoint complete (marker last, synced) and give it its name."""
-    marker = tmp / COMPLETE
-    marker.write_text(json.dumps({"step": step, "states": names, "time": time.time()}))
-    _fsync(marker)
-    tmp.rename(final)
-    _fsync(final.parent)
-
-
-def _step_of(path: Path) -> int | None:
-    m = _STEP_DIR.match(path.name)
-    return int(m[1]) if m else None
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+def _raise_on_every_rank(
+    error: BaseException | None, step: int, group: dist.ProcessGroup | None
+) -> None:
+    """Rank 0 tells every rank whether it made step ``step``'s checkpoint visible, so a failure
+    stops them all here rather than leaving the others at their next collective."""
+    ok = [error is None]
+    dist.broadcast_object_list(ok, src=0, group=group)
+    if error is not None:
+        raise error
+    if not ok[0]:
+        raise RuntimeError(f"rank 0 failed to finish the checkpoint of step {step} (see its log)")

@@ -191,19 +191,23 @@ class CheckpointConfig:
     0 keeps all."""
 
     load_step: int = -1
-    """Resume from this step's checkpoint instead of the latest complete one; -1 = latest."""
+    """Resume from this step's checkpoint instead of the latest complete one; -1 = latest.
+    Needs --checkpoint.enable."""
 
     initial_load_path: str | None = None
-    """A checkpoint folder (step-N) to start from when the run's own folder holds none, e.g. a
-    seed checkpoint or another run's checkpoint (loaded with or without --checkpoint.enable)."""
+    """A DCP checkpoint folder to start from when the run's own folder holds none, e.g. a seed
+    checkpoint or another run's checkpoint, under any name (loaded with or without
+    --checkpoint.enable); a loaded train state sets the step the run goes on from."""
 
     initial_load_in_hf: bool = False
     """--checkpoint.initial_load_path is a Hugging Face folder (model.safetensors or a sharded
-    index, with config.json): load the model's weights from it."""
+    index, with config.json): load the model's weights from it. Needs
+    --checkpoint.initial_load_path."""
 
     last_save_in_hf: bool = False
     """At the last step also export the weights as a Hugging Face folder, step-N-hf, that
-    transformers' from_pretrained reads (in --checkpoint.export_dtype)."""
+    transformers' from_pretrained reads (in --checkpoint.export_dtype). Needs
+    --checkpoint.enable."""
 
     exclude_from_loading: str = ""
     """Comma-separated states not to load, which start fresh instead: model, optimizer,
@@ -214,14 +218,16 @@ class CheckpointConfig:
     copy of the state); disabled: training waits for the write."""
 
     create_seed_checkpoint: bool = False
-    """Initialise the model on one process, save it as step-0 (model only) and exit; any
-    parallel layout can then start from these exact weights."""
+    """Initialise the model on one process (--nproc=1, no parallelism), save it as step-0 (model
+    only, in the model's own dtype) and exit; any parallel layout can then start from these
+    exact weights."""
 
     last_save_model_only: bool = False
     """At the last step save the model's weights only (no optimizer, data or train state)."""
 
     export_dtype: Literal["float32", "bfloat16"] = "float32"
-    """Dtype of the weights in a model-only last save and in a Hugging Face export."""
+    """Dtype of the weights in a model-only last save and in a Hugging Face export (never of a
+    seed checkpoint)."""
 
     overwrite: bool = False
     """Allow this run to replace existing checkpoints of the steps it saves (by default a run

@@ -22,7 +22,7 @@ from typing import Any
 
 import tomli_w
 
-from tetrad.config.job_config import Config
+from tetrad.config.job_config import CheckpointConfig, Config, ParallelismConfig
 
 _TRUE = {"true", "1", "yes", "on"}
 _FALSE = {"false", "0", "no", "off"}
@@ -30,6 +30,22 @@ _FALSE = {"false", "0", "no", "off"}
 
 class ConfigError(ValueError):
     """A configuration the user must fix; its message is one line saying how."""
+
+
+CHECKPOINT_STATES = ("model", "optimizer", "lr_scheduler", "dataloader", "train_state")
+"""The named states of a checkpoint, in the order they are built; --checkpoint.exclude_from_loading
+takes these names."""
+
+
+def parse_exclude(value: str) -> set[str]:
+    """``--checkpoint.exclude_from_loading``: comma-separated state names."""
+    names = {name.strip() for name in value.split(",") if name.strip()}
+    if unknown := sorted(names - set(CHECKPOINT_STATES)):
+        raise ConfigError(
+            f"--checkpoint.exclude_from_loading: unknown state {unknown[0]!r}; "
+            f"the states are {', '.join(CHECKPOINT_STATES)}"
+        )
+    return names
 
 
 def _sections() -> dict[str, type]:
@@ -298,3 +314,24 @@ def validate_config(config: Config) -> None:
         raise ConfigError("--parallelism.pp_layers_per_stage must be >= 1")
     if config.parallelism.dp_shard == 0 or config.parallelism.dp_shard < -1:
         raise ConfigError("--parallelism.dp_shard must be >= 1, or -1 to fill the world size")
+    _validate_checkpoint(config.checkpoint, config.parallelism)
+
+
+def _validate_checkpoint(c: CheckpointConfig, parallelism: ParallelismConfig) -> None:
+    """The checkpoint options' own rules; the world size (one process for a seed checkpoint)
+    and the model family's HF adapter are checked at run time."""
+    own = {"load_step": c.load_step != -1, "last_save_in_hf": c.last_save_in_hf}
+    if not c.enable and (name := next((n for n, used in own.items() if used), None)):
+        raise ConfigError(
+            f"--checkpoint.{name} acts on the run's own checkpoints: add --checkpoint.enable"
+        )
+    parse_exclude(c.exclude_from_loading)
+    if c.initial_load_in_hf and not c.initial_load_path:
+        raise ConfigError("--checkpoint.initial_load_in_hf needs --checkpoint.initial_load_path")
+    if c.create_seed_checkpoint:
+        degrees = ("dp_replicate", "dp_shard", "tp", "pp", "cp")
+        if parallel := [f"--parallelism.{d}" for d in degrees if getattr(parallelism, d) > 1]:
+            raise ConfigError(
+                "--checkpoint.create_seed_checkpoint initialises the model on one process: "
+                f"run it with --nproc=1 and no parallelism (drop {parallel[0]})"
+            )

@@ -1,0 +1,171 @@
+"""The on-disk contract of a checkpoint folder, apart from what goes into it.
+
+A checkpoint is written as ``step-N.tmp``; once every rank's shards and DCP's ``.metadata`` are
+on disk, rank 0 writes a ``COMPLETE`` marker into it (synced) and renames it to ``step-N``. Only
+a ``step-N`` folder with the marker, a readable ``.metadata`` and every data file it names, at
+full length, counts as a checkpoint; anything else is reported and skipped. A save killed at
+any point thus leaves the previous checkpoint the newest. These rules (and the choice of the
+checkpoint a run resumes from) live apart from the saving and loading because ``tetrad convert``
+and the trainer's start-up, before any model is built, apply them too.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
+
+from tetrad.config import ConfigError
+from tetrad.config.job_config import CheckpointConfig
+from tetrad.config.loader import parse_exclude
+
+logger = logging.getLogger(__name__)
+
+COMPLETE = "COMPLETE"
+"""Marker file, written last into a finished checkpoint."""
+
+_STEP_DIR = re.compile(r"^step-(\d+)(\.tmp)?$")
+
+
+def step_folder(folder: Path, step: int, *, tmp: bool = False) -> Path:
+    """Where step ``step``'s checkpoint lives (``tmp``: while it is being written)."""
+    return folder / (f"step-{step}.tmp" if tmp else f"step-{step}")
+
+
+def step_of(path: Path) -> int | None:
+    """N of a ``step-N`` (or ``step-N.tmp``) folder; None for any other name."""
+    m = _STEP_DIR.match(path.name)
+    return int(m[1]) if m else None
+
+
+def complete_steps(folder: Path, *, report: bool = False) -> list[int]:
+    """Steps of the complete checkpoints in ``folder``, oldest first; with ``report``, log (on
+    rank 0) every step folder that is skipped and why."""
+    if not folder.is_dir():
+        return []
+    steps = []
+    for path in sorted(folder.iterdir()):
+        if (step := step_of(path)) is None:
+            continue
+        if problem := checkpoint_problem(path):
+            if report and (not dist.is_initialized() or dist.get_rank() == 0):
+                logger.warning("skipping checkpoint %s: %s", path, problem)
+        else:
+            steps.append(step)
+    return sorted(steps)
+
+
+def resume_source(config: CheckpointConfig, folder: Path) -> Path | None:
+    """The checkpoint a run starts from: with --checkpoint.enable the chosen
+    (--checkpoint.load_step) or latest complete one in its own ``folder``, else a DCP
+    --checkpoint.initial_load_path; None: start from scratch (or from HF weights, which the
+    trainer loads). Reads folder names and metadata only; logs skipped folders on rank 0."""
+    if config.enable and config.load_step >= 0:
+        path = step_folder(folder, config.load_step)
+        if problem := checkpoint_problem(path):
+            raise ConfigError(f"--checkpoint.load_step {config.load_step}: {path}: {problem}")
+        return path
+    if config.enable and (steps := complete_steps(folder, report=True)):
+        return step_folder(folder, steps[-1])
+    if config.initial_load_path and not config.initial_load_in_hf:
+        path = Path(config.initial_load_path)
+        if problem := checkpoint_problem(path, need_marker=False):
+            raise ConfigError(f"--checkpoint.initial_load_path {path}: {problem}")
+        return path
+    return None
+
+
+def will_load_model(config: CheckpointConfig, source: Path | None) -> bool:
+    """Whether ``CheckpointManager.load`` will load the model's weights from ``source`` (from
+    ``resume_source``), so the trainer need not initialise or load them otherwise. A seed
+    checkpoint run never loads."""
+    if source is None or config.create_seed_checkpoint:
+        return False
+    if "model" in parse_exclude(config.exclude_from_loading):
+        return False
+    return any(key.startswith("model.") for key in read_metadata(source).state_dict_metadata)
+
+
+def checkpoint_problem(path: Path, *, need_marker: bool = True) -> str | None:
+    """Why ``path`` is not a complete, intact checkpoint; None if it is one."""
+    if not path.exists():
+        return "it does not exist"
+    if not path.is_dir():
+        return "it is not a folder"
+    if path.name.endswith(".tmp"):
+        return "it is a save that did not finish (temporary name)"
+    if need_marker and not (path / COMPLETE).is_file():
+        return f"it has no {COMPLETE} marker (a save that did not finish)"
+    if not (path / ".metadata").is_file():
+        return "it is not a DCP checkpoint (no .metadata file)"
+    try:
+        metadata = read_metadata(path)
+    except Exception as e:  # a truncated or foreign file: report, never load
+        return f"its .metadata cannot be read ({type(e).__name__})"
+    needed: dict[str, int] = {}
+    for info in (metadata.storage_data or {}).values():
+        end = info.offset + info.length
+        needed[info.relative_path] = max(needed.get(info.relative_path, 0), end)
+    for name, size in sorted(needed.items()):
+        file = path / name
+        if not file.is_file():
+            return f"its data file {name} is missing"
+        if file.stat().st_size < size:
+            return f"its data file {name} is truncated"
+    return None
+
+
+def read_metadata(path: Path) -> Metadata:
+    """DCP's ``.metadata`` of a checkpoint: every key's shape and dtype, no tensor data."""
+    return dcp.FileSystemReader(str(path)).read_metadata()
+
+
+def check_model_matches(
+    model_state: dict[str, Any], metadata: Metadata, path: Path, all_keys: set[str]
+) -> None:
+    """A one-line ConfigError naming the first parameter whose name or shape differs between the
+    model and the checkpoint. ``all_keys``: every FQN of the whole model (pipeline ranks hold
+    only some of them)."""
+    saved = {
+        key.removeprefix("model."): md.size
+        for key, md in metadata.state_dict_metadata.items()
+        if key.startswith("model.") and isinstance(md, TensorStorageMetadata)
+    }
+    for fqn, tensor in model_state.items():
+        if fqn not in saved:
+            raise ConfigError(f"checkpoint {path} does not fit the model: it has no {fqn}")
+        if tuple(saved[fqn]) != tuple(tensor.shape):
+            raise ConfigError(
+                f"checkpoint {path} does not fit the model: {fqn} has shape "
+                f"{tuple(saved[fqn])} in the checkpoint but {tuple(tensor.shape)} in the model"
+            )
+    if extra := sorted(set(saved) - all_keys):
+        raise ConfigError(
+            f"checkpoint {path} does not fit the model: the model has no {extra[0]} "
+            f"(the checkpoint holds {len(extra)} parameter(s) the model lacks)"
+        )
+
+
+def write_complete(tmp: Path, final: Path, *, step: int, names: list[str]) -> None:
+    """Mark a fully written checkpoint complete (marker last, synced) and give it its name."""
+    marker = tmp / COMPLETE
+    marker.write_text(json.dumps({"step": step, "states": names, "time": time.time()}))
+    _fsync(marker)
+    tmp.rename(final)
+    _fsync(final.parent)
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
