@@ -240,6 +240,12 @@ def test_overrides_rederive_dependent_fields(folders: dict[str, Path], tmp_path:
     assert qwen2.n_layers == 2 and len(qwen2.hf_config.layer_types) == 2
     with torch.device("meta"):
         assert len(build_hf_model(qwen2).layers) == 2
+    # transformers' own validation of the rebuilt config, as a one-line error.
+    with pytest.raises(
+        ConfigError, match=r"not a multiple of the number of attention heads"
+    ) as err:
+        resolve(folders["llama"], "--model.hf_overrides=num_attention_heads=3")
+    assert "\n" not in str(err.value)
 
 
 def test_overrides_take_json_lists() -> None:

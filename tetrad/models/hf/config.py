@@ -18,6 +18,7 @@ from types import ModuleType
 from typing import Any, Literal
 
 from huggingface_hub import snapshot_download
+from huggingface_hub.errors import StrictDataclassError
 
 from tetrad.config import Config, ConfigError
 
@@ -34,8 +35,13 @@ NATIVE_FAMILIES = {
 _WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
 # What a hub download fetches: transformers' weights (not e.g. Mistral's consolidated.safetensors
 # copy), config and tokenizer files.
-_HUB_PATTERNS = ["model*.safetensors", "model.safetensors.index.json", "*.json", "*.jinja",
-                 "tokenizer.model"]  # fmt: skip
+_HUB_PATTERNS = [
+    "model*.safetensors",
+    "model.safetensors.index.json",
+    "*.json",
+    "*.jinja",
+    "tokenizer.model",
+]
 # Config fields that __post_init__ derives when they are None (head_dim from the width and
 # head count, layer_types from the layer count and window), by the fields they follow.
 _DERIVED = {
@@ -200,7 +206,7 @@ def apply_overrides(hf_config: Any, overrides: dict[str, str]) -> tuple[Any, dic
     data = {k: v for k, v in known.items() if k not in stale} | applied
     try:
         return cls(**data), applied
-    except (TypeError, ValueError) as err:  # transformers' own validation of the values
+    except (StrictDataclassError, TypeError, ValueError) as err:  # transformers' validation
         reason = " ".join(str(err).split())[:200]
         raise ConfigError(f"--model.hf_overrides {overrides}: {reason}") from err
 
