@@ -5,19 +5,23 @@ from __future__ import annotations
 
 import importlib.util
 import re
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 import transformers
+from safetensors.torch import load_file, save_file
 
+from tetrad.components.hf_checkpoint import load_hf_weights
 from tetrad.components.loss import IGNORE_INDEX, cross_entropy_sum
 from tetrad.config import ConfigError, load_config
 from tetrad.data import build_tokenizer
 from tetrad.models import get_model_spec
 from tetrad.models.hf import HFStateDictAdapter, build_hf_model, count_params, resolve_hf_config
 from tetrad.models.hf import num_flops_per_token as hf_flops
-from tetrad.models.llama3 import Llama3Config
+from tetrad.models.hf.config import import_transformers, parse_overrides
+from tetrad.models.llama3 import Llama3Config, Llama3StateDictAdapter
 from tetrad.models.llama3.model import num_flops_per_token as llama3_flops
 
 REPO = Path(__file__).resolve().parents[2]
@@ -38,6 +42,17 @@ def folders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 def resolve(folder: Path, *args: str):
     config = load_config(["--model.name=hf", f"--model.hf_path={folder}", *args])
     return resolve_hf_config(config, vocab_size=build_tokenizer(str(folder)).vocab_size)
+
+
+def load_weights(folder: Path, *args: str) -> torch.nn.Module:
+    """The folder's weights loaded as the trainer loads them: meta build, then the load."""
+    model_config = resolve(folder, *args)
+    with torch.device("meta"):
+        model = build_hf_model(model_config)
+    model.to_empty(device="cpu")
+    model.init_buffers()
+    load_hf_weights(model, folder, HFStateDictAdapter(model_config))
+    return model
 
 
 def load_pair(folder: Path, *args: str):
@@ -94,8 +109,9 @@ def test_config_json_is_the_truth_and_overrides_are_explicit(folders: dict[str, 
     with pytest.raises(
         ConfigError,
         match=r"9 checkpoint tensors have no place in the model \(e\.g\. model\.layers\.1\.",
-    ):
-        resolve(folders["llama"], overrides)
+    ) as err:
+        load_weights(folders["llama"], overrides)
+    assert "\n" not in str(err.value) and "--model.hf_overrides" in str(err.value)
     with pytest.raises(
         ConfigError, match="has no field 'num_hiden_layers'; did you mean num_hidden_layers"
     ):
@@ -205,3 +221,86 @@ def test_published_sizes_from_config_json(name, config, published, tmp_path: Pat
     total = count_params(model_config)["total"]
     assert total == sum(p.numel() for p in model.parameters())
     assert total == pytest.approx(published, rel=5e-3), name
+
+
+def test_overrides_rederive_dependent_fields(folders: dict[str, Path], tmp_path: Path) -> None:
+    llama = resolve(
+        folders["llama"], "--model.hf_overrides=hidden_size=128", "--model.hf_init=random"
+    )
+    assert (llama.dim, llama.head_dim, llama.hf_config.head_dim) == (128, 32, 32)
+    # An explicit head_dim wins, and Qwen3's head_dim is a field of its own, not derived.
+    both = "--model.hf_overrides=hidden_size=128,head_dim=64"
+    assert resolve(folders["llama"], both, "--model.hf_init=random").head_dim == 64
+    qwen3 = resolve(
+        folders["qwen3"], "--model.hf_overrides=hidden_size=128", "--model.hf_init=random"
+    )
+    assert qwen3.head_dim == 16
+    folder = make_tiny.make_tiny_hf_model(tmp_path, "qwen2", weights=False, num_hidden_layers=4)
+    qwen2 = resolve(folder, "--model.hf_overrides=num_hidden_layers=2")
+    assert qwen2.n_layers == 2 and len(qwen2.hf_config.layer_types) == 2
+    with torch.device("meta"):
+        assert len(build_hf_model(qwen2).layers) == 2
+    # transformers' own validation of the rebuilt config, as a one-line error.
+    with pytest.raises(
+        ConfigError, match=r"not a multiple of the number of attention heads"
+    ) as err:
+        resolve(folders["llama"], "--model.hf_overrides=num_attention_heads=3")
+    assert "\n" not in str(err.value)
+
+
+def test_overrides_take_json_lists() -> None:
+    text = (
+        'num_hidden_layers=2, layer_types=["full_attention","full_attention"],eos_token_id=[1, 2]'
+    )
+    assert parse_overrides(text) == {
+        "num_hidden_layers": "2",
+        "layer_types": '["full_attention","full_attention"]',
+        "eos_token_id": "[1, 2]",
+    }
+    assert parse_overrides('hidden_act="gelu,tanh"') == {"hidden_act": '"gelu,tanh"'}
+    with pytest.raises(ConfigError, match="'oops' is not key=value"):
+        parse_overrides("a=1,oops")
+
+
+def test_tied_checkpoint_may_store_the_output_copy(tmp_path: Path) -> None:
+    folder = make_tiny.make_tiny_hf_model(tmp_path, "llama", tie_word_embeddings=True)
+    state = load_file(folder / "model.safetensors")
+    assert "lm_head.weight" not in state
+    state["lm_head.weight"] = state["model.embed_tokens.weight"].clone()
+    save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
+    model = load_weights(folder)
+    assert model.lm_head.weight is model.embed_tokens.weight
+    assert torch.equal(model.lm_head.weight, state["model.embed_tokens.weight"])
+
+
+def test_missing_tensors_are_one_line_error(folders: dict[str, Path], tmp_path: Path) -> None:
+    folder = make_tiny.make_tiny_hf_model(tmp_path, "llama")
+    state = load_file(folder / "model.safetensors")
+    del state["model.norm.weight"]
+    save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(
+        ConfigError, match=r"1 model tensors are missing from it \(e\.g\. model\.norm\.weight\)"
+    ):
+        load_weights(folder)
+
+
+def test_context_parallel_rejects_attention_dropout(folders: dict[str, Path]) -> None:
+    dropout = "--model.hf_overrides=attention_dropout=0.1"
+    with pytest.raises(ConfigError, match=r"pass --model.hf_overrides attention_dropout=0$"):
+        resolve(folders["llama"], dropout, "--parallelism.cp=2")
+    assert resolve(folders["llama"], dropout).hf_config.attention_dropout == 0.1
+
+
+def test_missing_transformers_is_one_line_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "transformers", None)  # what an absent package imports as
+    with pytest.raises(ConfigError, match=r"^the hf backend needs transformers: pip install"):
+        import_transformers()
+
+
+def test_llama3_adapter_unknown_fqn_is_config_error() -> None:
+    adapter = Llama3StateDictAdapter(Llama3Config(dim=64, n_layers=2, n_heads=4, vocab_size=256))
+    assert (
+        adapter.hf_key("layers.0.attention.wq.weight") == "model.layers.0.self_attn.q_proj.weight"
+    )
+    with pytest.raises(ConfigError, match=r"'layers\.0\.extra\.weight' has no Hugging Face"):
+        adapter.hf_key("layers.0.extra.weight")

@@ -55,9 +55,45 @@ def hf_weight_map(folder: Path) -> dict[str, Path]:
     )
 
 
+def _model_keys(local: set[str]) -> set[str]:
+    """The HF keys the whole model needs: under pipeline parallel each rank holds only its
+    stage's, so the union over ranks (a collective when distributed)."""
+    if not _distributed():
+        return local
+    everyone: list[set[str] | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, local)
+    return set().union(*(keys for keys in everyone if keys is not None))
+
+
+def _check_keys(
+    folder: Path, weight_map: dict[str, Path], needed: set[str], tied: set[str]
+) -> None:
+    """Every checkpoint tensor must have a place in the model and every model tensor must be in
+    the checkpoint, so a model smaller than its weights does not silently drop some. A tied
+    model's output copy (some checkpoints store it) is ignored."""
+    extra = sorted(set(weight_map) - needed - tied)
+    missing = sorted(needed - set(weight_map))
+    if not extra and not missing:
+        return
+    problems = []
+    if extra:
+        problems.append(
+            f"{len(extra)} checkpoint tensors have no place in the model (e.g. {extra[0]})"
+        )
+    if missing:
+        problems.append(f"{len(missing)} model tensors are missing from it (e.g. {missing[0]})")
+    raise ConfigError(
+        f"Hugging Face checkpoint {folder} does not fit the model: {'; '.join(problems)}; "
+        "check --model.flavor, or --model.hf_overrides (a resized HF model needs "
+        "--model.hf_init random), or that the folder holds this model's weights"
+    )
+
+
 @torch.no_grad()
 def load_hf_weights(model: nn.Module, folder: Path, adapter: StateDictAdapter) -> None:
-    """Copy HF weights into ``model``'s parameters (plain or DTensor), in place."""
+    """Copy HF weights into ``model``'s parameters (plain or DTensor), in place; a collective
+    when distributed. A one-line ConfigError when the checkpoint's tensors and the model's
+    differ in name or shape."""
     folder = Path(folder)
     weight_map = hf_weight_map(folder)
     targets = {
@@ -65,12 +101,10 @@ def load_hf_weights(model: nn.Module, folder: Path, adapter: StateDictAdapter) -
         for fqn, tensor in model.state_dict().items()
         if (key := adapter.hf_key(fqn)) is not None
     }
-    for fqn, (key, _) in targets.items():
-        if key not in weight_map:
-            raise ConfigError(
-                f"Hugging Face checkpoint {folder} has no '{key}' (for '{fqn}'); "
-                "is it a checkpoint of this model?"
-            )
+    needed = _model_keys({key for key, _ in targets.values()})
+    # Adapters of tied models name the output's HF key(s); the protocol does not require it.
+    tied = set(getattr(adapter, "tied_keys", ()))
+    _check_keys(folder, weight_map, needed, tied)
     files = {}  # safetensors files open lazily: only the tensors read are loaded
     for fqn, (key, tensor) in tqdm(
         targets.items(), desc=f"loading {folder.name}", disable=_rank() != 0, leave=False

@@ -8,12 +8,17 @@ parallelize function, the FLOP counter and the state-dict adapter all read.
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 from typing import Any, Literal
+
+from huggingface_hub import snapshot_download
+from huggingface_hub.errors import StrictDataclassError
 
 from tetrad.config import Config, ConfigError
 
@@ -28,6 +33,35 @@ NATIVE_FAMILIES = {
     "qwen3": "Qwen3ForCausalLM",
 }
 _WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
+# What a hub download fetches: transformers' weights (not e.g. Mistral's consolidated.safetensors
+# copy), config and tokenizer files.
+_HUB_PATTERNS = [
+    "model*.safetensors",
+    "model.safetensors.index.json",
+    "*.json",
+    "*.jinja",
+    "tokenizer.model",
+]
+# Config fields that __post_init__ derives when they are None (head_dim from the width and
+# head count, layer_types from the layer count and window), by the fields they follow.
+_DERIVED = {
+    "head_dim": ("hidden_size", "num_attention_heads"),
+    "layer_types": (
+        "num_hidden_layers",
+        "sliding_window",
+        "use_sliding_window",
+        "max_window_layers",
+    ),
+}
+
+
+def import_transformers() -> ModuleType:
+    """transformers, an optional dependency: imported only by the hf backend."""
+    try:
+        import transformers
+    except ImportError as err:
+        raise ConfigError("the hf backend needs transformers: pip install 'tetrad[hf]'") from err
+    return transformers
 
 
 @dataclass(kw_only=True)
@@ -106,10 +140,29 @@ class HFModelConfig:
         return data
 
 
+def _split_items(text: str) -> list[str]:
+    """Split on the commas outside brackets, braces and quotes, so values may be JSON lists."""
+    items, depth, quote, start = [], 0, "", 0
+    for i, char in enumerate(text):
+        if quote:
+            quote = "" if char == quote else quote
+        elif char in "\"'":
+            quote = char
+        elif char in "[{":
+            depth += 1
+        elif char in "]}":
+            depth -= 1
+        elif char == "," and depth == 0:
+            items.append(text[start:i])
+            start = i + 1
+    return [*items, text[start:]]
+
+
 def parse_overrides(text: str) -> dict[str, str]:
-    """``"a=1,b=x"`` → {"a": "1", "b": "x"}; a one-line ConfigError on a malformed item."""
+    """``'a=1,b=x,c=["p","q"]'`` → {"a": "1", "b": "x", "c": '["p","q"]'}: items split on the
+    commas outside brackets and quotes; a one-line ConfigError on a malformed item."""
     items: dict[str, str] = {}
-    for item in filter(None, (part.strip() for part in text.split(","))):
+    for item in filter(None, (part.strip() for part in _split_items(text))):
         key, eq, value = item.partition("=")
         if not eq or not key.strip():
             raise ConfigError(f"--model.hf_overrides: {item!r} is not key=value")
@@ -124,8 +177,10 @@ def _parse_value(raw: str) -> Any:
         return raw  # a bare string, e.g. hidden_act=gelu
 
 
-def apply_overrides(hf_config: Any, overrides: dict[str, str]) -> dict[str, Any]:
-    """Set each key on the config (only keys it already has), logging old → new."""
+def apply_overrides(hf_config: Any, overrides: dict[str, str]) -> tuple[Any, dict[str, Any]]:
+    """The config rebuilt with the overrides (only keys it already has), logging old → new,
+    and the overrides applied. Rebuilt, not patched: fields derived from an overridden one
+    (head_dim, layer_types) are derived again unless overridden themselves."""
     applied: dict[str, Any] = {}
     known = hf_config.to_dict()
     for key, raw in overrides.items():
@@ -137,9 +192,23 @@ def apply_overrides(hf_config: Any, overrides: dict[str, str]) -> dict[str, Any]
             )
         value = _parse_value(raw)
         logger.info("hf config override: %s = %r (config.json: %r)", key, value, known[key])
-        setattr(hf_config, key, value)
         applied[key] = value
-    return applied
+    if not applied:
+        return hf_config, applied
+    cls = type(hf_config)
+    fields = dataclasses.fields(cls) if dataclasses.is_dataclass(cls) else ()
+    derivable = {f.name for f in fields if f.default is None}
+    stale = {
+        field
+        for field, sources in _DERIVED.items()
+        if field in derivable and field not in applied and applied.keys() & set(sources)
+    }
+    data = {k: v for k, v in known.items() if k not in stale} | applied
+    try:
+        return cls(**data), applied
+    except (StrictDataclassError, TypeError, ValueError) as err:  # transformers' validation
+        reason = " ".join(str(err).split())[:200]
+        raise ConfigError(f"--model.hf_overrides {overrides}: {reason}") from err
 
 
 def _local_folder(source: str) -> Path:
@@ -150,10 +219,7 @@ def _local_folder(source: str) -> Path:
     if path.exists() or source.startswith((".", "/", "~")):
         raise ConfigError(f"--model.hf_path {source!r}: not a folder")
     try:
-        from huggingface_hub import snapshot_download
-
-        patterns = ["*.json", "*.safetensors", "*.jinja", "tokenizer.model"]
-        return Path(snapshot_download(source, allow_patterns=patterns))
+        return Path(snapshot_download(source, allow_patterns=_HUB_PATTERNS))
     except Exception as err:  # the hub client raises many types; all mean "cannot fetch it"
         reason = f"{type(err).__name__}: {' '.join(str(err).split())[:200]}"
         raise ConfigError(
@@ -178,8 +244,7 @@ def _chat_template(folder: Path) -> str | None:
 
 
 def _architecture(hf_config: Any, source: str) -> str:
-    import transformers
-
+    transformers = import_transformers()
     supported = ", ".join(NATIVE_FAMILIES.values())
     for name in hf_config.architectures or []:
         if name.endswith(("ForCausalLM", "LMHeadModel")) and hasattr(transformers, name):
@@ -193,6 +258,12 @@ def _architecture(hf_config: Any, source: str) -> str:
 
 def _check_parallelism(config: Config, resolved: HFModelConfig) -> None:
     p = config.parallelism
+    dropout = getattr(resolved.hf_config, "attention_dropout", 0.0) or 0.0
+    if p.cp > 1 and dropout > 0:
+        raise ConfigError(
+            f"{resolved.architecture} has attention_dropout {dropout}, which context parallel "
+            "does not support; pass --model.hf_overrides attention_dropout=0"
+        )
     if resolved.native:
         return
     supported = ", ".join(NATIVE_FAMILIES.values())
@@ -221,50 +292,19 @@ def _check_sliding_window(config: Config, hf_config: Any) -> None:
             )
 
 
-def _check_checkpoint_keys(resolved: HFModelConfig) -> None:
-    """Every tensor of the checkpoint must have a place in the model and vice versa: a model
-    smaller than its weights (a changed layer count) must not silently drop some."""
-    import torch
-
-    from tetrad.components.hf_checkpoint import hf_weight_map
-    from tetrad.models.hf import HFStateDictAdapter, build_hf_model
-
-    with torch.device("meta"):
-        model = build_hf_model(resolved)
-    adapter = HFStateDictAdapter(resolved)
-    expected = {adapter.hf_key(fqn) for fqn in model.state_dict()} - {None}
-    stored = set(hf_weight_map(resolved.folder))
-    if resolved.tie_embeddings:
-        stored -= adapter.tied_keys  # some tied checkpoints store the copy too
-    problems = (
-        (stored - expected, "checkpoint tensors have no place in the model"),
-        (expected - stored, "model tensors are missing from the checkpoint"),
-    )
-    for keys, problem in problems:
-        if keys:
-            raise ConfigError(
-                f"{resolved.folder}: {len(keys)} {problem} "
-                f"(e.g. {sorted(keys)[0]}); config.json and the weights disagree, or "
-                f"--model.hf_overrides {resolved.overrides} changed the model's shape: use "
-                "--model.hf_init random for a resized variant"
-            )
-
-
 def resolve_hf_config(config: Config, vocab_size: int) -> HFModelConfig:
     """--model.hf_path/hf_overrides/hf_init → HFModelConfig; one-line ConfigErrors."""
-    from transformers import AutoConfig
-
     m = config.model
     if not m.hf_path:
         raise ConfigError("--model.name hf needs --model.hf_path (a folder or a hub id)")
     folder = _local_folder(m.hf_path)
     try:
-        hf_config = AutoConfig.from_pretrained(folder)
+        hf_config = import_transformers().AutoConfig.from_pretrained(folder)
     except (OSError, ValueError, KeyError) as err:
         raise ConfigError(
             f"--model.hf_path {m.hf_path!r}: cannot read config.json ({err})".splitlines()[0]
         ) from err
-    overrides = apply_overrides(hf_config, parse_overrides(m.hf_overrides))
+    hf_config, overrides = apply_overrides(hf_config, parse_overrides(m.hf_overrides))
     hf_config.architectures = [_architecture(hf_config, m.hf_path)]
     hf_config.use_cache = False
     hf_config._attn_implementation = "sdpa"  # causal SDPA: what context parallel intercepts
@@ -291,8 +331,6 @@ def resolve_hf_config(config: Config, vocab_size: int) -> HFModelConfig:
         )
     _check_parallelism(config, resolved)
     _check_sliding_window(config, hf_config)
-    if init == "pretrained":
-        _check_checkpoint_keys(resolved)
     logger.info(
         "hf model %s (%s): %d layers, dim %d, %d heads (%d kv), vocab %d, %s weights",
         m.hf_path, resolved.architecture, resolved.n_layers, resolved.dim, resolved.n_heads,

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from tetrad.config import ConfigError
-from tetrad.models.hf.config import HFModelConfig
+from tetrad.models.hf.config import HFModelConfig, import_transformers
 
 
 class _HFBase(nn.Module):
@@ -47,11 +47,21 @@ class _HFBase(nn.Module):
         if self.config.tie_embeddings and embed is not None and head is not None:
             head.weight = embed.weight  # to_empty unties shared parameters
 
+    def _move_buffers(self, buffer_device: torch.device | None) -> None:
+        """Put the non-persistent buffers on ``buffer_device`` (None: leave them where they
+        are), e.g. the GPU while CPU offload keeps the parameters on the host."""
+        if buffer_device is None:
+            return
+        for module in self.modules():
+            for name in module._non_persistent_buffers_set:
+                if (buffer := module._buffers.get(name)) is not None:
+                    module._buffers[name] = buffer.to(buffer_device)
+
     @torch.no_grad()
     def init_buffers(self, buffer_device: torch.device | None = None) -> None:
         """Recompute the non-persistent buffers (garbage after ``to_empty``, in no checkpoint)
-        and re-tie the embeddings; parameters are left as they are (loaded weights). Buffers
-        stay on their device."""
+        on ``buffer_device`` (default: where they are) and re-tie the embeddings; parameters
+        are left as they are (loaded weights)."""
         self._tie()
         for module in self.modules():
             if not module._non_persistent_buffers_set:
@@ -67,12 +77,13 @@ class _HFBase(nn.Module):
                 self._hf_init_weights(module)
             finally:
                 module._parameters.update(params)
+        self._move_buffers(buffer_device)
 
     @torch.no_grad()
     def init_weights(self, buffer_device: torch.device | None = None) -> None:
         """Every parameter from the global RNG in module order, as the HF class initialises
         them, so a meta build materialised with ``to_empty`` matches a direct one under one
-        seed."""
+        seed; buffers then go to ``buffer_device`` (default: where they are)."""
         self._tie()
         seen: set[int] = set()
         for module in self.modules():
@@ -81,6 +92,7 @@ class _HFBase(nn.Module):
                 continue  # a tied lm_head: its matrix is the embedding's, initialised once
             seen.update(params)
             self._hf_init_weights(module)
+        self._move_buffers(buffer_device)
 
 
 class HFCausalLM(_HFBase):
@@ -174,9 +186,7 @@ class HFGenericCausalLM(_HFBase):
 def build_hf_model(config: HFModelConfig) -> nn.Module:
     """Instantiate the config's ``*ForCausalLM`` (under the caller's device context, meta in
     the trainer) and wrap it."""
-    import transformers
-
-    cls: Any = getattr(transformers, config.architecture)
+    cls: Any = getattr(import_transformers(), config.architecture)
     hf_model = cls(config.hf_config)
     wrapper = HFCausalLM if config.native else HFGenericCausalLM
     return wrapper(config, hf_model)

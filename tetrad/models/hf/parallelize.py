@@ -1,5 +1,6 @@
-"""Where HF module structure meets the mesh: float8 → TP/SP → activation checkpointing →
-compile → FSDP/HSDP/DDP, the same contract and order as llama3.
+"""Where HF module structure meets the mesh: its tensor-parallel plan, applied in the fixed
+order of ``tetrad.distributed.parallelize`` (float8 → TP/SP → activation checkpointing →
+compile → FSDP/HSDP/DDP), as for llama3.
 
 The tensor-parallel plan comes from module roles, which the Llama-like families name alike:
 q/k/v and gate/up projections split by output columns, o/down by input rows, the embedding and
@@ -19,21 +20,14 @@ from torch.distributed.tensor.parallel import (
     parallelize_module,
 )
 
-from tetrad.components.float8 import apply_float8
 from tetrad.config import Config, ConfigError
-from tetrad.distributed.activation_checkpoint import apply_activation_checkpointing
-from tetrad.distributed.compile import apply_compile
-from tetrad.distributed.data_parallel import apply_ddp, apply_fsdp, mixed_precision_policy
 from tetrad.distributed.parallel_dims import ParallelDims
-from tetrad.models.hf.config import NATIVE_FAMILIES, HFModelConfig
+from tetrad.distributed.parallelize import apply_parallelisms
+from tetrad.models.hf.config import HFModelConfig
 
 
 def _check_tensor_parallel(config: HFModelConfig, tp: int) -> None:
-    if not config.native:
-        raise ConfigError(
-            f"{config.architecture} is not yet supported for --parallelism.tp > 1 "
-            f"(supported: {', '.join(NATIVE_FAMILIES.values())}); FSDP is"
-        )
+    """What the plan cannot split (non-native architectures are rejected when resolving)."""
     if config.tie_embeddings:
         raise ConfigError(
             f"{config.source} ties lm_head to embed_tokens (tie_word_embeddings), which "
@@ -95,37 +89,24 @@ def apply_tensor_parallel(
 
 
 def parallelize_hf(model: nn.Module, parallel_dims: ParallelDims, config: Config) -> None:
-    """Apply every configured parallelism to an HF model (on meta) in place."""
-    meshes, p = parallel_dims.meshes, config.parallelism
-    model_config: HFModelConfig = model.config
-    if config.float8.enable and parallel_dims.tp > 1:
-        raise ConfigError("--float8.enable with --parallelism.tp > 1 is not supported yet")
-    apply_float8(model, config.float8, skip_fqns={"lm_head"})
-    if parallel_dims.tp > 1:
-        _check_tensor_parallel(model_config, parallel_dims.tp)
+    """Apply every configured parallelism to an HF model (on meta) in place. Non-native
+    architectures never reach tensor parallel: resolve_hf_config rejects tp > 1 for them."""
+    p = config.parallelism
+
+    def tensor_parallel(tp_mesh: DeviceMesh) -> None:
+        _check_tensor_parallel(model.config, parallel_dims.tp)
         apply_tensor_parallel(
             model,
-            meshes["tp"],
+            tp_mesh,
             sequence_parallel=p.enable_sequence_parallel,
             loss_parallel=p.enable_loss_parallel,
         )
-    apply_activation_checkpointing(model.layers, config.activation_checkpoint)
-    apply_compile(model, model.layers, config.compile, whole_model=parallel_dims.tp > 1)
 
-    mp_policy = mixed_precision_policy(
-        config.training.mixed_precision_param,
-        config.training.mixed_precision_reduce,
-        meshes["world"].device_type,
+    apply_parallelisms(
+        model,
+        model.layers,
+        parallel_dims,
+        config,
+        tensor_parallel=tensor_parallel,
+        float8_skip_fqns={"lm_head"},
     )
-    blocks = list(model.layers.children())
-    if parallel_dims.fsdp_enabled:
-        apply_fsdp(
-            model,
-            blocks,
-            meshes["fsdp"],
-            mp_policy=mp_policy,
-            reshard_after_forward=p.fsdp_reshard_after_forward,
-            cpu_offload=config.training.enable_cpu_offload,
-        )
-    elif parallel_dims.dp_replicate > 1:
-        apply_ddp(model, blocks, meshes["dp_replicate"], mp_policy=mp_policy)

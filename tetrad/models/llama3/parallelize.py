@@ -1,5 +1,6 @@
-"""Where the Llama-3 module structure meets the mesh: float8 → TP/SP → activation checkpointing
-→ compile → FSDP/HSDP/DDP, in that order (each step wraps what the previous one produced)."""
+"""Where the Llama-3 module structure meets the mesh: its tensor-parallel plan, applied in the
+fixed order of ``tetrad.distributed.parallelize`` (float8 → TP/SP → activation checkpointing →
+compile → FSDP/HSDP/DDP)."""
 
 from __future__ import annotations
 
@@ -14,12 +15,9 @@ from torch.distributed.tensor.parallel import (
     parallelize_module,
 )
 
-from tetrad.components.float8 import apply_float8
-from tetrad.config import Config, ConfigError
-from tetrad.distributed.activation_checkpoint import apply_activation_checkpointing
-from tetrad.distributed.compile import apply_compile
-from tetrad.distributed.data_parallel import apply_ddp, apply_fsdp, mixed_precision_policy
+from tetrad.config import Config
 from tetrad.distributed.parallel_dims import ParallelDims
+from tetrad.distributed.parallelize import apply_parallelisms
 
 
 def apply_tensor_parallel(
@@ -68,34 +66,21 @@ def apply_tensor_parallel(
 
 def parallelize_llama3(model: nn.Module, parallel_dims: ParallelDims, config: Config) -> None:
     """Apply every configured parallelism to ``model`` (on meta) in place."""
-    meshes, p = parallel_dims.meshes, config.parallelism
-    if config.float8.enable and parallel_dims.tp > 1:
-        raise ConfigError("--float8.enable with --parallelism.tp > 1 is not supported yet")
-    apply_float8(model, config.float8, skip_fqns={"output"})
-    if parallel_dims.tp > 1:
+    p = config.parallelism
+
+    def tensor_parallel(tp_mesh: DeviceMesh) -> None:
         apply_tensor_parallel(
             model,
-            meshes["tp"],
+            tp_mesh,
             sequence_parallel=p.enable_sequence_parallel,
             loss_parallel=p.enable_loss_parallel,
         )
-    apply_activation_checkpointing(model.layers, config.activation_checkpoint)
-    apply_compile(model, model.layers, config.compile, whole_model=parallel_dims.tp > 1)
 
-    mp_policy = mixed_precision_policy(
-        config.training.mixed_precision_param,
-        config.training.mixed_precision_reduce,
-        meshes["world"].device_type,
+    apply_parallelisms(
+        model,
+        model.layers,
+        parallel_dims,
+        config,
+        tensor_parallel=tensor_parallel,
+        float8_skip_fqns={"output"},
     )
-    blocks = list(model.layers.values())
-    if parallel_dims.fsdp_enabled:
-        apply_fsdp(
-            model,
-            blocks,
-            meshes["fsdp"],
-            mp_policy=mp_policy,
-            reshard_after_forward=p.fsdp_reshard_after_forward,
-            cpu_offload=config.training.enable_cpu_offload,
-        )
-    elif parallel_dims.dp_replicate > 1:
-        apply_ddp(model, blocks, meshes["dp_replicate"], mp_policy=mp_policy)

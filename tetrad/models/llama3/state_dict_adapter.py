@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from tetrad.config import ConfigError
 from tetrad.models.llama3.model import Llama3Config
 
 _BLOCK = re.compile(r"^layers\.(\d+)\.(.+)$")
@@ -55,6 +56,8 @@ class Llama3StateDictAdapter:
 
     def __init__(self, config: Llama3Config) -> None:
         self.config = config
+        # HF keys of tied copies: not exported, ignored where a checkpoint stores them anyway.
+        self.tied_keys: set[str] = {"lm_head.weight"} if config.tie_embeddings else set()
 
     def hf_key(self, fqn: str) -> str | None:
         if fqn == "output.weight" and self.config.tie_embeddings:
@@ -63,7 +66,10 @@ class Llama3StateDictAdapter:
             return _TOP_LEVEL[fqn]
         if (m := _BLOCK.match(fqn)) and m[2] in _IN_BLOCK:
             return f"model.layers.{m[1]}.{_IN_BLOCK[m[2]]}"
-        raise KeyError(f"{fqn} has no Hugging Face Llama counterpart")
+        raise ConfigError(
+            f"'{fqn}' has no Hugging Face LlamaForCausalLM counterpart: the Llama 3 adapter "
+            "maps only tetrad's llama3 Transformer's parameters"
+        )
 
     def _heads(self, fqn: str) -> int | None:
         if fqn.endswith("attention.wq.weight"):
