@@ -26,6 +26,7 @@ class SameKeys:
 
     def __init__(self, config: transformers.PretrainedConfig) -> None:
         self.config = config
+        self.tied_keys: set[str] = set()
 
     def hf_key(self, fqn: str) -> str:
         return fqn

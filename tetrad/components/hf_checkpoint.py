@@ -70,8 +70,9 @@ def _check_keys(
 ) -> None:
     """Every checkpoint tensor must have a place in the model and every model tensor must be in
     the checkpoint, so a model smaller than its weights does not silently drop some. A tied
-    model's output copy (some checkpoints store it) is ignored."""
-    extra = sorted(set(weight_map) - needed - tied)
+    model's output copy (some checkpoints store it) and rotary tables that older checkpoints
+    saved (recomputed, as transformers does) are ignored."""
+    extra = sorted(k for k in set(weight_map) - needed - tied if not k.endswith(".inv_freq"))
     missing = sorted(needed - set(weight_map))
     if not extra and not missing:
         return
@@ -103,8 +104,7 @@ def load_hf_weights(model: nn.Module, folder: Path, adapter: StateDictAdapter) -
     }
     needed = _model_keys({key for key, _ in targets.values()})
     # Adapters of tied models name the output's HF key(s); the protocol does not require it.
-    tied = set(getattr(adapter, "tied_keys", ()))
-    _check_keys(folder, weight_map, needed, tied)
+    _check_keys(folder, weight_map, needed, adapter.tied_keys)
     files = {}  # safetensors files open lazily: only the tensors read are loaded
     for fqn, (key, tensor) in tqdm(
         targets.items(), desc=f"loading {folder.name}", disable=_rank() != 0, leave=False

@@ -22,9 +22,22 @@ def did_you_mean(name: str, choices: Iterable[str]) -> str:
     return f" did you mean '{by_lower[match[0]]}'?" if match else ""
 
 
+def training_flops_per_token(
+    non_embedding_params: int, n_layers: int, attention_dim: int, seq_len: int
+) -> int:
+    """6·N for the forward and backward matmuls over the N non-embedding parameters (the output
+    projection counts, tied or not), plus 6·2·n_layers·attention_dim·seq_len for QKᵀ and
+    attention·V (Kaplan et al. 2020, no discount for the causal mask)."""
+    return 6 * non_embedding_params + 12 * n_layers * attention_dim * seq_len
+
+
 class StateDictAdapter(Protocol):
     """Maps one model config's parameters to and from the Hugging Face layout, one tensor at a
     time, so a rank can load or export only the tensors it holds."""
+
+    tied_keys: set[str]
+    """HF keys of a tied model's shared copy (lm_head.weight), which checkpoints may hold or
+    not; empty for an untied model."""
 
     def hf_key(self, fqn: str) -> str | None:
         """The HF key of tetrad's ``fqn``; None for a tensor HF does not store (a tied output)."""

@@ -26,6 +26,7 @@ from torch import nn
 
 from tetrad.config import ConfigError
 from tetrad.models.hf.config import HFModelConfig, import_transformers
+from tetrad.models.spec import training_flops_per_token
 
 
 class _HFBase(nn.Module):
@@ -219,9 +220,7 @@ def count_params(config: HFModelConfig) -> dict[str, int]:
 
 
 def num_flops_per_token(config: HFModelConfig, seq_len: int) -> int:
-    """Training FLOPs per token, as for llama3: 6·N over the non-embedding parameters (the
-    output projection counts, tied or not) plus 6·2·n_layers·(heads·head_dim)·seq_len for QKᵀ
-    and attention·V (Kaplan et al. 2020)."""
+    """Training FLOPs per token, as for llama3 (``training_flops_per_token``)."""
     if config.native:
         counts = count_params(config)
         n = counts["layers"] + counts["norm"] + config.vocab_size * config.dim
@@ -230,4 +229,4 @@ def num_flops_per_token(config: HFModelConfig, seq_len: int) -> int:
             model = build_hf_model(config)
         n = sum(p.numel() for p in model.parameters()) - config.vocab_size * config.dim
         n += config.vocab_size * config.dim if config.tie_embeddings else 0
-    return 6 * n + 12 * config.n_layers * config.n_heads * config.head_dim * seq_len
+    return training_flops_per_token(n, config.n_layers, config.n_heads * config.head_dim, seq_len)

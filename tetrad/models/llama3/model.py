@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tetrad.models.spec import training_flops_per_token
+
 _INIT_STD = 0.02
 
 
@@ -321,9 +323,7 @@ def count_params(config: Llama3Config) -> dict[str, int]:
 
 
 def num_flops_per_token(config: Llama3Config, seq_len: int) -> int:
-    """Training FLOPs per token: 6·N for the forward and backward matmuls over the N non-embedding
-    parameters (the output projection counts, tied or not), plus 6·2·n_layers·dim·seq_len for
-    QKᵀ and attention·V (Kaplan et al. 2020, no discount for the causal mask)."""
+    """Training FLOPs per token (``training_flops_per_token``)."""
     counts = count_params(config)
     n = counts["layers"] + counts["norm"] + config.vocab_size * config.dim
-    return 6 * n + 12 * config.n_layers * config.dim * seq_len
+    return training_flops_per_token(n, config.n_layers, config.n_heads * config.head_dim, seq_len)
