@@ -20,13 +20,13 @@ from pathlib import Path
 import torch
 import torch.distributed.checkpoint as dcp
 
-from tetrad.components.checkpoint import (
-    ModelState,
+from tetrad.components.checkpoint_folder import (
     check_model_matches,
     checkpoint_problem,
     read_metadata,
     write_complete,
 )
+from tetrad.components.checkpoint_states import ModelState
 from tetrad.components.hf_checkpoint import load_hf_weights, save_hf_weights
 from tetrad.config import ConfigError, load_config
 from tetrad.data import build_tokenizer

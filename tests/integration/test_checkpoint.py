@@ -17,7 +17,8 @@ import torch
 import torch.distributed.checkpoint as dcp
 
 from tests.conftest import REPO, TINY_RUN, read_metrics, run_train
-from tetrad.components.checkpoint import COMPLETE, ModelState, write_complete
+from tetrad.components.checkpoint_folder import COMPLETE, write_complete
+from tetrad.components.checkpoint_states import ModelState
 from tetrad.components.lr_scheduler import wsd_factor
 from tetrad.config import load_config
 from tetrad.data import build_tokenizer

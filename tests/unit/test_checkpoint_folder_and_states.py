@@ -15,15 +15,14 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
 
-from tetrad.components.checkpoint import (
-    CheckpointManager,
-    ModelState,
-    TrainState,
+from tetrad.components.checkpoint import CheckpointManager
+from tetrad.components.checkpoint_folder import (
+    read_metadata,
     resume_source,
     will_load_model,
+    write_complete,
 )
-from tetrad.components.checkpoint_folder import read_metadata, write_complete
-from tetrad.components.checkpoint_states import LoadableTrainState
+from tetrad.components.checkpoint_states import LoadableTrainState, ModelState, TrainState
 from tetrad.config import ConfigError
 from tetrad.config.job_config import CheckpointConfig
 

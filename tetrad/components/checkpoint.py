@@ -30,14 +30,10 @@ from torch.distributed.checkpoint.metadata import Metadata
 from torch.distributed.checkpoint.stateful import Stateful
 
 from tetrad.components.checkpoint_folder import (
-    COMPLETE,
     check_model_matches,
-    checkpoint_problem,
     complete_steps,
     read_metadata,
-    resume_source,
     step_folder,
-    will_load_model,
     write_complete,
 )
 from tetrad.components.checkpoint_states import (
@@ -57,22 +53,6 @@ from tetrad.models.spec import StateDictAdapter
 
 logger = logging.getLogger(__name__)
 
-# Importable from here, as before the folder rules and the states moved out.
-__all__ = [
-    "COMPLETE",
-    "STATES",
-    "CheckpointManager",
-    "ModelState",
-    "TrainState",
-    "check_model_matches",
-    "checkpoint_problem",
-    "merged_view",
-    "parse_exclude",
-    "read_metadata",
-    "resume_source",
-    "will_load_model",
-    "write_complete",
-]
 
 _DP_RANK_KEY = re.compile(r"^dataloader\.dp_rank_(\d+)\.")
 
