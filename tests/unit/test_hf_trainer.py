@@ -11,25 +11,21 @@ import pytest
 import torch
 import transformers
 
+from tests.conftest import REPO, TINY_RUN
 from tetrad.components.hf_checkpoint import save_hf_weights
 from tetrad.config import load_config
 from tetrad.models.hf import HFStateDictAdapter
 from tetrad.trainer import Trainer
 
-REPO = Path(__file__).resolve().parents[2]
 _spec = importlib.util.spec_from_file_location("make_tiny", REPO / "scripts/make_tiny_hf_model.py")
 assert _spec is not None and _spec.loader is not None
 make_tiny = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(make_tiny)
 
+# The shared tiny run, its llama3 flavor aside (an HF model's folder defines the model).
 RUN = [
     "--model.name=hf",
-    "--training.seq_len=64",
-    "--training.local_batch_size=2",
-    "--lr_scheduler.warmup_steps=1",
-    "--optimizer.lr=1e-3",
-    "--metrics.log_freq=1",
-    "--debug.deterministic",
+    *(arg for arg in TINY_RUN if not arg.startswith("--model.flavor")),
     "--metrics.peak_tflops=1",
 ]
 

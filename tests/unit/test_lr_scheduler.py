@@ -47,11 +47,7 @@ def test_no_warmup_and_scheduler_drives_optimizer() -> None:
     optimizer = torch.optim.SGD([param], lr=2.0)
     config = LRSchedulerConfig(warmup_steps=2, decay_ratio=0.5, decay_type="linear")
     scheduler = build_lr_scheduler(optimizer, config, total_steps=4)
-    lrs = []
-    for _ in range(4):
-        lrs.append(scheduler.get_last_lr()[0])
-        optimizer.step()
-        scheduler.step()
+    lrs = learning_rates(scheduler, optimizer, steps=4)
     assert lrs == pytest.approx([1.0, 2.0, 1.0, 0.0])
     # Stateful: a new scheduler loading the state continues at the same point.
     resumed = build_lr_scheduler(torch.optim.SGD([param], lr=2.0), config, total_steps=4)
@@ -67,10 +63,18 @@ def test_schedule_without_decay_steps(warmup: int, decay_ratio: float | None) ->
     optimizer = torch.optim.SGD([param], lr=1.0)
     config = LRSchedulerConfig(warmup_steps=warmup, decay_ratio=decay_ratio)
     scheduler = build_lr_scheduler(optimizer, config, total_steps=4)
+    lrs = learning_rates(scheduler, optimizer, steps=4)
+    want = [0.25, 0.5, 0.75, 1.0] if warmup == 4 else [0.5, 1.0, 1.0, 1.0]
+    assert lrs == pytest.approx(want)
+
+
+def learning_rates(
+    scheduler: torch.optim.lr_scheduler.LRScheduler, optimizer: torch.optim.Optimizer, *, steps: int
+) -> list[float]:
+    """The learning rate of each of ``steps`` optimizer steps under ``scheduler``."""
     lrs = []
-    for _ in range(4):
+    for _ in range(steps):
         lrs.append(scheduler.get_last_lr()[0])
         optimizer.step()
         scheduler.step()
-    want = [0.25, 0.5, 0.75, 1.0] if warmup == 4 else [0.5, 1.0, 1.0, 1.0]
-    assert lrs == pytest.approx(want)
+    return lrs
