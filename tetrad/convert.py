@@ -30,7 +30,7 @@ from tetrad.components.checkpoint_states import ModelState
 from tetrad.components.hf_checkpoint import load_hf_weights, save_hf_weights
 from tetrad.config import ConfigError, load_config
 from tetrad.data import build_tokenizer
-from tetrad.distributed.init import materialize_for_loading
+from tetrad.distributed.materialize import materialize_for_loading
 from tetrad.models.registry import get_model_spec
 
 USAGE = """usage: tetrad convert SRC DST [--dtype float32|bfloat16] [--config FILE] [--model.* ...]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -24,18 +25,13 @@ from tetrad.components.checkpoint_states import TrainState, merged_view
 from tetrad.components.hf_checkpoint import load_hf_weights
 from tetrad.components.loss import IGNORE_INDEX, cross_entropy_sum
 from tetrad.components.lr_scheduler import build_lr_scheduler
-from tetrad.components.metrics import MetricsLogger, peak_tflops
+from tetrad.components.metrics import MetricsLogger, host_memory_gib, memory_gib, peak_tflops
 from tetrad.components.optimizer import build_optimizer
 from tetrad.config import Config, ConfigError, save_config
 from tetrad.data import TextDataLoader, build_dataloader, build_tokenizer
 from tetrad.distributed.context_parallel import ContextParallel
-from tetrad.distributed.init import (
-    init_distributed,
-    materialize_and_init,
-    materialize_for_loading,
-    set_collective_timeout,
-    set_determinism,
-)
+from tetrad.distributed.init import init_distributed, set_collective_timeout, set_determinism
+from tetrad.distributed.materialize import materialize_and_init, materialize_for_loading
 from tetrad.distributed.parallel_dims import ParallelDims
 from tetrad.distributed.pipeline import Pipeline, guard_split_backward, plan_pipeline, split_model
 from tetrad.distributed.utils import clip_grad_norm_, reduce_sum
@@ -52,7 +48,10 @@ class Trainer:
     def __init__(self, config: Config) -> None:
         self.config = config
         set_determinism(config.debug.seed, config.debug.deterministic)
-        self.device = init_distributed(config.comm.init_timeout_seconds)
+        self.device = init_distributed(
+            config.comm.init_timeout_seconds,
+            cpu_collectives=config.training.enable_cpu_offload,
+        )
         self.rank = dist.get_rank()
         self.dump_folder = Path(config.job.dump_folder)
         init_logging(
@@ -138,6 +137,7 @@ class Trainer:
                 f"--training.seq_len {seq_len} exceeds {model_name}'s rotary table "
                 f"of {max_seq_len} positions; use a shorter --training.seq_len or a model with a longer context"
             )
+        begin = time.perf_counter()
         with torch.device("meta"):
             model = spec.build_model(self.model_config)
         self.flops_per_token = spec.num_flops_per_token(
@@ -157,13 +157,9 @@ class Trainer:
         elif (weights := self._hf_weights_folder(spec)) is not None:
             self._load_hf_weights(parts, weights)
         else:
-            materialize_and_init(
-                parts,
-                lambda: spec.build_model(self.model_config),
-                device=self.device,
-                seed=self.config.debug.seed,
-                sharded=self.parallel_dims.world_size > 1,
-            )
+            with torch.device("meta"):
+                reference = spec.build_model(self.model_config)
+            materialize_and_init(parts, reference, device=self.device, seed=self.config.debug.seed)
         for part in parts:
             part.train()
         if plan is not None:
@@ -171,10 +167,14 @@ class Trainer:
                 parts, plan, self.parallel_dims.meshes["pp"], self.device, self._pipeline_loss
             )
         num_params = sum(p.numel() for part in parts for p in part.parameters())
+        device_peak = (
+            f", device {memory_gib(self.device):.2f} GiB" if self.device.type == "cuda" else ""
+        )
         logger.info(
-            "model %s/%s: %.1fM parameters (this rank), %.1f MFLOP/token",
-            self.config.model.name, model_name, num_params / 1e6,
-            self.flops_per_token / 1e6,
+            "model %s/%s: %.1fM parameters (this rank), %.1f MFLOP/token; built in %.1f s, "
+            "peak memory: host %.2f GiB%s",
+            self.config.model.name, model_name, num_params / 1e6, self.flops_per_token / 1e6,
+            time.perf_counter() - begin, host_memory_gib(), device_peak,
         )  # fmt: skip
         return parts
 
@@ -245,7 +245,7 @@ class Trainer:
             ]
         num_tokens = sum(int((labels != IGNORE_INDEX).sum()) for _, labels in micro_batches)
         loss_mesh = self.parallel_dims.meshes["dp_cp"]
-        global_tokens = reduce_sum(torch.tensor(float(num_tokens)), loss_mesh)
+        global_tokens = reduce_sum(torch.tensor(float(num_tokens), device=self.device), loss_mesh)
         # Data-parallel gradient reduction averages over dp×cp ranks; scaling by that degree
         # turns the average into the sum of every token's gradient / all tokens.
         scale = self.parallel_dims.loss_parallel_degree / global_tokens

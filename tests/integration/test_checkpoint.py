@@ -22,6 +22,7 @@ from tetrad.components.checkpoint_states import ModelState
 from tetrad.components.lr_scheduler import wsd_factor
 from tetrad.config import load_config
 from tetrad.data import build_tokenizer
+from tetrad.distributed.materialize import init_weights
 from tetrad.models.llama3 import Transformer, llama3_presets
 from tetrad.trainer import Trainer
 
@@ -56,8 +57,7 @@ def tiny_model(seed: int, flavor: str = "tiny") -> Transformer:
     config = llama3_presets[flavor]
     vocab_size = build_tokenizer(None).vocab_size
     model = Transformer(dataclasses.replace(config, vocab_size=vocab_size))
-    torch.manual_seed(seed)
-    model.init_weights()
+    init_weights(model, seed=seed)
     return model
 
 
@@ -201,9 +201,9 @@ def test_killed_save_leaves_the_previous_checkpoint(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_seed_checkpoint_starts_every_layout_from_the_same_weights(tmp_path: Path) -> None:
     """One process initialises (seed 7) and saves step-0, in float32 whatever the export dtype;
-    FSDP 2 and TP 2 runs (seed 0) start from it. With lr 0 a step leaves the weights as they
-    were, so the runs' model-only last saves must hold the seed's weights exactly (TP 2 exports
-    them in bfloat16)."""
+    FSDP 2 writes the same seed as shards, bit for bit; FSDP 2 and TP 2 runs (seed 0) start from
+    it. With lr 0 a step leaves the weights as they were, so the runs' model-only last saves
+    must hold the seed's weights exactly (TP 2 exports them in bfloat16)."""
     seed = tmp_path / "seed"
     run_train(
         seed, *TINY_RUN, "--checkpoint.create_seed_checkpoint", "--debug.seed=7",
@@ -217,6 +217,15 @@ def test_seed_checkpoint_starts_every_layout_from_the_same_weights(tmp_path: Pat
     weights = load_model_state(step0)
     for name, tensor in tiny_model(seed=7).state_dict().items():
         assert torch.equal(weights[name], tensor), name
+    sharded_seed = tmp_path / "sharded_seed"
+    run_train(
+        sharded_seed, *TINY_RUN, "--checkpoint.create_seed_checkpoint", "--debug.seed=7",
+        "--parallelism.dp_shard=2", nproc=2,
+    )  # fmt: skip
+    sharded = load_model_state(sharded_seed / "checkpoint" / "step-0")
+    assert sharded.keys() == weights.keys()
+    for name, tensor in weights.items():
+        assert torch.equal(sharded[name], tensor), name
     run_args = [
         *TINY_RUN,
         "--training.steps=1",

@@ -9,7 +9,11 @@ import time
 import pytest
 import torch
 
-from tetrad.distributed.init import materialize_for_loading
+from tetrad.distributed.materialize import (
+    init_weights,
+    materialize_and_init,
+    materialize_for_loading,
+)
 from tetrad.models import ModelSpec, get_model_spec
 from tetrad.models.llama3 import Llama3Config, RopeScaling, Transformer, llama3_presets
 from tetrad.models.llama3.model import count_params, num_flops_per_token, rope_inv_freq
@@ -32,8 +36,7 @@ TINY = Llama3Config(
 
 def build(config: Llama3Config, seed: int = 0) -> Transformer:
     model = Transformer(config)
-    torch.manual_seed(seed)
-    model.init_weights()
+    init_weights(model, seed=seed)
     return model
 
 
@@ -109,13 +112,7 @@ def test_meta_init_matches_direct_init(tie: bool) -> None:
     config = dataclasses.replace(TINY, tie_embeddings=tie)
     direct = build(config, seed=7)
     meta = build_on_meta(config)
-    meta.to_empty(device="cpu")
-    for tensor in [*meta.parameters(), *meta.buffers()]:
-        tensor.detach().fill_(float("nan"))  # anything init_weights misses stays NaN
-    torch.manual_seed(7)
-    meta.init_weights()
-    for name, tensor in [*meta.named_parameters(), *meta.named_buffers()]:
-        assert not tensor.isnan().any(), name
+    materialize_and_init([meta], build_on_meta(config), device=torch.device("cpu"), seed=7)
     assert dict(meta.named_parameters()).keys() == dict(direct.named_parameters()).keys()
     for (name, a), (_, b) in zip(
         [*meta.named_parameters(), *meta.named_buffers()],
@@ -124,6 +121,24 @@ def test_meta_init_matches_direct_init(tie: bool) -> None:
     ):
         assert torch.equal(a, b), name
     assert (meta.output.weight is meta.tok_embeddings.weight) == tie
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_a_pipeline_stage_draws_the_same_weights(tie: bool) -> None:
+    # Each module has a seed of its own: a stage that holds only the last block (and, tied,
+    # the output layer whose matrix is the embedding's) gets the one-process values for them.
+    config = dataclasses.replace(TINY, tie_embeddings=tie)
+    direct = build(config, seed=7)
+    stage = build_on_meta(config)
+    stage.tok_embeddings = None
+    del stage.layers["0"]
+    materialize_and_init([stage], build_on_meta(config), device=torch.device("cpu"), seed=7)
+    want = direct.state_dict()
+    for name, tensor in stage.state_dict().items():
+        assert torch.equal(tensor, want[name]), name
+    # A different seed changes every module.
+    other = build(config, seed=8).state_dict()
+    assert all(not torch.equal(other[n], t) for n, t in want.items() if "norm" not in n)
 
 
 @pytest.mark.parametrize("depth_init", [True, False])

@@ -106,11 +106,6 @@ class CheckpointManager:
         }
         self.dp_world_size = int(dataloader.state_dict()["dp_world_size"])
         self.rank = dist.get_rank()
-        if config.create_seed_checkpoint and dist.get_world_size() != 1:  # the rest: config
-            raise ConfigError(
-                "--checkpoint.create_seed_checkpoint initialises the model on one process: "
-                "run it with --nproc=1 and no parallelism"
-            )
         # A group of its own for async saves: its collectives run in a background thread while
         # training's run on the others (on the default group, gloo would mix the two up).
         async_mode = config.async_mode == "async"
@@ -235,7 +230,7 @@ class CheckpointManager:
     def save_seed(self) -> None:
         """The seed checkpoint: the freshly initialised model alone, as step-0, in the model's
         own dtype (never --checkpoint.export_dtype: every layout starts from these exact
-        weights)."""
+        weights). Each rank writes its own shards, so any layout can create it."""
         self.save(0, model_only=True, dtype=None)
         self.wait()
 

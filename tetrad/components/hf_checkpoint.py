@@ -20,10 +20,11 @@ import torch.distributed as dist
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
-from torch.distributed.tensor import DTensor, distribute_tensor
+from torch.distributed.tensor import DTensor
 from tqdm import tqdm
 
 from tetrad.config import ConfigError
+from tetrad.distributed.utils import copy_full_
 from tetrad.models.spec import StateDictAdapter
 
 logger = logging.getLogger(__name__)
@@ -118,13 +119,7 @@ def load_hf_weights(model: nn.Module, folder: Path, adapter: StateDictAdapter) -
                 f"Hugging Face checkpoint {folder}: '{key}' has shape {list(full.shape)}, "
                 f"the model expects {list(tensor.shape)} for '{fqn}'"
             )
-        if isinstance(tensor, DTensor):
-            local = distribute_tensor(
-                full.to(tensor.device), tensor.device_mesh, tensor.placements, src_data_rank=None
-            )
-            tensor.to_local().copy_(local.to_local())
-        else:
-            tensor.copy_(full)
+        copy_full_(tensor, full)
     logger.info("loaded %d tensors from Hugging Face checkpoint %s", len(targets), folder)
 
 

@@ -55,11 +55,16 @@ def peak_tflops(device: torch.device, override: float | None = None) -> float:
     return measure_cpu_peak_tflops()
 
 
+def host_memory_gib() -> float:
+    """Peak resident set size of this process so far."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # ru_maxrss is in KiB
+
+
 def memory_gib(device: torch.device) -> float:
     """Peak memory of this rank: allocated on a GPU, resident set size of the process on CPU."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # ru_maxrss is in KiB
+    return host_memory_gib()
 
 
 class MetricsLogger:

@@ -218,9 +218,9 @@ class CheckpointConfig:
     copy of the state); disabled: training waits for the write."""
 
     create_seed_checkpoint: bool = False
-    """Initialise the model on one process (--nproc=1, no parallelism), save it as step-0 (model
-    only, in the model's own dtype) and exit; any parallel layout can then start from these
-    exact weights."""
+    """Initialise the model, save it as step-0 (model only, in the model's own dtype) and exit.
+    Any layout can create it (each rank writes its shards; the weights do not depend on the
+    layout) and any layout can then start from these exact weights."""
 
     last_save_model_only: bool = False
     """At the last step save the model's weights only (no optimizer, data or train state)."""

@@ -22,7 +22,7 @@ from typing import Any
 
 import tomli_w
 
-from tetrad.config.job_config import CheckpointConfig, Config, ParallelismConfig
+from tetrad.config.job_config import CheckpointConfig, Config
 
 _TRUE = {"true", "1", "yes", "on"}
 _FALSE = {"false", "0", "no", "off"}
@@ -314,12 +314,12 @@ def validate_config(config: Config) -> None:
         raise ConfigError("--parallelism.pp_layers_per_stage must be >= 1")
     if config.parallelism.dp_shard == 0 or config.parallelism.dp_shard < -1:
         raise ConfigError("--parallelism.dp_shard must be >= 1, or -1 to fill the world size")
-    _validate_checkpoint(config.checkpoint, config.parallelism)
+    _validate_checkpoint(config.checkpoint)
 
 
-def _validate_checkpoint(c: CheckpointConfig, parallelism: ParallelismConfig) -> None:
-    """The checkpoint options' own rules; the world size (one process for a seed checkpoint)
-    and the model family's HF adapter are checked at run time."""
+def _validate_checkpoint(c: CheckpointConfig) -> None:
+    """The checkpoint options' own rules; the model family's HF adapter is checked at run
+    time."""
     own = {"load_step": c.load_step != -1, "last_save_in_hf": c.last_save_in_hf}
     if not c.enable and (name := next((n for n, used in own.items() if used), None)):
         raise ConfigError(
@@ -328,10 +328,3 @@ def _validate_checkpoint(c: CheckpointConfig, parallelism: ParallelismConfig) ->
     parse_exclude(c.exclude_from_loading)
     if c.initial_load_in_hf and not c.initial_load_path:
         raise ConfigError("--checkpoint.initial_load_in_hf needs --checkpoint.initial_load_path")
-    if c.create_seed_checkpoint:
-        degrees = ("dp_replicate", "dp_shard", "tp", "pp", "cp")
-        if parallel := [f"--parallelism.{d}" for d in degrees if getattr(parallelism, d) > 1]:
-            raise ConfigError(
-                "--checkpoint.create_seed_checkpoint initialises the model on one process: "
-                f"run it with --nproc=1 and no parallelism (drop {parallel[0]})"
-            )

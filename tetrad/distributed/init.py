@@ -5,13 +5,11 @@ from __future__ import annotations
 import datetime
 import os
 import random
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch import nn
-from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 from torch.distributed.device_mesh import DeviceMesh
 
 
@@ -19,16 +17,21 @@ def device_type() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def init_distributed(timeout_seconds: int) -> torch.device:
+def init_distributed(timeout_seconds: int, *, cpu_collectives: bool = False) -> torch.device:
     """Join (or, outside torchrun, create a one-rank) process group; return this rank's device.
 
     A one-rank group keeps the single-process run on the same DeviceMesh code path as a
-    multi-process one. The backend follows the device: nccl on CUDA, gloo on CPU.
+    multi-process one. The backend follows the device: nccl on CUDA, gloo on CPU. Collectives
+    take tensors on this device (see ``tetrad.distributed.utils``); ``cpu_collectives`` also
+    registers gloo for CPU tensors on CUDA, for FSDP's CPU offload, whose sharded gradients
+    (reduced for the gradient norm) live on the host. The current CUDA device is set, which
+    object collectives on nccl rely on.
     """
-    backend = "nccl" if device_type() == "cuda" else "gloo"
+    cuda = device_type() == "cuda"
+    backend = ("cuda:nccl,cpu:gloo" if cpu_collectives else "nccl") if cuda else "gloo"
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    device = torch.device("cuda", local_rank) if backend == "nccl" else torch.device("cpu")
-    if backend == "nccl":
+    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+    if cuda:
         torch.cuda.set_device(device)
     if not dist.is_initialized():
         timeout = datetime.timedelta(seconds=timeout_seconds)
@@ -47,8 +50,9 @@ def _device_id(device: torch.device) -> torch.device | None:
 
 
 def set_determinism(seed: int, deterministic: bool) -> None:
-    """Seed every generator identically on all ranks (so a meta-initialised model is identical
-    to a single-process one) and, if asked, use deterministic kernels only."""
+    """Seed every generator identically on all ranks, for the randomness of training (weights
+    draw from seeds of their own, see ``materialize``) and, if asked, use deterministic kernels
+    only."""
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
@@ -56,57 +60,6 @@ def set_determinism(seed: int, deterministic: bool) -> None:
         torch.use_deterministic_algorithms(True)
         torch.backends.cudnn.benchmark = False
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-
-
-def materialize_and_init(
-    parts: list[nn.Module],
-    build_reference: Callable[[], nn.Module],
-    *,
-    device: torch.device,
-    seed: int,
-    sharded: bool,
-) -> None:
-    """Allocate meta-built (possibly parallelized) model parts on ``device`` and initialise them
-    so that their weights equal a single-process build's under the same seed, whatever the
-    layout. ``parts`` are the whole model, or this rank's pipeline stages (each the full model
-    with what the stage does not own deleted, so FQNs are the full model's).
-
-    DTensor's sharded RNG cannot promise that (on CPU meshes it even repeats one shard's values
-    on every rank), so a parallelized model is initialised as a full replica on the CPU and
-    each rank keeps its own shards. The replica costs one full fp32 copy in host memory: start
-    models too large for that from a seed checkpoint or pretrained weights instead.
-    """
-    for part in parts:
-        part.to_empty(device=device)
-    torch.manual_seed(seed)
-    if not sharded:
-        (model,) = parts
-        with torch.no_grad():
-            model.init_weights(buffer_device=device)
-        return
-    with torch.device("meta"):
-        reference = build_reference()
-    reference.to_empty(device="cpu")
-    with torch.no_grad():
-        reference.init_weights()
-    state = reference.state_dict()
-    for part in parts:
-        with torch.no_grad():
-            for name, buffer in reference.named_buffers():  # non-persistent ones (rotary tables)
-                part.get_buffer(name).copy_(buffer)
-        # A pipeline stage holds a subset of the full model's keys.
-        set_model_state_dict(
-            part, state, options=StateDictOptions(full_state_dict=True, strict=False)
-        )
-
-
-def materialize_for_loading(parts: list[nn.Module], device: torch.device) -> None:
-    """Allocate meta-built model parts for weights that a checkpoint will fill: no
-    initialisation, only the buffers no checkpoint holds (rotary tables) and re-tied
-    embeddings, which ``to_empty`` unties."""
-    for part in parts:
-        part.to_empty(device=device)
-        part.init_buffers(device)
 
 
 def set_collective_timeout(seconds: int, meshes: Iterable[DeviceMesh]) -> None:

@@ -1,4 +1,13 @@
-"""DTensor-aware reductions shared by the trainer: loss sums and the global gradient norm."""
+"""DTensor-aware helpers shared by the trainer: loss sums, the global gradient norm, and full
+tensors copied into shards.
+
+The rule for every collective tetrad issues: the tensors it hands over live on the rank's
+device (``Trainer.device``), never on the host by default, because NCCL has no CPU path (a CPU
+tensor on a ``nccl``-only group fails with "No backend type associated with device type cpu").
+Object collectives (``all_gather_object``, ``broadcast_object_list``) rely on the current CUDA
+device, which ``init_distributed`` sets. ``tests/distributed/test_collective_devices.py`` checks
+the rule on every collective of a short multi-process run.
+"""
 
 from __future__ import annotations
 
@@ -7,15 +16,28 @@ from collections.abc import Iterable
 import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import DTensor
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 
 def reduce_sum(tensor: torch.Tensor, mesh: DeviceMesh) -> torch.Tensor:
-    """Sum a plain tensor over the ranks of ``mesh`` (a new tensor; the input is untouched)."""
+    """Sum a plain tensor over the ranks of ``mesh`` (a new tensor; the input is untouched).
+    ``tensor`` must be on the rank's device (see the module docstring)."""
     tensor = tensor.detach().clone()
     if mesh.size() > 1:
         dist.all_reduce(tensor, group=mesh.get_group())
     return tensor
+
+
+def copy_full_(target: torch.Tensor, full: torch.Tensor) -> None:
+    """Copy the full (unsharded) value ``full`` into ``target``, plain or DTensor; a DTensor
+    keeps only this rank's slice (``src_data_rank=None``: sliced locally, no communication)."""
+    if isinstance(target, DTensor):
+        local = distribute_tensor(
+            full.to(target.device), target.device_mesh, target.placements, src_data_rank=None
+        )
+        target.to_local().copy_(local.to_local())
+    else:
+        target.copy_(full)
 
 
 def group_by_tensor_kind(tensors: Iterable[torch.Tensor]) -> list[list[torch.Tensor]]:

@@ -66,9 +66,10 @@ class ModelSpec:
 
     build_model: Callable[[Any], nn.Module]
     """config → model; called under torch.device("meta"), so it must not initialise weights.
-    The model provides ``init_weights(buffer_device)`` (every parameter and buffer from the
-    global RNG) and ``init_buffers(buffer_device)`` (only the non-persistent buffers, e.g.
-    rotary tables, and ties, for a model whose weights are then loaded)."""
+    The model provides ``init_module_parameters(fqn, module)`` (the module's own parameters,
+    full-size, from the global RNG; ``tetrad.distributed.materialize`` seeds each module and
+    keeps each rank's shards) and ``init_buffers(buffer_device)`` (only the non-persistent
+    buffers, e.g. rotary tables, and ties)."""
 
     num_flops_per_token: Callable[[Any, int], int]
     """(config, seq_len) → training FLOPs per token, for MFU."""

@@ -81,19 +81,11 @@ class _HFBase(nn.Module):
         self._move_buffers(buffer_device)
 
     @torch.no_grad()
-    def init_weights(self, buffer_device: torch.device | None = None) -> None:
-        """Every parameter from the global RNG in module order, as the HF class initialises
-        them, so a meta build materialised with ``to_empty`` matches a direct one under one
-        seed; buffers then go to ``buffer_device`` (default: where they are)."""
-        self._tie()
-        seen: set[int] = set()
-        for module in self.modules():
-            params = [id(p) for p in module.parameters(recurse=False)]
-            if params and all(p in seen for p in params):
-                continue  # a tied lm_head: its matrix is the embedding's, initialised once
-            seen.update(params)
-            self._hf_init_weights(module)
-        self._move_buffers(buffer_device)
+    def init_module_parameters(self, fqn: str, module: nn.Module) -> None:
+        """Initialise the module's own parameters (full-size; possibly a stand-in, see
+        ``tetrad.distributed.materialize``) by the HF class's rule for that module, from the
+        global RNG."""
+        self._hf_init_weights(module)
 
 
 class HFCausalLM(_HFBase):

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -162,11 +161,6 @@ class Attention(nn.Module):
         self.wv = nn.Linear(config.dim, kv_dim, bias=False)
         self.wo = nn.Linear(q_dim, config.dim, bias=False)
 
-    def init_weights(self, out_std: float) -> None:
-        for linear in (self.wq, self.wk, self.wv):
-            _trunc_normal_(linear.weight, _INIT_STD)
-        _trunc_normal_(self.wo.weight, out_std)
-
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         bsz, seq_len, _ = x.shape
         # Head counts come from the projections' sizes, so a column-sharded wq/wk/wv (tensor
@@ -195,11 +189,6 @@ class FeedForward(nn.Module):
         self.w2 = nn.Linear(hidden_dim, dim, bias=False)  # down
         self.w3 = nn.Linear(dim, hidden_dim, bias=False)  # up
 
-    def init_weights(self, out_std: float) -> None:
-        _trunc_normal_(self.w1.weight, _INIT_STD)
-        _trunc_normal_(self.w3.weight, _INIT_STD)
-        _trunc_normal_(self.w2.weight, out_std)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
@@ -213,12 +202,6 @@ class TransformerBlock(nn.Module):
         self.feed_forward = FeedForward(config.dim, config.hidden_dim)
         self.attention_norm = nn.RMSNorm(config.dim, eps=config.norm_eps)
         self.ffn_norm = nn.RMSNorm(config.dim, eps=config.norm_eps)
-
-    def init_weights(self, out_std: float) -> None:
-        self.attention_norm.reset_parameters()
-        self.attention.init_weights(out_std)
-        self.ffn_norm.reset_parameters()
-        self.feed_forward.init_weights(out_std)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         h = x + self.attention(self.attention_norm(x), cos, sin)
@@ -249,7 +232,7 @@ class Transformer(nn.Module):
         self.output = nn.Linear(config.dim, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
-        # Derived from the config, never checkpointed; init_weights recomputes them after to_empty.
+        # Derived from the config, never checkpointed; init_buffers recomputes them after to_empty.
         cos, sin = rope_tables(config)
         self.register_buffer("rope_cos", cos, persistent=False)  # [max_seq_len, head_dim // 2]
         self.register_buffer("rope_sin", sin, persistent=False)  # [max_seq_len, head_dim // 2]
@@ -270,21 +253,19 @@ class Transformer(nn.Module):
             self.output.weight = self.tok_embeddings.weight  # to_empty unties shared parameters
 
     @torch.no_grad()
-    def init_weights(self, buffer_device: torch.device | None = None) -> None:
-        """Initialise every parameter and buffer from the global RNG, in a fixed order, so a
-        meta build materialised with ``to_empty`` matches a direct build under the same seed."""
-        self.init_buffers(buffer_device)
-        if self.tok_embeddings is not None:
-            _trunc_normal_(self.tok_embeddings.weight, _INIT_STD)
-        for key, layer in self.layers.items():
-            # Wrappers (activation checkpointing, compile) forward attribute access to the block.
-            cast(TransformerBlock, layer).init_weights(self._out_proj_std(int(key)))
-        if self.norm is not None:
-            self.norm.reset_parameters()
-        if self.output is not None:
-            embedding = self.tok_embeddings.weight if self.tok_embeddings is not None else None
-            if self.output.weight is not embedding:  # a shared matrix is initialised once
-                _trunc_normal_(self.output.weight, self.config.dim**-0.5)
+    def init_module_parameters(self, fqn: str, module: nn.Module) -> None:
+        """Initialise the own parameters of the submodule at ``fqn`` (full-size; possibly a
+        stand-in, see ``tetrad.distributed.materialize``) from the global RNG: truncated normals
+        of std 0.02, output projections of the residual branches shrunk with depth, the output
+        layer at dim^-0.5, norms at one."""
+        if isinstance(module, nn.RMSNorm):
+            module.reset_parameters()
+        elif fqn == "output":
+            _trunc_normal_(module.weight, self.config.dim**-0.5)
+        elif fqn.endswith((".attention.wo", ".feed_forward.w2")):
+            _trunc_normal_(module.weight, self._out_proj_std(int(fqn.split(".")[1])))
+        else:  # the token embedding and the other projections
+            _trunc_normal_(module.weight, _INIT_STD)
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
         """tokens: [B, T] ids (or [B, T, dim] hidden states without tok_embeddings).
