@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
 from tests.conftest import REPO, TINY_RUN, read_metrics, run_train
 from tetrad.components.checkpoint_folder import COMPLETE, write_complete
@@ -49,6 +50,7 @@ LAYOUTS = {
     "single_20": (1, [], 20),
     "fsdp2_async": (2, ["--parallelism.dp_shard=2", "--checkpoint.async_mode=async"], 6),
     "pp2_interleaved": (2, _PP_INTERLEAVED, 6),
+    "fsdp2_bf16_states": (2, ["--parallelism.dp_shard=2", "--optimizer.state_dtype=bfloat16"], 6),
 }
 
 
@@ -66,6 +68,13 @@ def load_model_state(path: Path, flavor: str = "tiny") -> dict[str, torch.Tensor
     model = tiny_model(seed=123, flavor=flavor)
     dcp.load({"model": ModelState(model)}, checkpoint_id=str(path))
     return model.state_dict()
+
+
+def saved_moments(path: Path, scratch: Path) -> dict[str, torch.Tensor]:
+    """The Adam moments a DCP checkpoint holds, read back whole into this process."""
+    dcp_to_torch_save(path, scratch)
+    optimizer = torch.load(scratch, weights_only=True)["optimizer"]
+    return {k: v for k, v in optimizer.items() if k.endswith(("exp_avg", "exp_avg_sq"))}
 
 
 @pytest.mark.slow
@@ -94,6 +103,14 @@ def test_resume_is_bitwise_identical(tmp_path: Path, name: str) -> None:
         assert (g["loss"], g["grad_norm"], g["lr"]) == (w["loss"], w["grad_norm"], w["lr"])
     names = sorted(p.name for p in (resumed / "checkpoint").iterdir())
     assert names == [f"step-{half}", f"step-{steps}"]
+    # The moments, read back from both final checkpoints: same bits, in the dtype asked for.
+    want_moments = saved_moments(straight / "checkpoint" / f"step-{steps}", tmp_path / "s.pt")
+    got_moments = saved_moments(resumed / "checkpoint" / f"step-{steps}", tmp_path / "r.pt")
+    assert got_moments.keys() == want_moments.keys() and len(got_moments) > 0
+    dtype = torch.bfloat16 if "--optimizer.state_dtype=bfloat16" in layout else torch.float32
+    for key, value in got_moments.items():
+        assert value.dtype == dtype, key
+        assert torch.equal(value, want_moments[key]), key
 
 
 @pytest.mark.slow

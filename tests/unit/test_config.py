@@ -91,6 +91,10 @@ def test_typo_in_toml_file(tmp_path) -> None:
         (["--lr_scheduler.decay_ratio=1.5"], "decay_ratio must be within 0..1"),
         (["--parallelism.tp=0"], "--parallelism.tp must be >= 1"),
         (
+            ["--optimizer.state_dtype=bfloat16", "--optimizer.implementation=fused"],
+            "drop --optimizer.implementation=fused",
+        ),
+        (
             ["--parallelism.cp=2", "--training.seq_len=62"],
             "--training.seq_len 62 is not divisible by 2 × cp = 4",
         ),

@@ -96,6 +96,13 @@ class OptimizerConfig:
     implementation: Literal["auto", "fused", "foreach", "for-loop"] = "auto"
     """Kernel choice: auto picks fused where the device supports it, else foreach."""
 
+    state_dtype: Literal["float32", "bfloat16"] = "float32"
+    """dtype of the Adam moments. bfloat16 halves optimizer memory (4 instead of 8 bytes per
+    parameter) while parameters, gradients and the update stay fp32; the cost is moments rounded
+    to 8 mantissa bits: with beta2 above about 0.998 the second moment can no longer decrease
+    (beta2 × v rounds back to v). Uses tetrad's own per-tensor update, so leave
+    --optimizer.implementation at auto."""
+
 
 @dataclass(kw_only=True)
 class LRSchedulerConfig:

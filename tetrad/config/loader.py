@@ -295,6 +295,12 @@ def validate_config(config: Config) -> None:
         raise ConfigError(
             f"--lr_scheduler.min_lr_factor must be within 0..1, got {lr.min_lr_factor}"
         )
+    o = config.optimizer
+    if o.state_dtype == "bfloat16" and o.implementation != "auto":
+        raise ConfigError(
+            "--optimizer.state_dtype=bfloat16 has its own per-tensor update; drop "
+            f"--optimizer.implementation={o.implementation}"
+        )
     ac = config.activation_checkpoint
     if ac.selective_layer_freq < 0:
         raise ConfigError("--activation_checkpoint.selective_layer_freq must be >= 0")
