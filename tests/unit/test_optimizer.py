@@ -14,6 +14,7 @@ from tests.conftest import TINY_RUN, read_metrics
 from tetrad.components.optimizer import AdamBF16States, build_optimizer
 from tetrad.config import load_config
 from tetrad.config.job_config import OptimizerConfig
+from tetrad.distributed.materialize import init_weights
 from tetrad.models.llama3 import Transformer, llama3_presets
 from tetrad.trainer import Trainer
 
@@ -70,8 +71,7 @@ def state_bytes(state_dtype: str) -> tuple[int, int]:
     model's parameter count."""
     config = dataclasses.replace(llama3_presets["tiny"], vocab_size=256)
     model = Transformer(config)
-    torch.manual_seed(0)
-    model.init_weights()
+    init_weights(model, seed=0)
     optimizer = build_optimizer(
         [model], OptimizerConfig(state_dtype=state_dtype), torch.device("cpu")
     )
