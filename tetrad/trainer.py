@@ -26,10 +26,12 @@ from tetrad.components.loss import IGNORE_INDEX, cross_entropy_sum
 from tetrad.components.lr_scheduler import build_lr_scheduler
 from tetrad.components.metrics import MetricsLogger, peak_tflops
 from tetrad.components.optimizer import build_optimizer
-from tetrad.config import Config, ConfigError, save_config
+from tetrad.config import Config, ConfigError, save_config, validate_device
 from tetrad.data import TextDataLoader, build_dataloader, build_tokenizer
 from tetrad.distributed.context_parallel import ContextParallel
 from tetrad.distributed.init import (
+    device_capability,
+    device_type,
     init_distributed,
     materialize_and_init,
     materialize_for_loading,
@@ -51,6 +53,7 @@ Batch = tuple[torch.Tensor, torch.Tensor]
 class Trainer:
     def __init__(self, config: Config) -> None:
         self.config = config
+        validate_device(config, device_type(), device_capability())
         set_determinism(config.debug.seed, config.debug.deterministic)
         self.device = init_distributed(config.comm.init_timeout_seconds)
         self.rank = dist.get_rank()
