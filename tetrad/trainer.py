@@ -27,10 +27,16 @@ from tetrad.components.loss import IGNORE_INDEX, cross_entropy_sum
 from tetrad.components.lr_scheduler import build_lr_scheduler
 from tetrad.components.metrics import MetricsLogger, host_memory_gib, memory_gib, peak_tflops
 from tetrad.components.optimizer import build_optimizer
-from tetrad.config import Config, ConfigError, save_config
+from tetrad.config import Config, ConfigError, save_config, validate_device
 from tetrad.data import TextDataLoader, build_dataloader, build_tokenizer
 from tetrad.distributed.context_parallel import ContextParallel
-from tetrad.distributed.init import init_distributed, set_collective_timeout, set_determinism
+from tetrad.distributed.init import (
+    device_capability,
+    device_type,
+    init_distributed,
+    set_collective_timeout,
+    set_determinism,
+)
 from tetrad.distributed.materialize import materialize_and_init, materialize_for_loading
 from tetrad.distributed.parallel_dims import ParallelDims
 from tetrad.distributed.pipeline import Pipeline, guard_split_backward, plan_pipeline, split_model
@@ -47,6 +53,7 @@ Batch = tuple[torch.Tensor, torch.Tensor]
 class Trainer:
     def __init__(self, config: Config) -> None:
         self.config = config
+        validate_device(config, device_type(), device_capability())
         set_determinism(config.debug.seed, config.debug.deterministic)
         self.device = init_distributed(
             config.comm.init_timeout_seconds,

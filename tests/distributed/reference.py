@@ -1,7 +1,7 @@
 """Single-process reference run for parity tests: the same global batch a data-parallel run
 sees, merged into one batch and trained without any parallelism.
 
-    python tests/distributed/reference.py --dp 2 --accum 1 <tetrad train arguments>
+    python -m tests.distributed.reference --dp 2 --accum 1 <tetrad train arguments>
 """
 
 from __future__ import annotations

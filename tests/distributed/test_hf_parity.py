@@ -20,7 +20,7 @@ import torch
 import transformers
 
 from tests.conftest import REPO, TINY_RUN, read_metrics, run_train
-from tests.distributed.test_parity import RTOL, assert_parity, reference
+from tests.distributed.test_parity import RTOL, assert_float8_parity, assert_parity, reference
 
 pytestmark = pytest.mark.slow
 
@@ -59,6 +59,19 @@ def test_hf_layout_matches_single_process(
     run_train(tmp_path, *TINY_RUN, *model, *layout, nproc=nproc)
     got = read_metrics(tmp_path)
     assert_parity(got, reference(tmp_path_factory, dp, 1, *model), rtol=RTOL)
+
+
+def test_float8_tensor_parallel_matches_single_process(
+    folders: dict[str, Path], tmp_path: Path, tmp_path_factory
+) -> None:
+    """The HF plan's float8 TP styles, on Qwen2's biased q/k/v projections too (tensorwise; no
+    sequence parallel, whose float8 all-gathers gloo cannot carry)."""
+    model = ["--model.name=hf", f"--model.hf_path={folders['qwen2']}", "--float8.enable"]
+    layout = [*TP2, "--parallelism.enable_sequence_parallel=false"]
+    run_train(tmp_path, *TINY_RUN, *model, *layout, nproc=2)
+    log = (tmp_path / "logs" / "rank1.jsonl").read_text()
+    assert "float8 tensorwise: 14 linears converted" in log
+    assert_float8_parity(read_metrics(tmp_path), reference(tmp_path_factory, 1, 1, *model))
 
 
 def test_export_after_sharded_training_loads_in_transformers(

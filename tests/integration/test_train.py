@@ -59,6 +59,39 @@ def test_bad_input_is_a_one_line_error(tmp_path: Path, args: list[str], message:
     assert not (tmp_path / "metrics.jsonl").exists()
 
 
+_NO_CUDA = pytest.mark.skipif(
+    torch.cuda.is_available(), reason="the error a machine without CUDA gives"
+)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--parallelism.enable_async_tp"], "--parallelism.enable_async_tp needs --compile.enable"),
+        pytest.param(
+            ["--parallelism.enable_async_tp", "--compile.enable", "--parallelism.tp=2"],
+            "--parallelism.enable_async_tp needs CUDA GPUs (symmetric memory), not cpu: drop it",
+            marks=_NO_CUDA,
+        ),
+        pytest.param(
+            ["--float8.enable", "--float8.recipe=mxfp8"],
+            "--float8.recipe mxfp8 needs an NVIDIA Blackwell GPU (compute capability >= 10.0)",
+            marks=_NO_CUDA,
+        ),
+    ],
+    ids=["async_tp_without_compile", "async_tp_on_cpu", "mxfp8_on_cpu"],
+)
+def test_unsupported_option_fails_before_start(
+    tmp_path: Path, args: list[str], message: str
+) -> None:
+    """Options the config or the device cannot serve stop before any process group starts."""
+    result = run_train(tmp_path, *TINY_RUN, *args, expect_ok=False)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("tetrad: error: ") and message in lines[0]
+    assert not (tmp_path / "logs").exists()  # logging starts right after the process group
+
+
 def test_gradient_accumulation_equals_full_batch(tmp_path: Path) -> None:
     """2 micro-batches of half the sequences give the loss and gradients of the full batch."""
     config = load_config([*TINY_RUN, f"--job.dump_folder={tmp_path}", "--training.max_norm=0"])

@@ -9,7 +9,14 @@ import tomllib
 import pytest
 
 from tests.conftest import REPO
-from tetrad.config import Config, ConfigError, load_config, save_config, validate_config
+from tetrad.config import (
+    Config,
+    ConfigError,
+    load_config,
+    save_config,
+    validate_config,
+    validate_device,
+)
 
 
 def test_defaults() -> None:
@@ -102,11 +109,75 @@ def test_typo_in_toml_file(tmp_path) -> None:
         (["--checkpoint.last_save_in_hf"], "add --checkpoint.enable"),
         (["--checkpoint.exclude_from_loading=model,optim"], "unknown state 'optim'"),
         (["--checkpoint.initial_load_in_hf"], "needs --checkpoint.initial_load_path"),
+        (["--parallelism.enable_async_tp"], "enable_async_tp needs --compile.enable"),
+        (
+            ["--parallelism.enable_async_tp", "--compile.enable"],
+            "--parallelism.enable_async_tp needs --parallelism.tp > 1",
+        ),
+        (
+            [
+                "--float8.enable",
+                "--float8.recipe=rowwise",
+                "--float8.enable_fsdp_float8_all_gather",
+            ],
+            "--float8.enable_fsdp_float8_all_gather needs --float8.recipe tensorwise",
+        ),
+        (
+            ["--float8.enable", "--float8.recipe=mxfp8", "--parallelism.tp=2"],
+            "--float8.recipe mxfp8 does not support --parallelism.tp > 1",
+        ),
+        (
+            [
+                "--float8.enable",
+                "--float8.recipe=mxfp8",
+                "--training.seq_len=64",
+                "--parallelism.cp=4",
+            ],
+            "--training.seq_len 64 must be divisible by 32 × cp = 128",
+        ),
     ],
 )
 def test_bad_combinations(argv: list[str], message: str) -> None:
     with pytest.raises(ConfigError, match=None) as info:
         validate_config(load_config(argv))
+    assert message in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+_MXFP8 = ["--float8.enable", "--float8.recipe=mxfp8"]
+_TENSORWISE_SP = ["--float8.enable", "--parallelism.tp=2"]  # sequence parallel is on by default
+_ASYNC_TP = ["--parallelism.enable_async_tp", "--compile.enable", "--parallelism.tp=2"]
+
+
+@pytest.mark.parametrize(
+    ("argv", "device", "capability", "message"),
+    [
+        (_ASYNC_TP, "cpu", None, "enable_async_tp needs CUDA GPUs (symmetric memory), not cpu"),
+        (_ASYNC_TP, "cuda", (9, 0), None),
+        (_TENSORWISE_SP, "cpu", None, "which gloo cannot carry on cpu"),
+        ([*_TENSORWISE_SP, "--parallelism.enable_sequence_parallel=false"], "cpu", None, None),
+        (_TENSORWISE_SP, "cuda", (9, 0), None),
+        (_MXFP8, "cpu", None, "mxfp8 needs an NVIDIA Blackwell GPU (compute capability >= 10.0)"),
+        (
+            _MXFP8,
+            "cuda",
+            (9, 0),
+            "mxfp8 needs an NVIDIA Blackwell GPU (compute capability >= 10.0), not compute capability 9.0",
+        ),
+        (_MXFP8, "cuda", (10, 0), None),
+        ([*_MXFP8, "--float8.emulate"], "cpu", None, None),
+    ],
+)
+def test_device_rules(
+    argv: list[str], device: str, capability: tuple[int, int] | None, message: str | None
+) -> None:
+    config = load_config(argv)
+    validate_config(config)
+    if message is None:
+        validate_device(config, device, capability)
+        return
+    with pytest.raises(ConfigError) as info:
+        validate_device(config, device, capability)
     assert message in str(info.value)
     assert "\n" not in str(info.value)
 

@@ -8,6 +8,7 @@ from tetrad.config.loader import (
     load_config,
     save_config,
     validate_config,
+    validate_device,
 )
 
 __all__ = [
@@ -18,4 +19,5 @@ __all__ = [
     "load_config",
     "save_config",
     "validate_config",
+    "validate_device",
 ]

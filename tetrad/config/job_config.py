@@ -147,6 +147,11 @@ class ParallelismConfig:
     enable_loss_parallel: bool = True
     """Under tensor parallel, compute the loss on vocab-sharded logits (never gathered)."""
 
+    enable_async_tp: bool = False
+    """Async tensor parallel: Inductor overlaps TP's all-gathers and reduce-scatters with the
+    matmuls (micro-pipelining through symmetric memory). Needs --compile.enable,
+    --parallelism.tp > 1 and CUDA GPUs."""
+
     fsdp_reshard_after_forward: bool = True
     """Free gathered parameters after each block's forward (less memory, one more all-gather)."""
 
@@ -308,13 +313,21 @@ class CompileConfig:
 @dataclass(kw_only=True)
 class Float8Config:
     enable: bool = False
-    """Train linear layers in float8 through torchao (dims divisible by 16; not the output)."""
+    """Train linear layers in float8 through torchao (dims divisible by 16, 32 for mxfp8; not
+    the output layer)."""
 
-    recipe: Literal["tensorwise", "rowwise"] = "tensorwise"
-    """Scaling granularity: one scale per tensor, or per row (more accurate, slower)."""
+    recipe: Literal["tensorwise", "rowwise", "mxfp8"] = "tensorwise"
+    """Scaling: tensorwise, one scale per tensor (under tensor + sequence parallel it all-gathers
+    float8 activations: CUDA only); rowwise, per row (more accurate, slower); mxfp8, one
+    power-of-two scale per 32 elements (needs a Blackwell GPU, compute capability >= 10.0, or
+    --float8.emulate; no tensor parallel; linears with a bias stay high precision)."""
 
     enable_fsdp_float8_all_gather: bool = False
     """All-gather FSDP shards in float8 (tensorwise only): half the all-gather bytes of bf16."""
+
+    emulate: bool = False
+    """Emulate the float8/MXFP8 matmuls in high precision on the quantized values, on any
+    device: slow, for checking numerics only."""
 
 
 @dataclass(kw_only=True)

@@ -320,7 +320,62 @@ def validate_config(config: Config) -> None:
         raise ConfigError("--parallelism.pp_layers_per_stage must be >= 1")
     if config.parallelism.dp_shard == 0 or config.parallelism.dp_shard < -1:
         raise ConfigError("--parallelism.dp_shard must be >= 1, or -1 to fill the world size")
+    if config.parallelism.enable_async_tp and not config.compile.enable:
+        raise ConfigError(
+            "--parallelism.enable_async_tp needs --compile.enable (an Inductor pass does the "
+            "overlap)"
+        )
+    if config.parallelism.enable_async_tp and config.parallelism.tp == 1:
+        raise ConfigError("--parallelism.enable_async_tp needs --parallelism.tp > 1")
+    _validate_float8(config)
     _validate_checkpoint(config.checkpoint)
+
+
+def _validate_float8(config: Config) -> None:
+    """What torchao 0.18 supports: FSDP's float8 all-gathers scale per tensor; MXFP8 weights
+    under tensor parallel's DTensors silently compute in high precision, and MXFP8 scales blocks
+    of 32 along every matmul dim, tokens included."""
+    f, p = config.float8, config.parallelism
+    if not f.enable:
+        return
+    if f.enable_fsdp_float8_all_gather and f.recipe != "tensorwise":
+        raise ConfigError("--float8.enable_fsdp_float8_all_gather needs --float8.recipe tensorwise")
+    if f.recipe != "mxfp8":
+        return
+    if p.tp > 1:
+        raise ConfigError(
+            "--float8.recipe mxfp8 does not support --parallelism.tp > 1 (torchao's MXFP8 "
+            "linears do not quantize DTensors): use --float8.recipe tensorwise or rowwise"
+        )
+    if config.training.seq_len % (32 * p.cp):
+        raise ConfigError(
+            f"--float8.recipe mxfp8 scales blocks of 32 tokens: --training.seq_len "
+            f"{config.training.seq_len} must be divisible by 32 × cp = {32 * p.cp}"
+        )
+
+
+def validate_device(config: Config, device_type: str, capability: tuple[int, int] | None) -> None:
+    """Checks that need the device (``cuda`` with its compute capability, or ``cpu``), made
+    before any process group starts: what an option needs must exist on it."""
+    f, p = config.float8, config.parallelism
+    if device_type != "cuda":
+        if p.enable_async_tp:
+            raise ConfigError(
+                "--parallelism.enable_async_tp needs CUDA GPUs (symmetric memory), not "
+                f"{device_type}: drop it"
+            )
+        if f.enable and f.recipe == "tensorwise" and p.tp > 1 and p.enable_sequence_parallel:
+            raise ConfigError(
+                "float8 tensorwise under sequence parallel all-gathers float8 activations, "
+                f"which gloo cannot carry on {device_type}: add "
+                "--parallelism.enable_sequence_parallel=false, or use --float8.recipe rowwise"
+            )
+    if f.enable and f.recipe == "mxfp8" and not f.emulate and (capability or (0, 0)) < (10, 0):
+        found = f"compute capability {capability[0]}.{capability[1]}" if capability else device_type
+        raise ConfigError(
+            "--float8.recipe mxfp8 needs an NVIDIA Blackwell GPU (compute capability >= 10.0), "
+            f"not {found}: add --float8.emulate to check its numerics (slow), or use tensorwise"
+        )
 
 
 def _validate_checkpoint(c: CheckpointConfig) -> None:

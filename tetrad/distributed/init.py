@@ -17,6 +17,11 @@ def device_type() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def device_capability() -> tuple[int, int] | None:
+    """The CUDA compute capability of this machine's (first) GPU; None without CUDA."""
+    return torch.cuda.get_device_capability() if device_type() == "cuda" else None
+
+
 def init_distributed(timeout_seconds: int, *, cpu_collectives: bool = False) -> torch.device:
     """Join (or, outside torchrun, create a one-rank) process group; return this rank's device.
 

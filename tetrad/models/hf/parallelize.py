@@ -14,7 +14,6 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import Replicate, Shard
 from torch.distributed.tensor.parallel import (
     ColwiseParallel,
-    PrepareModuleInput,
     RowwiseParallel,
     SequenceParallel,
     parallelize_module,
@@ -22,7 +21,7 @@ from torch.distributed.tensor.parallel import (
 
 from tetrad.config import Config, ConfigError
 from tetrad.distributed.parallel_dims import ParallelDims
-from tetrad.distributed.parallelize import apply_parallelisms
+from tetrad.distributed.parallelize import TensorParallelStyles, apply_parallelisms
 from tetrad.models.hf.config import HFModelConfig
 
 
@@ -39,11 +38,17 @@ def _check_tensor_parallel(config: HFModelConfig, tp: int) -> None:
 
 
 def apply_tensor_parallel(
-    model: nn.Module, tp_mesh: DeviceMesh, *, sequence_parallel: bool, loss_parallel: bool
+    model: nn.Module,
+    tp_mesh: DeviceMesh,
+    styles: TensorParallelStyles,
+    *,
+    sequence_parallel: bool,
+    loss_parallel: bool,
 ) -> None:
     """Megatron-style TP on an ``HFCausalLM``: one reduction after attention and one after the
     MLP per layer (reduce-scatters along the sequence under sequence parallel, where norms and
-    residuals run on 1/tp of the tokens)."""
+    residuals run on 1/tp of the tokens). The layer linears and their inputs take ``styles``
+    (torchao's float8 ones under float8 tensorwise); embed_tokens and lm_head keep torch's."""
     residual = Shard(1) if sequence_parallel else Replicate()
     root_plan = {
         "embed_tokens": RowwiseParallel(input_layouts=Replicate(), output_layouts=residual),
@@ -62,20 +67,20 @@ def apply_tensor_parallel(
         attention = layer.self_attn
         plan = {
             # HF decoder layers call self_attn with keyword arguments, the MLP positionally.
-            "self_attn": PrepareModuleInput(
+            "self_attn": styles.prepare_input(
                 input_kwarg_layouts={"hidden_states": residual},
                 desired_input_kwarg_layouts={"hidden_states": Replicate()},
             ),
-            "self_attn.q_proj": ColwiseParallel(),
-            "self_attn.k_proj": ColwiseParallel(),
-            "self_attn.v_proj": ColwiseParallel(),
-            "self_attn.o_proj": RowwiseParallel(output_layouts=residual),
-            "mlp": PrepareModuleInput(
+            "self_attn.q_proj": styles.colwise(),
+            "self_attn.k_proj": styles.colwise(),
+            "self_attn.v_proj": styles.colwise(),
+            "self_attn.o_proj": styles.rowwise(output_layouts=residual),
+            "mlp": styles.prepare_input(
                 input_layouts=(residual,), desired_input_layouts=(Replicate(),)
             ),
-            "mlp.gate_proj": ColwiseParallel(),
-            "mlp.up_proj": ColwiseParallel(),
-            "mlp.down_proj": RowwiseParallel(output_layouts=residual),
+            "mlp.gate_proj": styles.colwise(),
+            "mlp.up_proj": styles.colwise(),
+            "mlp.down_proj": styles.rowwise(output_layouts=residual),
         }
         if hasattr(attention, "q_norm"):
             # Qwen3 normalises each head: [B, T, local heads, head_dim] is sharded on dim 2,
@@ -93,11 +98,12 @@ def parallelize_hf(model: nn.Module, parallel_dims: ParallelDims, config: Config
     architectures never reach tensor parallel: resolve_hf_config rejects tp > 1 for them."""
     p = config.parallelism
 
-    def tensor_parallel(tp_mesh: DeviceMesh) -> None:
+    def tensor_parallel(tp_mesh: DeviceMesh, styles: TensorParallelStyles) -> None:
         _check_tensor_parallel(model.config, parallel_dims.tp)
         apply_tensor_parallel(
             model,
             tp_mesh,
+            styles,
             sequence_parallel=p.enable_sequence_parallel,
             loss_parallel=p.enable_loss_parallel,
         )
