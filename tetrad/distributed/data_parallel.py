@@ -35,16 +35,11 @@ def apply_fsdp(
     blocks: Iterable[nn.Module],
     mesh: DeviceMesh,
     *,
-    embedding: nn.Module | None,
-    output: nn.Module | None,
     mp_policy: MixedPrecisionPolicy,
     reshard_after_forward: bool,
     cpu_offload: bool,
 ) -> None:
-    """Shard the token embedding, each block and the output projection as groups of their own,
-    then the root (the rest, e.g. the final norm), so that no more than one of the two
-    vocabulary-sized matrices is gathered at a time (a pipeline stage may hold neither). Tied
-    ones share a matrix, which must stay in one group: the root's.
+    """Shard each block, then the root (embeddings, final norm, output) as its own group.
 
     A 2-D ``mesh`` (dp_replicate, dp_shard) gives HSDP: shards within a group, replicas across.
     """
@@ -52,20 +47,10 @@ def apply_fsdp(
         CPUOffloadPolicy(pin_memory=torch.cuda.is_available()) if cpu_offload else OffloadPolicy()
     )
     kwargs = {"mesh": mesh, "mp_policy": mp_policy, "offload_policy": offload}
-    if embedding is not None and output is not None and _share_parameters(embedding, output):
-        embedding = output = None
-    if embedding is not None:
-        fully_shard(embedding, reshard_after_forward=reshard_after_forward, **kwargs)
     for block in blocks:
         fully_shard(block, reshard_after_forward=reshard_after_forward, **kwargs)
-    # Backward starts with the output projection and the root: keep them gathered.
-    if output is not None:
-        fully_shard(output, reshard_after_forward=False, **kwargs)
+    # The root's parameters are needed again right away in backward; keep them gathered.
     fully_shard(model, reshard_after_forward=False, **kwargs)
-
-
-def _share_parameters(a: nn.Module, b: nn.Module) -> bool:
-    return bool({id(p) for p in a.parameters()} & {id(p) for p in b.parameters()})
 
 
 def apply_ddp(

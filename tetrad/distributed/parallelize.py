@@ -67,15 +67,11 @@ def apply_parallelisms(
     *,
     tensor_parallel: Callable[[DeviceMesh, TensorParallelStyles], None],
     float8_skip_fqns: Collection[str],
-    embedding: nn.Module | None,
-    output: nn.Module | None,
 ) -> None:
     """Apply every configured parallelism to ``model`` (on meta) in place. ``blocks`` is its
     ModuleDict or ModuleList of transformer blocks (the unit of checkpointing, compile and
     FSDP); ``tensor_parallel(tp_mesh, styles)`` applies the family's plan when tp > 1, with
-    ``styles`` for the block linears and their inputs; ``embedding`` and ``output`` are the
-    token embedding and output projection (None where a pipeline stage lacks them), FSDP units
-    of their own."""
+    ``styles`` for the block linears and their inputs."""
     meshes, p = parallel_dims.meshes, config.parallelism
     tp_enabled = parallel_dims.tp > 1
     apply_float8(model, config.float8, skip_fqns=float8_skip_fqns)
@@ -98,8 +94,6 @@ def apply_parallelisms(
             model,
             block_list,
             meshes["fsdp"],
-            embedding=embedding,
-            output=output,
             mp_policy=mp_policy,
             reshard_after_forward=p.fsdp_reshard_after_forward,
             cpu_offload=config.training.enable_cpu_offload,

@@ -40,11 +40,11 @@ class _HFBase(nn.Module):
         # attribute: the method's model shares our modules and adds no state.
         self._hf_init_weights = hf_model._init_weights
 
-    def output_head(self) -> nn.Module | None:
+    def _head(self) -> nn.Module | None:
         return self.lm_head
 
     def _tie(self) -> None:
-        embed, head = self.embed_tokens, self.output_head()
+        embed, head = self.embed_tokens, self._head()
         if self.config.tie_embeddings and embed is not None and head is not None:
             head.weight = embed.weight  # to_empty unties shared parameters
 
@@ -163,7 +163,7 @@ class HFGenericCausalLM(_HFBase):
     def embed_tokens(self) -> nn.Module:
         return self.base.get_input_embeddings()
 
-    def output_head(self) -> nn.Module:
+    def _head(self) -> nn.Module:
         return self._modules[self._head_name]
 
     @property
@@ -173,7 +173,7 @@ class HFGenericCausalLM(_HFBase):
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
         out = self.base(input_ids=tokens, position_ids=positions, use_cache=False)
-        return self.output_head()(out.last_hidden_state)
+        return self._head()(out.last_hidden_state)
 
 
 def build_hf_model(config: HFModelConfig) -> nn.Module:

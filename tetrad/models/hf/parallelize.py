@@ -115,6 +115,4 @@ def parallelize_hf(model: nn.Module, parallel_dims: ParallelDims, config: Config
         config,
         tensor_parallel=tensor_parallel,
         float8_skip_fqns={"lm_head"},
-        embedding=model.embed_tokens,
-        output=model.output_head(),
     )

@@ -90,6 +90,4 @@ def parallelize_llama3(model: nn.Module, parallel_dims: ParallelDims, config: Co
         config,
         tensor_parallel=tensor_parallel,
         float8_skip_fqns={"output"},
-        embedding=model.tok_embeddings,
-        output=model.output,
     )
