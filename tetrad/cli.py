@@ -36,13 +36,13 @@ def _pop_nproc(argv: list[str]) -> int:
 
 
 def train(argv: list[str]) -> None:
-    from tetrad.train import main, parse_config
+    from tetrad.train import check_device, main, parse_config
 
     nproc = _pop_nproc(argv)
     if nproc == 1:
         main(argv)
         return
-    parse_config(argv)  # fail on a bad config once, before any process starts
+    check_device(parse_config(argv))  # fail on a bad config once, before any process starts
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
     os.execv(sys.executable, [*torchrun, f"--nproc-per-node={nproc}", "-m", "tetrad.train", *argv])
 

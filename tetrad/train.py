@@ -5,7 +5,14 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 
-from tetrad.config import Config, ConfigError, help_text, load_config, validate_config
+from tetrad.config import (
+    Config,
+    ConfigError,
+    help_text,
+    load_config,
+    validate_config,
+    validate_device,
+)
 
 
 def parse_config(argv: Sequence[str]) -> Config:
@@ -20,6 +27,18 @@ def parse_config(argv: Sequence[str]) -> Config:
         print(f"tetrad: error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
     return config
+
+
+def check_device(config: Config) -> None:
+    """What the options need of this machine's device (``validate_device``), checked where
+    ``tetrad train --nproc`` launches the ranks: one line and exit 2 instead of one per rank."""
+    from tetrad.distributed.init import device_capability, device_type
+
+    try:
+        validate_device(config, device_type(), device_capability())
+    except ConfigError as e:
+        print(f"tetrad: error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 def main(argv: Sequence[str] | None = None) -> None:

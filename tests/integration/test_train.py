@@ -78,14 +78,21 @@ _NO_CUDA = pytest.mark.skipif(
             "--float8.recipe mxfp8 needs an NVIDIA Blackwell GPU (compute capability >= 10.0)",
             marks=_NO_CUDA,
         ),
+        pytest.param(
+            ["--parallelism.dp_shard=2", "--float8.enable", "--float8.recipe=mxfp8"],
+            "--float8.recipe mxfp8 needs an NVIDIA Blackwell GPU (compute capability >= 10.0)",
+            marks=_NO_CUDA,
+        ),
     ],
-    ids=["async_tp_without_compile", "async_tp_on_cpu", "mxfp8_on_cpu"],
+    ids=["async_tp_without_compile", "async_tp_on_cpu", "mxfp8_on_cpu", "mxfp8_on_cpu_nproc2"],
 )
 def test_unsupported_option_fails_before_start(
     tmp_path: Path, args: list[str], message: str
 ) -> None:
-    """Options the config or the device cannot serve stop before any process group starts."""
-    result = run_train(tmp_path, *TINY_RUN, *args, expect_ok=False)
+    """Options the config or the device cannot serve stop before any process group starts, also
+    where --nproc launches the ranks."""
+    nproc = 2 if "--parallelism.dp_shard=2" in args else 1
+    result = run_train(tmp_path, *TINY_RUN, *args, nproc=nproc, expect_ok=False)
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("tetrad: error: ") and message in lines[0]
