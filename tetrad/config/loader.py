@@ -23,13 +23,10 @@ from typing import Any
 import tomli_w
 
 from tetrad.config.job_config import CheckpointConfig, Config
+from tetrad.errors import ConfigError
 
 _TRUE = {"true", "1", "yes", "on"}
 _FALSE = {"false", "0", "no", "off"}
-
-
-class ConfigError(ValueError):
-    """A configuration the user must fix; its message is one line saying how."""
 
 
 CHECKPOINT_STATES = ("model", "optimizer", "lr_scheduler", "dataloader", "train_state")
