@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -41,6 +40,7 @@ from tetrad.distributed.materialize import materialize_and_init, materialize_for
 from tetrad.distributed.parallel_dims import ParallelDims
 from tetrad.distributed.pipeline import Pipeline, guard_split_backward, plan_pipeline, split_model
 from tetrad.distributed.utils import clip_grad_norm_, reduce_sum
+from tetrad.models.attention import AttentionFn, ContextParallelAttention, causal_sdpa
 from tetrad.models.registry import get_model_spec
 from tetrad.models.spec import ModelSpec
 from tetrad.tools.logging import init_logging
@@ -73,12 +73,12 @@ class Trainer:
         self.resume_from = resume_source(
             config.checkpoint, self.dump_folder / config.checkpoint.folder
         )
-        self.model_parts = self.build_model()
         self.context_parallel = (
             ContextParallel(self.parallel_dims.meshes["cp"], config.training.seq_len)
             if self.parallel_dims.cp > 1
             else None
         )
+        self.model_parts = self.build_model()
         self.optimizer = build_optimizer(self.model_parts, config.optimizer, self.device)
         schedule_steps = config.lr_scheduler.total_steps or config.training.steps
         self.lr_scheduler = build_lr_scheduler(self.optimizer, config.lr_scheduler, schedule_steps)
@@ -144,16 +144,19 @@ class Trainer:
                 f"--training.seq_len {seq_len} exceeds {model_name}'s rotary table "
                 f"of {max_seq_len} positions; use a shorter --training.seq_len or a model with a longer context"
             )
+        if spec.check_parallelism is not None:
+            spec.check_parallelism(self.model_config, self.config)
         begin = time.perf_counter()
         with torch.device("meta"):
             model = spec.build_model(self.model_config)
+        model.set_attention(self.attention_fn())
         self.flops_per_token = spec.num_flops_per_token(
             self.model_config, self.config.training.seq_len
         )
         parts, plan = [model], None
         if self.parallel_dims.pp > 1:
             pp_mesh = self.parallel_dims.meshes["pp"]
-            plan = plan_pipeline(self.config, list(model.layers), pp_mesh.get_local_rank())
+            plan = plan_pipeline(self.config, list(model.blocks()), pp_mesh.get_local_rank())
             guard_split_backward(self.config, self.parallel_dims.fsdp_enabled)
             parts = split_model(model, plan, first=spec.pipeline_first, last=spec.pipeline_last)
         for part in parts:
@@ -184,6 +187,13 @@ class Trainer:
             time.perf_counter() - begin, host_memory_gib(), device_peak,
         )  # fmt: skip
         return parts
+
+    def attention_fn(self) -> AttentionFn:
+        """The attention every layer computes: across the cp ranks under context parallel,
+        else plain causal attention over the local sequence."""
+        if self.context_parallel is not None:
+            return ContextParallelAttention(self.context_parallel)
+        return causal_sdpa
 
     def _hf_weights_folder(self, spec: ModelSpec) -> Path | None:
         """The Hugging Face folder to start from: --checkpoint.initial_load_path with
@@ -295,17 +305,12 @@ class Trainer:
         """The last stage's loss per pipeline micro-batch, scaled as in forward_backward."""
         return cross_entropy_sum(logits, labels) * self._loss_scale
 
-    @contextlib.contextmanager
-    def _train_context(self) -> Iterator[None]:
+    def _train_context(self) -> contextlib.AbstractContextManager[None]:
         """What forward and backward run under: loss parallel, when the TP plan leaves the
-        logits vocab-sharded; context parallel's attention, which activation checkpointing's
-        recomputation in backward needs as much as the forward."""
-        with contextlib.ExitStack() as stack:
-            if self.parallel_dims.tp > 1 and self.config.parallelism.enable_loss_parallel:
-                stack.enter_context(loss_parallel())
-            if self.context_parallel is not None:
-                stack.enter_context(self.context_parallel.attention())
-            yield
+        logits vocab-sharded."""
+        if self.parallel_dims.tp > 1 and self.config.parallelism.enable_loss_parallel:
+            return loss_parallel()
+        return contextlib.nullcontext()
 
     def _set_gradient_sync(self, last: bool) -> None:
         # FSDP2 reduce-scatters gradients only on the last micro-batch of a step.

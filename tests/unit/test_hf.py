@@ -18,7 +18,13 @@ from tetrad.components.loss import IGNORE_INDEX, cross_entropy_sum
 from tetrad.config import ConfigError, load_config
 from tetrad.data import build_tokenizer
 from tetrad.models import get_model_spec
-from tetrad.models.hf import HFStateDictAdapter, build_hf_model, count_params, resolve_hf_config
+from tetrad.models.hf import (
+    HFStateDictAdapter,
+    build_hf_model,
+    check_parallelism,
+    count_params,
+    resolve_hf_config,
+)
 from tetrad.models.hf import num_flops_per_token as hf_flops
 from tetrad.models.hf.config import import_transformers, parse_overrides
 from tetrad.models.llama3 import Llama3Config, Llama3StateDictAdapter
@@ -42,6 +48,12 @@ def folders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 def resolve(folder: Path, *args: str):
     config = load_config(["--model.name=hf", f"--model.hf_path={folder}", *args])
     return resolve_hf_config(config, vocab_size=build_tokenizer(str(folder)).vocab_size)
+
+
+def check_layout(folder: Path, *args: str) -> None:
+    """The checks the trainer makes of a layout before building anything."""
+    config = load_config(["--model.name=hf", f"--model.hf_path={folder}", *args])
+    check_parallelism(resolve(folder, *args), config)
 
 
 def load_weights(folder: Path, *args: str) -> torch.nn.Module:
@@ -144,12 +156,12 @@ def test_other_architectures_train_with_fsdp_only(folders: dict[str, Path]) -> N
         ConfigError,
         match=re.escape("GemmaForCausalLM is not yet supported for --parallelism.tp > 1"),
     ):
-        resolve(folders["gemma"], "--parallelism.tp=2")
+        check_layout(folders["gemma"], "--parallelism.tp=2")
     with pytest.raises(
         ConfigError,
         match=re.escape("GemmaForCausalLM is not yet supported for --parallelism.pp > 1"),
     ):
-        resolve(folders["gemma"], "--parallelism.pp=2")
+        check_layout(folders["gemma"], "--parallelism.pp=2")
 
 
 def test_sliding_window_shorter_than_the_sequence_is_an_error(tmp_path: Path) -> None:
@@ -287,7 +299,7 @@ def test_missing_tensors_are_one_line_error(folders: dict[str, Path], tmp_path: 
 def test_context_parallel_rejects_attention_dropout(folders: dict[str, Path]) -> None:
     dropout = "--model.hf_overrides=attention_dropout=0.1"
     with pytest.raises(ConfigError, match=r"pass --model.hf_overrides attention_dropout=0$"):
-        resolve(folders["llama"], dropout, "--parallelism.cp=2")
+        check_layout(folders["llama"], dropout, "--parallelism.cp=2")
     assert resolve(folders["llama"], dropout).hf_config.attention_dropout == 0.1
 
 

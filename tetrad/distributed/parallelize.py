@@ -1,39 +1,28 @@
-"""The fixed order every model family's parallelize function follows: float8 → TP/SP →
-activation checkpointing → compile → FSDP/HSDP/DDP (each step wraps what the previous one
-produced). A family supplies only what depends on its module structure: its tensor-parallel
-plan (in the styles picked here, float8-aware or not), the modules float8 must skip, and its
-container of blocks."""
+"""The fixed order in which parallelisms wrap a (meta, possibly float8-converted) model:
+TP/SP → activation checkpointing → compile → FSDP/HSDP/DDP, each step wrapping what the
+previous one produced. A family supplies only its module names for tensor parallel's roles
+and its container of blocks."""
 
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Collection
-from typing import NamedTuple
 
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor.parallel import (
-    ColwiseParallel,
-    PrepareModuleInput,
-    RowwiseParallel,
-)
 
-from tetrad.components.float8 import apply_float8
-from tetrad.config import Config, ConfigError
+from tetrad.config import Config
 from tetrad.config.job_config import Float8Config
 from tetrad.distributed.activation_checkpoint import apply_activation_checkpointing
 from tetrad.distributed.compile import apply_compile
 from tetrad.distributed.data_parallel import apply_ddp, apply_fsdp, mixed_precision_policy
 from tetrad.distributed.parallel_dims import ParallelDims
-
-
-class TensorParallelStyles(NamedTuple):
-    """The styles a tensor-parallel plan uses for the (possibly converted) block linears and
-    the modules whose input they all-gather; embeddings and the output layer keep torch's."""
-
-    colwise: type[ColwiseParallel]
-    rowwise: type[RowwiseParallel]
-    prepare_input: type[PrepareModuleInput]
+from tetrad.distributed.tensor_parallel import (
+    TORCH_STYLES,
+    DecoderRoles,
+    TensorParallelStyles,
+    apply_tensor_parallel,
+)
+from tetrad.errors import ConfigError
 
 
 def _tensor_parallel_styles(config: Float8Config, blocks: nn.Module) -> TensorParallelStyles:
@@ -42,7 +31,7 @@ def _tensor_parallel_styles(config: Float8Config, blocks: nn.Module) -> TensorPa
     the (converted) ``blocks`` in float8. Rowwise keeps torch's styles (high-precision
     all-gathers: torchao's TP styles scale per tensor)."""
     if not (config.enable and config.recipe == "tensorwise"):
-        return TensorParallelStyles(ColwiseParallel, RowwiseParallel, PrepareModuleInput)
+        return TORCH_STYLES
     if kept := next((fqn for fqn, m in blocks.named_modules() if type(m) is nn.Linear), None):
         raise ConfigError(
             f"float8 tensorwise under tensor parallel needs every block linear in float8, but "
@@ -65,18 +54,25 @@ def apply_parallelisms(
     parallel_dims: ParallelDims,
     config: Config,
     *,
-    tensor_parallel: Callable[[DeviceMesh, TensorParallelStyles], None],
-    float8_skip_fqns: Collection[str],
+    tp_roles: DecoderRoles | None,
 ) -> None:
     """Apply every configured parallelism to ``model`` (on meta) in place. ``blocks`` is its
     ModuleDict or ModuleList of transformer blocks (the unit of checkpointing, compile and
-    FSDP); ``tensor_parallel(tp_mesh, styles)`` applies the family's plan when tp > 1, with
-    ``styles`` for the block linears and their inputs."""
+    FSDP); ``tp_roles`` name its modules for tensor parallel (None: a model tensor parallel
+    cannot split, which the family's ``check_parallelism`` rejects before this)."""
     meshes, p = parallel_dims.meshes, config.parallelism
     tp_enabled = parallel_dims.tp > 1
-    apply_float8(model, config.float8, skip_fqns=float8_skip_fqns)
     if tp_enabled:
-        tensor_parallel(meshes["tp"], _tensor_parallel_styles(config.float8, blocks))
+        assert tp_roles is not None, "check_parallelism admits tp > 1 only with roles"
+        apply_tensor_parallel(
+            model,
+            blocks,
+            tp_roles,
+            meshes["tp"],
+            _tensor_parallel_styles(config.float8, blocks),
+            sequence_parallel=p.enable_sequence_parallel,
+            loss_parallel=p.enable_loss_parallel,
+        )
         if p.enable_async_tp:
             _enable_async_tp(meshes["tp"])
     apply_activation_checkpointing(blocks, config.activation_checkpoint)

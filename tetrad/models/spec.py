@@ -4,15 +4,21 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 
 import torch
 from torch import nn
 
-from tetrad.config import ConfigError
+from tetrad.config import Config
+from tetrad.errors import ConfigError
+from tetrad.models.attention import AttentionFn
+
+if TYPE_CHECKING:
+    from tetrad.distributed.parallel_dims import ParallelDims
 
 
 def did_you_mean(name: str, choices: Iterable[str]) -> str:
@@ -20,15 +26,6 @@ def did_you_mean(name: str, choices: Iterable[str]) -> str:
     by_lower = {choice.lower(): choice for choice in choices}
     match = difflib.get_close_matches(name.lower(), by_lower, n=1)
     return f" did you mean '{by_lower[match[0]]}'?" if match else ""
-
-
-def training_flops_per_token(
-    non_embedding_params: int, n_layers: int, attention_dim: int, seq_len: int
-) -> int:
-    """6·N for the forward and backward matmuls over the N non-embedding parameters (the output
-    projection counts, tied or not), plus 6·2·n_layers·attention_dim·seq_len for QKᵀ and
-    attention·V (Kaplan et al. 2020, no discount for the causal mask)."""
-    return 6 * non_embedding_params + 12 * n_layers * attention_dim * seq_len
 
 
 class StateDictAdapter(Protocol):
@@ -56,40 +53,96 @@ class StateDictAdapter(Protocol):
         ...
 
 
+class ModelConfig(Protocol):
+    """What the trainer reads of any family's model config."""
+
+    @property
+    def vocab_size(self) -> int:
+        """Embedding rows; a preset's 0 means "the tokenizer's" (``ModelSpec.config_for``)."""
+        ...
+
+    @property
+    def max_seq_len(self) -> int:
+        """The longest sequence the model's positions cover."""
+        ...
+
+
+C = TypeVar("C", bound=ModelConfig)
+
+
+class DecoderModel(nn.Module, ABC):
+    """What every family's model provides to the trainer, the parallelisms and checkpoints.
+
+    Built under ``torch.device("meta")`` and never initialised there: materialisation
+    (``tetrad.models.materialize``) seeds each module and calls ``init_module_parameters`` on
+    it, then ``init_buffers``. Blocks are the unit of activation checkpointing, compile, FSDP
+    and pipeline splitting; a pipeline stage deletes the blocks and top-level modules it does
+    not own (``ModelSpec.pipeline_first``/``pipeline_last`` set to None), so every parameter
+    keeps its whole-model FQN."""
+
+    @abstractmethod
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """tokens [B, T] (or hidden states [B, T, dim] on a later pipeline stage); positions
+        [T] or [B, T] rows of the position table, default 0..T-1 (context parallel's chunks
+        and pipeline stages pass theirs). Returns logits [B, T, vocab] (or hidden states)."""
+
+    @abstractmethod
+    def blocks(self) -> nn.ModuleDict | nn.ModuleList:
+        """The transformer blocks, in order; a ModuleDict by index where pipeline parallel
+        applies (stages delete entries)."""
+
+    @abstractmethod
+    def init_module_parameters(self, fqn: str, module: nn.Module) -> None:
+        """Initialise the own parameters of the submodule at ``fqn`` (full-size, possibly a
+        stand-in) from the global RNG, by the family's rule for that module."""
+
+    @abstractmethod
+    def init_buffers(self, buffer_device: torch.device | None = None) -> None:
+        """Recompute the non-persistent buffers (rotary tables: garbage after ``to_empty``, in
+        no checkpoint) on ``buffer_device`` and re-tie shared parameters; weights untouched."""
+
+    @abstractmethod
+    def set_attention(self, attention: AttentionFn) -> None:
+        """Make every attention layer call ``attention`` (``tetrad.models.attention``)."""
+
+
+ParallelizeFn = Callable[[DecoderModel, "ParallelDims", Config], None]
+
+
 @dataclass(frozen=True, kw_only=True)
-class ModelSpec:
+class ModelSpec(Generic[C]):
     name: str
     """Registry name, the value of --model.name."""
 
-    presets: Mapping[str, Any]
-    """Config dataclasses (with a vocab_size field) by flavor, the values of --model.flavor."""
+    presets: Mapping[str, C]
+    """Config dataclasses by flavor, the values of --model.flavor."""
 
-    build_model: Callable[[Any], nn.Module]
-    """config → model; called under torch.device("meta"), so it must not initialise weights.
-    The model provides ``init_module_parameters(fqn, module)`` (the module's own parameters,
-    full-size, from the global RNG; ``tetrad.distributed.materialize`` seeds each module and
-    keeps each rank's shards) and ``init_buffers(buffer_device)`` (only the non-persistent
-    buffers, e.g. rotary tables, and ties)."""
+    build_model: Callable[[C], DecoderModel]
+    """config → model; called under torch.device("meta"), so it must not initialise weights."""
 
-    num_flops_per_token: Callable[[Any, int], int]
+    num_flops_per_token: Callable[[C, int], int]
     """(config, seq_len) → training FLOPs per token, for MFU."""
 
-    parallelize_fn: Callable[..., None] | None = None
-    """Applies TP/SP, activation checkpointing, compile and FSDP to a model in place: the one
-    place where a family's module structure meets the device mesh."""
+    parallelize_fn: ParallelizeFn | None = None
+    """Applies float8, TP/SP, activation checkpointing, compile and FSDP to a model in place:
+    the one place where a family's module structure meets the device mesh."""
 
-    state_dict_adapter: Callable[[Any], StateDictAdapter] | None = None
+    check_parallelism: Callable[[C, Config], None] | None = None
+    """Rejects, with one line, a layout this model cannot take (heads that tp does not divide,
+    an architecture tetrad cannot split); called before anything is built."""
+
+    state_dict_adapter: Callable[[C], StateDictAdapter] | None = None
     """config → adapter for Hugging Face import/export; None = no HF format for this family."""
 
-    resolve_config: Callable[[Any, int], Any] | None = None
+    resolve_config: Callable[[Config, int], C] | None = None
     """(job Config, tokenizer vocab size) → model config, for families defined by files rather
     than presets (the HF backend: config.json + overrides); None = ``config_for`` a preset."""
 
-    default_tokenizer: Callable[[Any], str | None] | None = None
+    default_tokenizer: Callable[[Config], str | None] | None = None
     """job Config → the tokenizer to use when --data.tokenizer is unset (e.g. the model's own
     folder); None = the embedded default."""
 
-    weights_folder: Callable[[Any], Path | None] | None = None
+    weights_folder: Callable[[C], Path | None] | None = None
     """model config → a folder of HF safetensors to load (through ``state_dict_adapter``) in
     place of initialisation; None (or returning None) = initialise from the seed."""
 
@@ -99,20 +152,20 @@ class ModelSpec:
     pipeline_last: tuple[str, ...] = ("norm", "output")
     """Top-level modules only the last pipeline stage keeps (final norm, output projection)."""
 
-    def model_config(self, config: Any, *, vocab_size: int) -> Any:
+    def model_config(self, config: Config, *, vocab_size: int) -> C:
         """The model config a job Config asks for: the family's own resolution (files), else
         the --model.flavor preset."""
         if self.resolve_config is not None:
             return self.resolve_config(config, vocab_size)
         return self.config_for(config.model.flavor, vocab_size=vocab_size)
 
-    def tokenizer_for(self, config: Any) -> str | None:
+    def tokenizer_for(self, config: Config) -> str | None:
         """--data.tokenizer, else the family's own (an HF model's folder); None = embedded."""
         if config.data.tokenizer is not None:
             return config.data.tokenizer
         return self.default_tokenizer(config) if self.default_tokenizer else None
 
-    def config_for(self, flavor: str, *, vocab_size: int) -> Any:
+    def config_for(self, flavor: str, *, vocab_size: int) -> C:
         """A copy of the preset, its vocab_size taken from the tokenizer where the preset has 0."""
         if flavor not in self.presets:
             raise ConfigError(
@@ -121,7 +174,7 @@ class ModelSpec:
             )
         preset = self.presets[flavor]
         if preset.vocab_size == 0:
-            return dataclasses.replace(preset, vocab_size=vocab_size)
+            return dataclasses.replace(preset, vocab_size=vocab_size)  # type: ignore[type-var]
         if preset.vocab_size < vocab_size:
             raise ConfigError(
                 f"{self.name} '{flavor}' has vocab_size {preset.vocab_size}, fewer than the "

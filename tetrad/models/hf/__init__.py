@@ -19,7 +19,7 @@ from tetrad.models.hf.model import (
     count_params,
     num_flops_per_token,
 )
-from tetrad.models.hf.parallelize import parallelize_hf
+from tetrad.models.hf.parallelize import check_parallelism, parallelize_hf
 from tetrad.models.hf.state_dict_adapter import HFStateDictAdapter
 from tetrad.models.spec import ModelSpec
 
@@ -38,6 +38,7 @@ hf_spec = ModelSpec(
     build_model=build_hf_model,
     num_flops_per_token=num_flops_per_token,
     parallelize_fn=parallelize_hf,
+    check_parallelism=check_parallelism,
     state_dict_adapter=HFStateDictAdapter,
     resolve_config=resolve_hf_config,
     default_tokenizer=_default_tokenizer,
@@ -53,6 +54,7 @@ __all__ = [
     "HFModelConfig",
     "HFStateDictAdapter",
     "build_hf_model",
+    "check_parallelism",
     "count_params",
     "hf_spec",
     "num_flops_per_token",

@@ -256,26 +256,6 @@ def _architecture(hf_config: Any, source: str) -> str:
     )
 
 
-def _check_parallelism(config: Config, resolved: HFModelConfig) -> None:
-    p = config.parallelism
-    dropout = getattr(resolved.hf_config, "attention_dropout", 0.0) or 0.0
-    if p.cp > 1 and dropout > 0:
-        raise ConfigError(
-            f"{resolved.architecture} has attention_dropout {dropout}, which context parallel "
-            "does not support; pass --model.hf_overrides attention_dropout=0"
-        )
-    if resolved.native:
-        return
-    supported = ", ".join(NATIVE_FAMILIES.values())
-    for name in ("tp", "pp", "cp"):
-        if getattr(p, name) > 1:
-            raise ConfigError(
-                f"{resolved.architecture} is not yet supported for --parallelism.{name} > 1 "
-                f"(supported: {supported}); FSDP/HSDP/DDP, activation checkpointing and compile "
-                "work for every architecture"
-            )
-
-
 def _check_sliding_window(config: Config, hf_config: Any) -> None:
     """tetrad attends causally over the whole sequence; that equals sliding-window attention
     only while the sequence fits in the window."""
@@ -307,7 +287,8 @@ def resolve_hf_config(config: Config, vocab_size: int) -> HFModelConfig:
     hf_config, overrides = apply_overrides(hf_config, parse_overrides(m.hf_overrides))
     hf_config.architectures = [_architecture(hf_config, m.hf_path)]
     hf_config.use_cache = False
-    hf_config._attn_implementation = "sdpa"  # causal SDPA: what context parallel intercepts
+    # transformers' SDPA for the families it runs itself; native ones get tetrad's at build.
+    hf_config._attn_implementation = "sdpa"
     if m.hf_init == "pretrained" and not has_weights(folder):
         raise ConfigError(
             f"--model.hf_init pretrained: {folder} holds no model.safetensors or "
@@ -329,7 +310,6 @@ def resolve_hf_config(config: Config, vocab_size: int) -> HFModelConfig:
             f"the tokenizer has {vocab_size} tokens but {resolved.architecture} only "
             f"{resolved.vocab_size} embedding rows; use the model's own tokenizer"
         )
-    _check_parallelism(config, resolved)
     _check_sliding_window(config, hf_config)
     logger.info(
         "hf model %s (%s): %d layers, dim %d, %d heads (%d kv), vocab %d, %s weights",

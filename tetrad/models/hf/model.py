@@ -6,13 +6,14 @@ transformers class named by the config (on meta, under the trainer) and rehouses
 - ``HFCausalLM`` (Llama, Mistral, Qwen2, Qwen3): the base model's own ``embed_tokens``,
   ``layers`` (as a ModuleDict "0".."n-1", so a pipeline stage can drop blocks and keep FQNs),
   ``norm``, ``rotary_emb`` and the ``lm_head``, with tetrad's loop over the HF decoder layers.
-  The loop passes no attention mask, so HF's SDPA path calls causal
-  ``scaled_dot_product_attention`` (what context parallel intercepts), and rotary positions
-  come from the caller (pipeline stages, context-parallel chunks). FQNs are HF's without the
-  ``model.`` prefix of the base model (``layers.0.self_attn.q_proj.weight``).
+  Their attention layers call the run's ``AttentionFn`` (``set_attention``), registered with
+  transformers' ``AttentionInterface`` as the "tetrad" implementation; the loop passes no mask
+  (causal), and rotary positions come from the caller (pipeline stages, context-parallel
+  chunks). FQNs are HF's without the ``model.`` prefix of the base model
+  (``layers.0.self_attn.q_proj.weight``).
 - ``HFGenericCausalLM`` (any other ``*ForCausalLM``/``*LMHeadModel``): the base model and the
   output head under their HF names (``model``/``transformer``/…, ``lm_head``), run by
-  transformers' own forward.
+  transformers' own forward and its SDPA attention.
 
 Both take token ids [B, T] and return logits [B, T, vocab].
 """
@@ -24,12 +25,34 @@ from typing import Any
 import torch
 from torch import nn
 
-from tetrad.config import ConfigError
+from tetrad.errors import ConfigError
+from tetrad.models.attention import AttentionFn, causal_sdpa
+from tetrad.models.dense import DenseDecoderShape, training_flops_per_token
 from tetrad.models.hf.config import HFModelConfig, import_transformers
-from tetrad.models.spec import training_flops_per_token
+from tetrad.models.spec import DecoderModel
+
+ATTENTION_IMPLEMENTATION = "tetrad"
+"""The name under which tetrad's attention is registered with transformers."""
 
 
-class _HFBase(nn.Module):
+def _hf_attention(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """transformers' attention-function signature → the ``AttentionFn`` set on ``module``."""
+    if attention_mask is not None:
+        raise RuntimeError("tetrad's decoder loop passes no attention mask; attention is causal")
+    out = module.tetrad_attention(query, key, value, scale=scaling, dropout_p=dropout)
+    return out.transpose(1, 2).contiguous(), None  # [B, T, H, head_dim], as HF's own return
+
+
+class _HFBase(DecoderModel):
     """What both wrappers share: config, tying, initialisation by the HF class's own rules."""
 
     def __init__(self, config: HFModelConfig, hf_model: nn.Module) -> None:
@@ -89,7 +112,7 @@ class _HFBase(nn.Module):
 
 
 class HFCausalLM(_HFBase):
-    """A Llama-like HF decoder driven by tetrad's loop. A pipeline stage may set
+    """A Llama-like HF decoder driven by tetrad's loop and tetrad's attention. A pipeline stage may set
     ``embed_tokens``, ``norm`` and ``lm_head`` to None and delete entries of ``layers``; it then
     takes and/or returns hidden states [B, T, dim]."""
 
@@ -106,6 +129,14 @@ class HFCausalLM(_HFBase):
         self.rotary_emb = base.rotary_emb
         self.lm_head = hf_model.lm_head
         self._tie()
+        self.set_attention(causal_sdpa)
+
+    def blocks(self) -> nn.ModuleDict:
+        return self.layers
+
+    def set_attention(self, attention: AttentionFn) -> None:
+        for layer in self.layers.values():
+            layer.self_attn.tetrad_attention = attention
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
         """tokens: [B, T] ids (or [B, T, dim] hidden states without embed_tokens).
@@ -120,7 +151,7 @@ class HFCausalLM(_HFBase):
         h = self.embed_tokens(tokens) if self.embed_tokens is not None else tokens
         position_embeddings = self.rotary_emb(h, position_ids=positions)  # cos, sin [B, T, hd]
         for layer in self.layers.values():
-            # No mask: HF's SDPA attention then runs causal scaled_dot_product_attention.
+            # No mask: tetrad's attention is causal.
             h = layer(h, attention_mask=None, position_embeddings=position_embeddings)
         if self.norm is not None:
             h = self.norm(h)
@@ -166,59 +197,78 @@ class HFGenericCausalLM(_HFBase):
     def _head(self) -> nn.Module:
         return self._modules[self._head_name]
 
-    @property
-    def layers(self) -> nn.Module:
+    def blocks(self) -> nn.ModuleList:
         """The decoder layers, for activation checkpointing, compile and FSDP."""
-        return self.base.get_submodule(self._layers_name)
+        layers = self.base.get_submodule(self._layers_name)
+        assert isinstance(layers, nn.ModuleList)
+        return layers
+
+    def set_attention(self, attention: AttentionFn) -> None:
+        """transformers' forward runs its own SDPA attention, which is plain causal attention:
+        any other (context parallel's) needs a family tetrad runs layer by layer."""
+        if attention is not causal_sdpa:
+            raise ConfigError(
+                f"{self.config.architecture} runs transformers' own attention; "
+                f"{getattr(attention, '__qualname__', attention)} needs a Llama-like family"
+            )
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
         out = self.base(input_ids=tokens, position_ids=positions, use_cache=False)
         return self._head()(out.last_hidden_state)
 
 
-def build_hf_model(config: HFModelConfig) -> nn.Module:
+def build_hf_model(config: HFModelConfig) -> DecoderModel:
     """Instantiate the config's ``*ForCausalLM`` (under the caller's device context, meta in
-    the trainer) and wrap it."""
-    cls: Any = getattr(import_transformers(), config.architecture)
+    the trainer) and wrap it; a native family's attention layers call tetrad's attention."""
+    transformers = import_transformers()
+    if config.native:
+        transformers.AttentionInterface.register(ATTENTION_IMPLEMENTATION, _hf_attention)
+        config.hf_config._attn_implementation = ATTENTION_IMPLEMENTATION
+    cls: Any = getattr(transformers, config.architecture)
     hf_model = cls(config.hf_config)
     wrapper = HFCausalLM if config.native else HFGenericCausalLM
     return wrapper(config, hf_model)
 
 
-def count_params(config: HFModelConfig) -> dict[str, int]:
-    """Parameter counts of a Llama-like decoder (gated MLP, RMSNorm, optional q/k/v biases as in
-    Qwen2, per-head q/k norms as in Qwen3), from the config alone. A tied lm_head counts 0."""
+def dense_shape(config: HFModelConfig) -> DenseDecoderShape:
+    """A Llama-like decoder's shape (gated MLP, RMSNorm), with q/k/v biases as in Qwen2 and
+    per-head q/k norms as in Qwen3."""
     c, dim, hd = config.hf_config, config.dim, config.head_dim
     q_dim, kv_dim = config.n_heads * hd, config.kv_heads * hd
-    attention = dim * q_dim + 2 * dim * kv_dim + q_dim * dim
+    attention_extra = 0
     if c.model_type == "qwen2":
-        attention += q_dim + 2 * kv_dim  # q/k/v biases; o_proj has none
+        attention_extra += q_dim + 2 * kv_dim  # q/k/v biases; o_proj has none
     elif getattr(c, "attention_bias", False):
-        attention += q_dim + 2 * kv_dim + dim
+        attention_extra += q_dim + 2 * kv_dim + dim
     if c.model_type == "qwen3":
-        attention += 2 * hd  # q_norm, k_norm
-    mlp = 3 * dim * config.hidden_dim + (
-        2 * config.hidden_dim + dim if getattr(c, "mlp_bias", False) else 0
+        attention_extra += 2 * hd  # q_norm, k_norm
+    mlp_bias = getattr(c, "mlp_bias", False)
+    return DenseDecoderShape(
+        dim=dim,
+        n_layers=config.n_layers,
+        n_heads=config.n_heads,
+        kv_heads=config.kv_heads,
+        head_dim=hd,
+        hidden_dim=config.hidden_dim,
+        vocab_size=config.vocab_size,
+        tie_embeddings=config.tie_embeddings,
+        attention_extra=attention_extra,
+        mlp_extra=2 * config.hidden_dim + dim if mlp_bias else 0,
     )
-    block = attention + mlp + 2 * dim
-    counts = {
-        "embed_tokens": config.vocab_size * dim,
-        "layers": config.n_layers * block,
-        "norm": dim,
-        "lm_head": 0 if config.tie_embeddings else config.vocab_size * dim,
-    }
-    counts["total"] = sum(counts.values())
-    return counts
+
+
+def count_params(config: HFModelConfig) -> dict[str, int]:
+    """Parameter counts of a native family by top-level module, plus "total"."""
+    return dense_shape(config).count_params(("embed_tokens", "layers", "norm", "lm_head"))
 
 
 def num_flops_per_token(config: HFModelConfig, seq_len: int) -> int:
     """Training FLOPs per token, as for llama3 (``training_flops_per_token``)."""
     if config.native:
-        counts = count_params(config)
-        n = counts["layers"] + counts["norm"] + config.vocab_size * config.dim
-    else:  # no formula for every architecture: count a meta build's parameters instead
-        with torch.device("meta"):
-            model = build_hf_model(config)
-        n = sum(p.numel() for p in model.parameters()) - config.vocab_size * config.dim
-        n += config.vocab_size * config.dim if config.tie_embeddings else 0
+        return dense_shape(config).flops_per_token(seq_len)
+    # No formula for every architecture: count a meta build's parameters instead.
+    with torch.device("meta"):
+        model = build_hf_model(config)
+    n = sum(p.numel() for p in model.parameters()) - config.vocab_size * config.dim
+    n += config.vocab_size * config.dim if config.tie_embeddings else 0
     return training_flops_per_token(n, config.n_layers, config.n_heads * config.head_dim, seq_len)

@@ -15,7 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tetrad.models.spec import training_flops_per_token
+from tetrad.models.attention import AttentionFn, causal_sdpa
+from tetrad.models.dense import DenseDecoderShape
+from tetrad.models.spec import DecoderModel
 
 _INIT_STD = 0.02
 
@@ -160,6 +162,7 @@ class Attention(nn.Module):
         self.wk = nn.Linear(config.dim, kv_dim, bias=False)
         self.wv = nn.Linear(config.dim, kv_dim, bias=False)
         self.wo = nn.Linear(q_dim, config.dim, bias=False)
+        self.attend: AttentionFn = causal_sdpa  # the run's choice: DecoderModel.set_attention
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         bsz, seq_len, _ = x.shape
@@ -169,14 +172,7 @@ class Attention(nn.Module):
         k = self.wk(x).view(bsz, seq_len, -1, self.head_dim)  # [B, T, Hkv, head_dim]
         v = self.wv(x).view(bsz, seq_len, -1, self.head_dim)  # [B, T, Hkv, head_dim]
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        # Query head h reads kv head h // n_rep. Repeating here instead of SDPA's enable_gqa keeps
-        # every SDPA backend (and context parallel's dispatch) usable; enable_gqa is not in all.
-        n_rep = q.shape[2] // k.shape[2]
-        if n_rep > 1:
-            k, v = k.repeat_interleave(n_rep, dim=2), v.repeat_interleave(n_rep, dim=2)
-        out = F.scaled_dot_product_attention(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True
-        )  # [B, Hq, T, head_dim]
+        out = self.attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))  # [B, Hq, T, hd]
         return self.wo(out.transpose(1, 2).reshape(bsz, seq_len, -1))
 
 
@@ -204,11 +200,12 @@ class TransformerBlock(nn.Module):
         self.ffn_norm = nn.RMSNorm(config.dim, eps=config.norm_eps)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        h = x + self.attention(self.attention_norm(x), cos, sin)
+        # cos, sin by keyword: tensor parallel gathers attention's one positional input.
+        h = x + self.attention(self.attention_norm(x), cos=cos, sin=sin)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
-class Transformer(nn.Module):
+class Transformer(DecoderModel):
     """Token ids → logits. A pipeline stage may set tok_embeddings, norm and output to None and
     delete entries of ``layers`` (a ModuleDict, so the rest keep their indices and FQNs); it then
     takes and/or returns hidden states [B, T, dim]."""
@@ -241,6 +238,13 @@ class Transformer(nn.Module):
         # Each block adds two residual branches; shrinking their output projections with depth
         # keeps the residual stream's variance in check (cf. GPT-2's 1/sqrt(2·n_layers)).
         return _INIT_STD / math.sqrt(2 * (layer_id + 1)) if self.config.depth_init else _INIT_STD
+
+    def blocks(self) -> nn.ModuleDict:
+        return self.layers
+
+    def set_attention(self, attention: AttentionFn) -> None:
+        for block in self.layers.values():
+            block.attention.attend = attention
 
     @torch.no_grad()
     def init_buffers(self, buffer_device: torch.device | None = None) -> None:
@@ -287,24 +291,24 @@ class Transformer(nn.Module):
         return self.output(h) if self.output is not None else h
 
 
+def dense_shape(config: Llama3Config) -> DenseDecoderShape:
+    return DenseDecoderShape(
+        dim=config.dim,
+        n_layers=config.n_layers,
+        n_heads=config.n_heads,
+        kv_heads=config.kv_heads,
+        head_dim=config.head_dim,
+        hidden_dim=config.hidden_dim,
+        vocab_size=config.vocab_size,
+        tie_embeddings=config.tie_embeddings,
+    )
+
+
 def count_params(config: Llama3Config) -> dict[str, int]:
-    """Parameter counts by top-level module, from the config alone (405B needs no build).
-    A tied output projection counts 0: its matrix is the embedding's."""
-    dim, hd = config.dim, config.head_dim
-    attention = 2 * dim * config.n_heads * hd + 2 * dim * config.kv_heads * hd
-    block = attention + 3 * dim * config.hidden_dim + 2 * dim
-    counts = {
-        "tok_embeddings": config.vocab_size * dim,
-        "layers": config.n_layers * block,
-        "norm": dim,
-        "output": 0 if config.tie_embeddings else config.vocab_size * dim,
-    }
-    counts["total"] = sum(counts.values())
-    return counts
+    """Parameter counts by top-level module, plus "total" (``DenseDecoderShape``)."""
+    return dense_shape(config).count_params(("tok_embeddings", "layers", "norm", "output"))
 
 
 def num_flops_per_token(config: Llama3Config, seq_len: int) -> int:
-    """Training FLOPs per token (``training_flops_per_token``)."""
-    counts = count_params(config)
-    n = counts["layers"] + counts["norm"] + config.vocab_size * config.dim
-    return training_flops_per_token(n, config.n_layers, config.n_heads * config.head_dim, seq_len)
+    """Training FLOPs per token (``DenseDecoderShape.flops_per_token``)."""
+    return dense_shape(config).flops_per_token(seq_len)
