@@ -21,6 +21,7 @@ train: $(VENV)/.installed
 test: $(VENV)/.installed
 	$(VENV)/bin/ruff check tetrad tests scripts benchmarks
 	$(VENV)/bin/ruff format --check tetrad tests scripts benchmarks
+	$(VENV)/bin/mypy
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 format: $(VENV)/.installed

@@ -30,7 +30,8 @@ from tetrad.components.checkpoint_states import ModelState
 from tetrad.components.hf_checkpoint import load_hf_weights, save_hf_weights
 from tetrad.config import ConfigError, load_config
 from tetrad.data import build_tokenizer
-from tetrad.distributed.materialize import materialize_for_loading
+from tetrad.errors import UserError
+from tetrad.models.materialize import materialize_for_loading
 from tetrad.models.registry import get_model_spec
 
 USAGE = """usage: tetrad convert SRC DST [--dtype float32|bfloat16] [--config FILE] [--model.* ...]
@@ -113,6 +114,6 @@ def main(argv: Sequence[str]) -> None:
         raise SystemExit(0 if argv else 2)
     try:
         convert(argv)
-    except ConfigError as e:
+    except UserError as e:
         print(f"tetrad: error: {e}", file=sys.stderr)
         raise SystemExit(2) from None

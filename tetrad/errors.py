@@ -19,3 +19,7 @@ class CheckpointError(UserError):
 
 class DataError(UserError):
     """A dataset, data file or tokenizer that cannot be read as asked."""
+
+
+class NetworkError(UserError):
+    """A hub model, tokenizer or dataset that could not be fetched (no network, no such id)."""

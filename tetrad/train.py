@@ -5,14 +5,8 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 
-from tetrad.config import (
-    Config,
-    ConfigError,
-    help_text,
-    load_config,
-    validate_config,
-    validate_device,
-)
+from tetrad.config import Config, help_text, load_config, validate_config, validate_device
+from tetrad.errors import UserError
 
 
 def parse_config(argv: Sequence[str]) -> Config:
@@ -23,7 +17,7 @@ def parse_config(argv: Sequence[str]) -> Config:
     try:
         config = load_config(argv)
         validate_config(config)
-    except ConfigError as e:
+    except UserError as e:
         print(f"tetrad: error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
     return config
@@ -36,7 +30,7 @@ def check_device(config: Config) -> None:
 
     try:
         validate_device(config, device_type(), device_capability())
-    except ConfigError as e:
+    except UserError as e:
         print(f"tetrad: error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
 
@@ -47,7 +41,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     try:
         trainer = Trainer(config)
-    except ConfigError as e:
+    except UserError as e:
         print(f"tetrad: error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
     try:

@@ -36,11 +36,11 @@ from tetrad.distributed.init import (
     set_collective_timeout,
     set_determinism,
 )
-from tetrad.distributed.materialize import materialize_and_init, materialize_for_loading
 from tetrad.distributed.parallel_dims import ParallelDims
-from tetrad.distributed.pipeline import Pipeline, guard_split_backward, plan_pipeline, split_model
+from tetrad.distributed.pipeline import Pipeline, plan_pipeline, split_model
 from tetrad.distributed.utils import clip_grad_norm_, reduce_sum
 from tetrad.models.attention import AttentionFn, ContextParallelAttention, causal_sdpa
+from tetrad.models.materialize import materialize_and_init, materialize_for_loading
 from tetrad.models.registry import get_model_spec
 from tetrad.models.spec import ModelSpec
 from tetrad.tools.logging import init_logging
@@ -116,6 +116,11 @@ class Trainer:
             world_size=dist.get_world_size(),
         )
         dims.meshes  # noqa: B018 - create every process group now, at start-up
+        if dims.fsdp_enabled:
+            logger.info(
+                "FSDP over %d ranks, reshard after forward: %s",
+                dims.meshes["fsdp"].size(), p.fsdp_reshard_after_forward,
+            )  # fmt: skip
         return dims
 
     def build_grad_accumulation(self) -> int:
@@ -157,7 +162,6 @@ class Trainer:
         if self.parallel_dims.pp > 1:
             pp_mesh = self.parallel_dims.meshes["pp"]
             plan = plan_pipeline(self.config, list(model.blocks()), pp_mesh.get_local_rank())
-            guard_split_backward(self.config, self.parallel_dims.fsdp_enabled)
             parts = split_model(model, plan, first=spec.pipeline_first, last=spec.pipeline_last)
         for part in parts:
             if spec.parallelize_fn is not None:
@@ -219,17 +223,12 @@ class Trainer:
         load_hf_weights(merged_view(parts), folder, self.hf_adapter)
 
     def build_dataloader(self) -> TextDataLoader:
-        d, t = self.config.data, self.config.training
         dp_mesh = self.parallel_dims.meshes["dp"]
         return build_dataloader(
-            dataset=d.dataset,
-            path=d.path,
-            dataset_config=d.dataset_config,
-            split=d.split,
-            text_field=d.text_field,
+            self.config.data,
             tokenizer=self.tokenizer,
-            seq_len=t.seq_len,
-            batch_size=t.local_batch_size,
+            seq_len=self.config.training.seq_len,
+            batch_size=self.config.training.local_batch_size,
             dp_rank=dp_mesh.get_local_rank(),
             dp_world_size=dp_mesh.size(),
         )

@@ -16,9 +16,9 @@ import torch.distributed as dist
 
 from tetrad.config import load_config
 from tetrad.distributed.init import init_distributed
-from tetrad.distributed.materialize import materialize_and_init
 from tetrad.distributed.parallel_dims import ParallelDims
 from tetrad.models.llama3 import Llama3Config, Transformer
+from tetrad.models.materialize import materialize_and_init
 from tetrad.models.registry import get_model_spec
 
 CONFIG = Llama3Config(dim=512, n_layers=32, n_heads=8, vocab_size=8192, max_seq_len=64)

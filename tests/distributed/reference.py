@@ -19,17 +19,20 @@ from tetrad.trainer import Trainer
 def merged_batches(trainer: Trainer, dp: int, accum: int, local_batch: int) -> Iterator:
     """Per step: every micro-batch of every dp rank (built exactly as those ranks build theirs),
     concatenated along the batch dimension."""
-    d, t = trainer.config.data, trainer.config.training
+    config = trainer.config
     loaders = [
         iter(
             build_dataloader(
-                dataset=d.dataset, path=d.path, dataset_config=d.dataset_config, split=d.split,
-                text_field=d.text_field, tokenizer=trainer.tokenizer, seq_len=t.seq_len,
-                batch_size=local_batch, dp_rank=rank, dp_world_size=dp,
+                config.data,
+                tokenizer=trainer.tokenizer,
+                seq_len=config.training.seq_len,
+                batch_size=local_batch,
+                dp_rank=rank,
+                dp_world_size=dp,
             )
         )
         for rank in range(dp)
-    ]  # fmt: skip
+    ]
     while True:
         parts = [next(loader) for loader in loaders for _ in range(accum)]
         yield torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])

@@ -23,8 +23,8 @@ from tetrad.components.checkpoint_states import ModelState
 from tetrad.components.lr_scheduler import wsd_factor
 from tetrad.config import load_config
 from tetrad.data import build_tokenizer
-from tetrad.distributed.materialize import init_weights
 from tetrad.models.llama3 import Transformer, llama3_presets
+from tetrad.models.materialize import init_weights
 from tetrad.trainer import Trainer
 
 CHECKPOINTED = [

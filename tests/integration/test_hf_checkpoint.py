@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 from tests.conftest import REPO, TINY_RUN, read_metrics, run_train
 from tests.integration.test_checkpoint import load_model_state, tiny_model
 from tetrad.components.hf_checkpoint import load_hf_weights
+from tetrad.config.job_config import DataConfig
 from tetrad.convert import convert
 from tetrad.data import build_dataloader, build_tokenizer
 from tetrad.models.llama3 import Llama3StateDictAdapter
@@ -94,8 +95,8 @@ def test_hf_weights_give_transformers_logits_and_loss(tmp_path: Path) -> None:
         f"--checkpoint.initial_load_path={src}", "--checkpoint.initial_load_in_hf",
     )  # fmt: skip
     loader = build_dataloader(
-        dataset="default", path=None, dataset_config=None, split="train", text_field="text",
-        tokenizer=build_tokenizer(None), seq_len=64, batch_size=2, dp_rank=0, dp_world_size=1,
+        DataConfig(), tokenizer=build_tokenizer(None), seq_len=64, batch_size=2, dp_rank=0,
+        dp_world_size=1,
     )  # fmt: skip
     inputs, labels = next(iter(loader))
     want = F.cross_entropy(hf_logits(hf, inputs).flatten(0, 1), labels.flatten()).item()

@@ -12,7 +12,7 @@ import torch
 
 from tests.conftest import REPO
 from tetrad.components.hf_checkpoint import load_hf_weights, save_hf_weights
-from tetrad.config import ConfigError
+from tetrad.errors import CheckpointError
 
 transformers = pytest.importorskip("transformers")
 from tests.distributed.hf_weights_worker import SameKeys  # noqa: E402
@@ -69,15 +69,17 @@ def test_single_file_export_reads_back_exactly(tmp_path: Path) -> None:
 def test_bad_input_is_one_line_and_writes_nothing(tmp_path: Path) -> None:
     original = tiny_llama(tmp_path / "src")
     adapter = SameKeys(original.config)
-    with pytest.raises(ConfigError, match=r"does not exist$"):
+    with pytest.raises(CheckpointError, match=r"does not exist$"):
         load_hf_weights(original, tmp_path / "missing", adapter)
     (tmp_path / "empty").mkdir()
-    with pytest.raises(ConfigError, match=r"holds no model.safetensors"):
+    with pytest.raises(CheckpointError, match=r"holds no model.safetensors"):
         load_hf_weights(original, tmp_path / "empty", adapter)
     wider = tiny_llama(tmp_path / "wide", hidden=128)
-    with pytest.raises(ConfigError, match=r"'model.embed_tokens.weight' has shape \[256, 64\], "):
+    with pytest.raises(
+        CheckpointError, match=r"'model.embed_tokens.weight' has shape \[256, 64\], "
+    ):
         load_hf_weights(wider, tmp_path / "src", adapter)
     before = sorted(p.name for p in (tmp_path / "src").iterdir())
-    with pytest.raises(ConfigError, match=r"already exists"):
+    with pytest.raises(CheckpointError, match=r"already exists"):
         save_hf_weights(original, tmp_path / "src", adapter)
     assert sorted(p.name for p in (tmp_path / "src").iterdir()) == before

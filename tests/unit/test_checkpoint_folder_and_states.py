@@ -23,8 +23,8 @@ from tetrad.components.checkpoint_folder import (
     write_complete,
 )
 from tetrad.components.checkpoint_states import LoadableTrainState, ModelState, TrainState
-from tetrad.config import ConfigError
 from tetrad.config.job_config import CheckpointConfig
+from tetrad.errors import CheckpointError
 
 
 def _save(path: Path, states: dict[str, Any], *, step: int = 2) -> Path:
@@ -81,7 +81,7 @@ def test_resume_source_and_will_load_model(tmp_path: Path) -> None:
     assert will_load_model(chosen, run / "step-2")
     excluded = dataclasses.replace(chosen, exclude_from_loading="model")
     assert not will_load_model(excluded, run / "step-2")
-    with pytest.raises(ConfigError, match=r"--checkpoint.load_step 3: .*it does not exist"):
+    with pytest.raises(CheckpointError, match=r"--checkpoint.load_step 3: .*it does not exist"):
         resume_source(dataclasses.replace(enabled, load_step=3), run)
 
     # Not named step-N, and only when the run's own folder holds no checkpoint.

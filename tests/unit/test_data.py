@@ -13,6 +13,7 @@ import pytest
 import torch
 import torch.distributed.checkpoint as dcp
 
+from tetrad.config.job_config import DataConfig
 from tetrad.data import (
     TextDataLoader,
     Tokenizer,
@@ -23,6 +24,7 @@ from tetrad.data import (
 )
 from tetrad.data.sources import default_corpus_files
 from tetrad.data.tokenizer import DEFAULT_TOKENIZER
+from tetrad.errors import ConfigError, DataError, NetworkError
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
@@ -37,9 +39,7 @@ def tokenizer() -> Tokenizer:
 
 @pytest.fixture(scope="module")
 def default_source() -> datasets.IterableDataset:
-    source, text_field = build_text_source(
-        "default", path=None, dataset_config=None, split="train", text_field="ignored"
-    )
+    source, text_field = build_text_source(DataConfig(text_field="ignored"))
     assert text_field == "text"
     return source
 
@@ -63,9 +63,7 @@ def _write(path: Path, texts: list[str], field: str = "text") -> Path:
 
 
 def _local_source(path: Path) -> datasets.IterableDataset:
-    source, _ = build_text_source(
-        "local", path=str(path), dataset_config=None, split="train", text_field="text"
-    )
+    source, _ = build_text_source(DataConfig(path=str(path)))
     return source
 
 
@@ -326,20 +324,20 @@ def test_batch_size_mismatch_on_load(tokenizer: Tokenizer, tmp_path: Path) -> No
 def test_rank_without_documents_fails(tokenizer: Tokenizer, tmp_path: Path) -> None:
     source = _local_source(_write(tmp_path / "docs.jsonl", _texts(1)))
     loader = _loader(source, tokenizer, seq_len=8, batch_size=1, dp_rank=1, dp_world_size=2)
-    with pytest.raises(ValueError, match="dp rank 1 of 2 got no documents"):
+    with pytest.raises(DataError, match="dp rank 1 of 2 got no documents"):
         next(iter(loader))
 
 
 def test_missing_path(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match=r"needs --data\.path"):
-        build_text_source("local", path=None, dataset_config=None, split="train", text_field="text")
-    with pytest.raises(ValueError, match="does not exist"):
+    with pytest.raises(ConfigError, match=r"needs --data\.path"):
+        build_text_source(DataConfig(dataset="local"))
+    with pytest.raises(DataError, match="does not exist"):
         _local_source(tmp_path / "nope.jsonl")
 
 
 def test_missing_text_field(tmp_path: Path) -> None:
     path = _write(tmp_path / "docs.jsonl", _texts(3), field="content")
-    with pytest.raises(ValueError, match=r"no column 'text' \(columns: \['content', 'id'\]\)"):
+    with pytest.raises(DataError, match=r"no column 'text' \(columns: \['content', 'id'\]\)"):
         _local_source(path)
 
 
@@ -353,13 +351,9 @@ def hub_offline(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.mark.usefixtures("hub_offline")
 def test_unknown_hub_dataset(tokenizer: Tokenizer) -> None:
-    with pytest.raises(ValueError, match=r"'no-such/dataset'.*'default', 'c4', 'local'") as info:
+    with pytest.raises(NetworkError, match=r"'no-such/dataset'.*'default', 'c4', 'local'") as info:
         build_dataloader(
-            dataset="no-such/dataset",
-            path=None,
-            dataset_config=None,
-            split="train",
-            text_field="text",
+            DataConfig(dataset="no-such/dataset"),
             tokenizer=tokenizer,
             seq_len=8,
             batch_size=1,
@@ -371,8 +365,8 @@ def test_unknown_hub_dataset(tokenizer: Tokenizer) -> None:
 
 @pytest.mark.usefixtures("hub_offline")
 def test_unknown_tokenizer(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="not reachable on the Hugging Face hub") as info:
+    with pytest.raises(NetworkError, match="not reachable on the Hugging Face hub") as info:
         build_tokenizer("no-such/tokenizer")
     assert "\n" not in str(info.value)
-    with pytest.raises(ValueError, match=r"holds no tokenizer\.json"):
+    with pytest.raises(DataError, match=r"holds no tokenizer\.json"):
         build_tokenizer(str(tmp_path))

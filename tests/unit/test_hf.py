@@ -17,6 +17,7 @@ from tetrad.components.hf_checkpoint import load_hf_weights
 from tetrad.components.loss import IGNORE_INDEX, cross_entropy_sum
 from tetrad.config import ConfigError, load_config
 from tetrad.data import build_tokenizer
+from tetrad.errors import CheckpointError
 from tetrad.models import get_model_spec
 from tetrad.models.hf import (
     HFStateDictAdapter,
@@ -119,7 +120,7 @@ def test_config_json_is_the_truth_and_overrides_are_explicit(folders: dict[str, 
     assert model_config.chat_template == make_tiny.CHAT_TEMPLATE
     # Pretrained weights for two layers do not silently lose one.
     with pytest.raises(
-        ConfigError,
+        CheckpointError,
         match=r"9 checkpoint tensors have no place in the model \(e\.g\. model\.layers\.1\.",
     ) as err:
         load_weights(folders["llama"], overrides)
@@ -291,7 +292,7 @@ def test_missing_tensors_are_one_line_error(folders: dict[str, Path], tmp_path: 
     del state["model.norm.weight"]
     save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(
-        ConfigError, match=r"1 model tensors are missing from it \(e\.g\. model\.norm\.weight\)"
+        CheckpointError, match=r"1 model tensors are missing from it \(e\.g\. model\.norm\.weight\)"
     ):
         load_weights(folder)
 
@@ -314,5 +315,5 @@ def test_llama3_adapter_unknown_fqn_is_config_error() -> None:
     assert (
         adapter.hf_key("layers.0.attention.wq.weight") == "model.layers.0.self_attn.q_proj.weight"
     )
-    with pytest.raises(ConfigError, match=r"'layers\.0\.extra\.weight' has no Hugging Face"):
+    with pytest.raises(CheckpointError, match=r"'layers\.0\.extra\.weight' has no Hugging Face"):
         adapter.hf_key("layers.0.extra.weight")

@@ -9,15 +9,15 @@ import time
 import pytest
 import torch
 
-from tetrad.distributed.materialize import (
-    init_weights,
-    materialize_and_init,
-    materialize_for_loading,
-)
 from tetrad.models import ModelSpec, get_model_spec
 from tetrad.models.llama3 import Llama3Config, RopeScaling, Transformer, llama3_presets
 from tetrad.models.llama3.model import count_params, num_flops_per_token, rope_inv_freq
 from tetrad.models.llama3.state_dict_adapter import Llama3StateDictAdapter
+from tetrad.models.materialize import (
+    init_weights,
+    materialize_and_init,
+    materialize_for_loading,
+)
 
 # Published totals (Meta model cards / HF configs), in parameters.
 PUBLISHED = {"1B": 1.24e9, "3B": 3.21e9, "8B": 8.03e9, "70B": 70.6e9, "405B": 405.9e9}

@@ -14,8 +14,8 @@ from tests.conftest import TINY_RUN, read_metrics
 from tetrad.components.optimizer import AdamBF16States, build_optimizer
 from tetrad.config import load_config
 from tetrad.config.job_config import OptimizerConfig
-from tetrad.distributed.materialize import init_weights
 from tetrad.models.llama3 import Transformer, llama3_presets
+from tetrad.models.materialize import init_weights
 from tetrad.trainer import Trainer
 
 MOMENTS = ("exp_avg", "exp_avg_sq")

@@ -45,10 +45,10 @@ from tetrad.components.checkpoint_states import (
     merged_view,
 )
 from tetrad.components.hf_checkpoint import save_hf_weights
-from tetrad.config import ConfigError
 from tetrad.config.job_config import CheckpointConfig
 from tetrad.config.loader import CHECKPOINT_STATES as STATES
 from tetrad.config.loader import parse_exclude
+from tetrad.errors import CheckpointError, ConfigError
 from tetrad.models.spec import StateDictAdapter
 
 logger = logging.getLogger(__name__)
@@ -166,7 +166,7 @@ class CheckpointManager:
     def _check_dp_degree(self, metadata: Metadata, path: Path) -> None:
         saved = {int(m[1]) for k in metadata.state_dict_metadata if (m := _DP_RANK_KEY.match(k))}
         if len(saved) != self.dp_world_size:
-            raise ConfigError(
+            raise CheckpointError(
                 f"checkpoint {path} holds the data position of {len(saved)} data-parallel "
                 f"rank(s) but this run has {self.dp_world_size}; a position cannot be split "
                 "differently without repeating or skipping data: resume with the same "
@@ -188,7 +188,7 @@ class CheckpointManager:
         if self.config.last_save_in_hf and self.config.enable:
             clashes += [p for p in [self._hf_folder(self.total_steps)] if p.exists()]
         if clashes:
-            raise ConfigError(
+            raise CheckpointError(
                 f"{clashes[0]} exists and this run (starting after step {start_step}) would "
                 "overwrite it; resume from it, pass --checkpoint.overwrite to replace it, or use "
                 "another --job.dump_folder"

@@ -23,9 +23,9 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
 
-from tetrad.config import ConfigError
 from tetrad.config.job_config import CheckpointConfig
 from tetrad.config.loader import parse_exclude
+from tetrad.errors import CheckpointError
 
 logger = logging.getLogger(__name__)
 
@@ -71,14 +71,14 @@ def resume_source(config: CheckpointConfig, folder: Path) -> Path | None:
     if config.enable and config.load_step >= 0:
         path = step_folder(folder, config.load_step)
         if problem := checkpoint_problem(path):
-            raise ConfigError(f"--checkpoint.load_step {config.load_step}: {path}: {problem}")
+            raise CheckpointError(f"--checkpoint.load_step {config.load_step}: {path}: {problem}")
         return path
     if config.enable and (steps := complete_steps(folder, report=True)):
         return step_folder(folder, steps[-1])
     if config.initial_load_path and not config.initial_load_in_hf:
         path = Path(config.initial_load_path)
         if problem := checkpoint_problem(path, need_marker=False):
-            raise ConfigError(f"--checkpoint.initial_load_path {path}: {problem}")
+            raise CheckpointError(f"--checkpoint.initial_load_path {path}: {problem}")
         return path
     return None
 
@@ -141,14 +141,14 @@ def check_model_matches(
     }
     for fqn, tensor in model_state.items():
         if fqn not in saved:
-            raise ConfigError(f"checkpoint {path} does not fit the model: it has no {fqn}")
+            raise CheckpointError(f"checkpoint {path} does not fit the model: it has no {fqn}")
         if tuple(saved[fqn]) != tuple(tensor.shape):
-            raise ConfigError(
+            raise CheckpointError(
                 f"checkpoint {path} does not fit the model: {fqn} has shape "
                 f"{tuple(saved[fqn])} in the checkpoint but {tuple(tensor.shape)} in the model"
             )
     if extra := sorted(set(saved) - all_keys):
-        raise ConfigError(
+        raise CheckpointError(
             f"checkpoint {path} does not fit the model: the model has no {extra[0]} "
             f"(the checkpoint holds {len(extra)} parameter(s) the model lacks)"
         )

@@ -19,7 +19,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.checkpoint.stateful import Stateful
 
-from tetrad.config import ConfigError
+from tetrad.errors import CheckpointError
 
 # Optimizer state and hyperparameters keyed by parameter FQN, not by param-group index: pipeline
 # ranks hold different parameters in their "group 0", and DCP would keep only one rank's list.
@@ -69,7 +69,7 @@ class DataState(Stateful):
         try:
             self.dataloader.load_state_dict(state_dict)
         except ValueError as e:
-            raise ConfigError(
+            raise CheckpointError(
                 f"{e} (or pass --checkpoint.exclude_from_loading=dataloader to start the data "
                 "from the beginning)"
             ) from None

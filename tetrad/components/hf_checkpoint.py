@@ -16,29 +16,20 @@ import shutil
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 from torch.distributed.tensor import DTensor
 from tqdm import tqdm
 
-from tetrad.config import ConfigError
-from tetrad.distributed.utils import copy_full_
+from tetrad.distributed.utils import all_gather_objects, barrier, copy_full_, process_rank
+from tetrad.errors import CheckpointError
 from tetrad.models.spec import StateDictAdapter
 
 logger = logging.getLogger(__name__)
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
-
-
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized()
-
-
-def _rank() -> int:
-    return dist.get_rank() if _distributed() else 0
 
 
 def hf_weight_map(folder: Path) -> dict[str, Path]:
@@ -50,8 +41,8 @@ def hf_weight_map(folder: Path) -> dict[str, Path]:
         with safe_open(folder / SINGLE_FILE, framework="pt") as f:
             return dict.fromkeys(f.keys(), folder / SINGLE_FILE)
     if not folder.is_dir():
-        raise ConfigError(f"Hugging Face checkpoint folder {folder} does not exist")
-    raise ConfigError(
+        raise CheckpointError(f"Hugging Face checkpoint folder {folder} does not exist")
+    raise CheckpointError(
         f"{folder} holds no {SINGLE_FILE} or {INDEX_FILE}; is it a Hugging Face model folder?"
     )
 
@@ -59,11 +50,7 @@ def hf_weight_map(folder: Path) -> dict[str, Path]:
 def _model_keys(local: set[str]) -> set[str]:
     """The HF keys the whole model needs: under pipeline parallel each rank holds only its
     stage's, so the union over ranks (a collective when distributed)."""
-    if not _distributed():
-        return local
-    everyone: list[set[str] | None] = [None] * dist.get_world_size()
-    dist.all_gather_object(everyone, local)
-    return set().union(*(keys for keys in everyone if keys is not None))
+    return set().union(*all_gather_objects(local))
 
 
 def _check_keys(
@@ -84,7 +71,7 @@ def _check_keys(
         )
     if missing:
         problems.append(f"{len(missing)} model tensors are missing from it (e.g. {missing[0]})")
-    raise ConfigError(
+    raise CheckpointError(
         f"Hugging Face checkpoint {folder} does not fit the model: {'; '.join(problems)}; "
         "check --model.flavor, or --model.hf_overrides (a resized HF model needs "
         "--model.hf_init random), or that the folder holds this model's weights"
@@ -94,7 +81,7 @@ def _check_keys(
 @torch.no_grad()
 def load_hf_weights(model: nn.Module, folder: Path, adapter: StateDictAdapter) -> None:
     """Copy HF weights into ``model``'s parameters (plain or DTensor), in place; a collective
-    when distributed. A one-line ConfigError when the checkpoint's tensors and the model's
+    when distributed. A one-line CheckpointError when the checkpoint's tensors and the model's
     differ in name or shape."""
     folder = Path(folder)
     weight_map = hf_weight_map(folder)
@@ -108,14 +95,14 @@ def load_hf_weights(model: nn.Module, folder: Path, adapter: StateDictAdapter) -
     _check_keys(folder, weight_map, needed, adapter.tied_keys)
     files = {}  # safetensors files open lazily: only the tensors read are loaded
     for fqn, (key, tensor) in tqdm(
-        targets.items(), desc=f"loading {folder.name}", disable=_rank() != 0, leave=False
+        targets.items(), desc=f"loading {folder.name}", disable=process_rank() != 0, leave=False
     ):
         path = weight_map[key]
         if path not in files:
             files[path] = safe_open(path, framework="pt")
         full = adapter.from_hf(fqn, files[path].get_tensor(key))
         if full.shape != tensor.shape:
-            raise ConfigError(
+            raise CheckpointError(
                 f"Hugging Face checkpoint {folder}: '{key}' has shape {list(full.shape)}, "
                 f"the model expects {list(tensor.shape)} for '{fqn}'"
             )
@@ -126,15 +113,11 @@ def load_hf_weights(model: nn.Module, folder: Path, adapter: StateDictAdapter) -
 def _writer_group(keys: list[str]) -> tuple[bool, int]:
     """Whether this rank writes its tensors (the lowest rank among those holding exactly these
     keys), and its index among the writers."""
-    if not _distributed():
-        return True, 0
-    everyone: list[tuple[str, ...] | None] = [None] * dist.get_world_size()
-    dist.all_gather_object(everyone, tuple(keys))
-    firsts = {}
-    for rank, held in enumerate(everyone):
+    firsts: dict[tuple[str, ...], int] = {}
+    for rank, held in enumerate(all_gather_objects(tuple(keys))):
         firsts.setdefault(held, rank)
     writers = sorted(firsts.values())
-    rank = dist.get_rank()
+    rank = process_rank()
     return rank in writers, writers.index(rank) if rank in writers else -1
 
 
@@ -151,8 +134,8 @@ def save_hf_weights(
     folder = Path(folder)
     tmp = folder.with_name(folder.name + ".tmp")
     if folder.exists():
-        raise ConfigError(f"{folder} already exists; remove it or choose another export folder")
-    if _rank() == 0:
+        raise CheckpointError(f"{folder} already exists; remove it or choose another export folder")
+    if process_rank() == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     state = {
@@ -172,8 +155,7 @@ def save_hf_weights(
             files.append((list(shard), shard_bytes))
             shard, shard_bytes = {}, 0
 
-    if _distributed():
-        dist.barrier()  # the temporary folder exists
+    barrier()  # the temporary folder exists
     for fqn, tensor in state.items():
         full = tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
         if not is_writer:
@@ -185,15 +167,11 @@ def save_hf_weights(
         shard[adapter.hf_key(fqn)] = full
         shard_bytes += size
     flush()
-    everyone = [files]
-    if _distributed():
-        everyone = [None] * dist.get_world_size()
-        dist.all_gather_object(everyone, (writer_index, files) if is_writer else None)
-        everyone = [f for _, f in sorted(e for e in everyone if e is not None)]
-    if _rank() == 0:
-        _finish(tmp, folder, everyone, adapter, dtype)
-    if _distributed():
-        dist.barrier()
+    written = all_gather_objects((writer_index, files) if is_writer else None)
+    files_by_writer = [f for _, f in sorted(w for w in written if w is not None)]
+    if process_rank() == 0:
+        _finish(tmp, folder, files_by_writer, adapter, dtype)
+    barrier()
     logger.info("exported Hugging Face checkpoint %s", folder)
 
 

@@ -152,8 +152,11 @@ class ParallelismConfig:
     matmuls (micro-pipelining through symmetric memory). Needs --compile.enable,
     --parallelism.tp > 1 and CUDA GPUs."""
 
-    fsdp_reshard_after_forward: bool = True
-    """Free gathered parameters after each block's forward (less memory, one more all-gather)."""
+    fsdp_reshard_after_forward: bool | None = None
+    """Free gathered parameters after each block's forward (less memory, one more all-gather).
+    None = true, except under the pipeline schedules that split backward
+    (InterleavedZeroBubble, ZBVZeroBubble, DualPipeV): they compute weight gradients after
+    FSDP would have resharded, so they need false."""
 
     pp_schedule: Literal[
         "GPipe",
@@ -176,6 +179,10 @@ class ParallelismConfig:
     """Transformer blocks per pipeline stage; None splits the blocks evenly over the stages
     (1 per rank, or 2 for multi-stage schedules). With a value, the stage count is
     ceil(n_layers / value) and the last stage takes the remainder."""
+
+
+SPLIT_BACKWARD_SCHEDULES = frozenset({"InterleavedZeroBubble", "ZBVZeroBubble", "DualPipeV"})
+"""Schedules that split backward into input- and weight-gradient passes."""
 
 
 @dataclass(kw_only=True)

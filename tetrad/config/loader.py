@@ -22,7 +22,7 @@ from typing import Any
 
 import tomli_w
 
-from tetrad.config.job_config import CheckpointConfig, Config
+from tetrad.config.job_config import SPLIT_BACKWARD_SCHEDULES, CheckpointConfig, Config
 from tetrad.errors import ConfigError
 
 _TRUE = {"true", "1", "yes", "on"}
@@ -326,6 +326,21 @@ def validate_config(config: Config) -> None:
         raise ConfigError("--parallelism.enable_async_tp needs --parallelism.tp > 1")
     _validate_float8(config)
     _validate_checkpoint(config.checkpoint)
+    _resolve_fsdp_reshard(config)
+
+
+def _resolve_fsdp_reshard(config: Config) -> None:
+    """--parallelism.fsdp_reshard_after_forward: decided here, once, from the schedule; the
+    trainer logs the resolved value and the run's saved config holds it."""
+    p = config.parallelism
+    split_backward = p.pp > 1 and p.pp_schedule in SPLIT_BACKWARD_SCHEDULES
+    if p.fsdp_reshard_after_forward is None:
+        p.fsdp_reshard_after_forward = not split_backward
+    elif p.fsdp_reshard_after_forward and split_backward:
+        raise ConfigError(
+            f"--parallelism.pp_schedule {p.pp_schedule} computes weight gradients after FSDP "
+            "would reshard: drop --parallelism.fsdp_reshard_after_forward=true"
+        )
 
 
 def _validate_float8(config: Config) -> None:

@@ -10,9 +10,11 @@ import datasets
 import torch
 from datasets.distributed import split_dataset_by_node
 
+from tetrad.config.job_config import DataConfig
 from tetrad.data.packing import TokenPacker
 from tetrad.data.sources import build_text_source
 from tetrad.data.tokenizer import Tokenizer
+from tetrad.errors import DataError
 
 logger = logging.getLogger(__name__)
 
@@ -89,7 +91,7 @@ class TextDataLoader:
                     yield tokens
                 self._chunk_state, self._chunk_consumed = dataset.state_dict(), 0
             if self._chunk_state is None and self._chunk_consumed == 0:
-                raise ValueError(
+                raise DataError(
                     f"dp rank {self._dp_rank} of {self._dp_world_size} got no documents from the "
                     "data source; use a larger dataset or fewer data-parallel ranks"
                 )
@@ -156,12 +158,8 @@ class TextDataLoader:
 
 
 def build_dataloader(
+    data: DataConfig,
     *,
-    dataset: str,
-    path: str | None,
-    dataset_config: str | None,
-    split: str,
-    text_field: str,
     tokenizer: Tokenizer,
     seq_len: int,
     batch_size: int,
@@ -169,9 +167,7 @@ def build_dataloader(
     dp_world_size: int,
 ) -> TextDataLoader:
     """The loader for one dp rank over the source named by the data config."""
-    source, text_field = build_text_source(
-        dataset, path=path, dataset_config=dataset_config, split=split, text_field=text_field
-    )
+    source, text_field = build_text_source(data)
     return TextDataLoader(
         source,
         text_field,

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import datasets
 
-from tetrad.config import ConfigError
+from tetrad.config.job_config import DataConfig
+from tetrad.errors import ConfigError, DataError, NetworkError
 
 Dataset = datasets.IterableDataset
 
@@ -66,10 +67,10 @@ def _local_files(path: str) -> tuple[str, list[str]]:
     elif root.is_file():
         files = [root]
     else:
-        raise ConfigError(f"--data.path {path!r} does not exist")
+        raise DataError(f"--data.path {path!r} does not exist")
     builders = {_LOCAL_BUILDERS.get(file.suffix) for file in files}
     if len(builders) != 1 or None in builders:
-        raise ConfigError(
+        raise DataError(
             f"--data.path {path!r} must be one file, or a folder of files of one kind, ending in "
             f"{', '.join(_LOCAL_BUILDERS)}; found suffixes {sorted({f.suffix for f in files})}"
         )
@@ -91,7 +92,7 @@ def _hub_source(name: str, dataset_config: str | None, split: str) -> Dataset:
         return datasets.load_dataset(name, dataset_config, split=split, streaming=True)
     except Exception as err:  # the hub client raises many types; all mean "cannot open it"
         reason = f"{type(err).__name__}: {' '.join(str(err).split())}"
-        raise ConfigError(
+        raise NetworkError(
             f"--data.dataset {name!r} (config {dataset_config!r}, split {split!r}) could not be "
             f"opened on the Hugging Face hub ({reason}); use a built-in source "
             f"({', '.join(map(repr, SOURCES))}) or check the name and your network"
@@ -116,22 +117,21 @@ def _column_names(ds: Dataset) -> list[str]:
     return [] if first is None else list(first)
 
 
-def build_text_source(
-    dataset: str, *, path: str | None, dataset_config: str | None, split: str, text_field: str
-) -> tuple[Dataset, str]:
+def build_text_source(data: DataConfig) -> tuple[Dataset, str]:
     """The streaming dataset named by the data config, and the name of its text column.
 
     A `path` means a local source whatever `dataset` says.
     """
-    name = "local" if path is not None else dataset
+    path = data.path
+    name = "local" if path is not None else data.dataset
     if name in SOURCES:
-        ds = SOURCES[name](path, dataset_config, split)
+        ds = SOURCES[name](path, data.dataset_config, data.split)
     else:
-        ds = _hub_source(name, dataset_config, split)
-    text_field = _FIXED_TEXT_FIELDS.get(name, text_field)
+        ds = _hub_source(name, data.dataset_config, data.split)
+    text_field = _FIXED_TEXT_FIELDS.get(name, data.text_field)
     columns = _column_names(ds)
     if text_field not in columns:
-        raise ConfigError(
+        raise DataError(
             f"dataset {path or name!r} has no column {text_field!r} (columns: {columns}); "
             f"pick one with --data.text_field"
         )

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import tokenizers
 
-from tetrad.config import ConfigError
+from tetrad.errors import DataError, NetworkError
 
 DEFAULT_TOKENIZER = Path(__file__).resolve().parents[1] / "assets" / "tokenizer.json"
 """Byte-level BPE built on the default corpus by scripts/build_default_tokenizer.py."""
@@ -35,7 +35,7 @@ class Tokenizer:
     def __init__(self, tokenizer: tokenizers.Tokenizer) -> None:
         eos_id = _find_token(tokenizer, _EOS_NAMES)
         if eos_id is None:
-            raise ConfigError(
+            raise DataError(
                 f"the tokenizer has no end-of-text token (looked for {', '.join(_EOS_NAMES)}); "
                 "documents could not be separated"
             )
@@ -85,17 +85,17 @@ def _load(spec: str) -> tokenizers.Tokenizer:
     if path.is_dir():
         path = path / "tokenizer.json"
         if not path.is_file():
-            raise ConfigError(f"--data.tokenizer {spec!r}: the folder holds no tokenizer.json")
+            raise DataError(f"--data.tokenizer {spec!r}: the folder holds no tokenizer.json")
     if path.is_file():
         try:
             return tokenizers.Tokenizer.from_file(str(path))
         except Exception as err:  # the Rust parser raises a bare Exception
-            raise ConfigError(f"--data.tokenizer {spec!r}: invalid tokenizer.json ({err})") from err
+            raise DataError(f"--data.tokenizer {spec!r}: invalid tokenizer.json ({err})") from err
     try:
         return tokenizers.Tokenizer.from_pretrained(spec)
     except Exception as err:  # the hub client raises many types; all mean "cannot fetch it"
         reason = f"{type(err).__name__}: {' '.join(str(err).split())}"
-        raise ConfigError(
+        raise NetworkError(
             f"--data.tokenizer {spec!r}: not a tokenizer.json file, not a folder containing one, "
             f"and not reachable on the Hugging Face hub ({reason}); pass a local path, a hub id "
             "such as meta-llama/Meta-Llama-3-8B, or omit it for the default"

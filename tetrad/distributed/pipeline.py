@@ -31,9 +31,6 @@ logger = logging.getLogger(__name__)
 SINGLE_STAGE_SCHEDULES = frozenset({"GPipe", "1F1B"})
 V_SCHEDULES = frozenset({"ZBVZeroBubble", "DualPipeV"})
 """Exactly two stages per rank, placed in V order: rank r holds stages r and 2·pp − 1 − r."""
-# Splitting backward into input- and weight-gradient passes runs a stage's weight gradients
-# after FSDP has resharded it: with reshard_after_forward=True their gradients come out wrong.
-SPLIT_BACKWARD_SCHEDULES = frozenset({"InterleavedZeroBubble", "ZBVZeroBubble", "DualPipeV"})
 MICROBATCHES_AT_LEAST_STAGES = frozenset({"1F1B", "DualPipeV"})
 
 
@@ -99,19 +96,6 @@ def plan_pipeline(config: Config, layer_names: Sequence[str], pp_rank: int) -> P
     else:
         local = list(range(pp_rank, num_stages, pp))
     return PipelinePlan(schedule, num_stages, stage_layers, local, microbatches)
-
-
-def guard_split_backward(config: Config, fsdp_enabled: bool) -> None:
-    """Zero-bubble and DualPipeV schedules need FSDP to keep parameters gathered after forward."""
-    p = config.parallelism
-    split_backward = p.pp > 1 and p.pp_schedule in SPLIT_BACKWARD_SCHEDULES
-    if split_backward and fsdp_enabled and p.fsdp_reshard_after_forward:
-        logger.warning(
-            "%s computes weight gradients after FSDP would reshard: "
-            "using --parallelism.fsdp_reshard_after_forward=false",
-            p.pp_schedule,
-        )
-        p.fsdp_reshard_after_forward = False
 
 
 def split_model(

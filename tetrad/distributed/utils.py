@@ -1,5 +1,6 @@
-"""DTensor-aware helpers shared by the trainer: loss sums, the global gradient norm, and full
-tensors copied into shards.
+"""DTensor-aware helpers shared by the trainer: loss sums, the global gradient norm, full
+tensors copied into shards, and the object collectives of checkpoint code, which also runs in
+one process without a process group (``tetrad convert``).
 
 The rule for every collective tetrad issues: the tensors it hands over live on the rank's
 device (``Trainer.device``), never on the host by default, because NCCL has no CPU path (a CPU
@@ -12,11 +13,40 @@ the rule on every collective of a short multi-process run.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, distribute_tensor
+
+T = TypeVar("T")
+
+
+def is_distributed() -> bool:
+    """Whether a process group is up (not in ``tetrad convert``'s single process)."""
+    return dist.is_available() and dist.is_initialized()
+
+
+def process_rank() -> int:
+    """This process's global rank; 0 without a process group."""
+    return dist.get_rank() if is_distributed() else 0
+
+
+def all_gather_objects(obj: T) -> list[T]:
+    """Every rank's ``obj``, in rank order (picklable objects); ``[obj]`` without a process
+    group."""
+    if not is_distributed():
+        return [obj]
+    everyone: list[T | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, obj)
+    return everyone  # type: ignore[return-value]  # every slot filled
+
+
+def barrier() -> None:
+    """Wait for every rank; nothing to wait for without a process group."""
+    if is_distributed():
+        dist.barrier()
 
 
 def reduce_sum(tensor: torch.Tensor, mesh: DeviceMesh) -> torch.Tensor:

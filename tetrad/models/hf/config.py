@@ -20,7 +20,8 @@ from typing import Any, Literal
 from huggingface_hub import snapshot_download
 from huggingface_hub.errors import StrictDataclassError
 
-from tetrad.config import Config, ConfigError
+from tetrad.config import Config
+from tetrad.errors import ConfigError, NetworkError
 
 logger = logging.getLogger(__name__)
 
@@ -222,7 +223,7 @@ def _local_folder(source: str) -> Path:
         return Path(snapshot_download(source, allow_patterns=_HUB_PATTERNS))
     except Exception as err:  # the hub client raises many types; all mean "cannot fetch it"
         reason = f"{type(err).__name__}: {' '.join(str(err).split())[:200]}"
-        raise ConfigError(
+        raise NetworkError(
             f"--model.hf_path {source!r}: not a local folder, and not downloadable from the "
             f"Hugging Face hub ({reason})"
         ) from err

@@ -106,7 +106,7 @@ class _HFBase(DecoderModel):
     @torch.no_grad()
     def init_module_parameters(self, fqn: str, module: nn.Module) -> None:
         """Initialise the module's own parameters (full-size; possibly a stand-in, see
-        ``tetrad.distributed.materialize``) by the HF class's rule for that module, from the
+        ``tetrad.models.materialize``) by the HF class's rule for that module, from the
         global RNG."""
         self._hf_init_weights(module)
 

@@ -259,7 +259,7 @@ class Transformer(DecoderModel):
     @torch.no_grad()
     def init_module_parameters(self, fqn: str, module: nn.Module) -> None:
         """Initialise the own parameters of the submodule at ``fqn`` (full-size; possibly a
-        stand-in, see ``tetrad.distributed.materialize``) from the global RNG: truncated normals
+        stand-in, see ``tetrad.models.materialize``) from the global RNG: truncated normals
         of std 0.02, output projections of the residual branches shrunk with depth, the output
         layer at dim^-0.5, norms at one."""
         if isinstance(module, nn.RMSNorm):

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from tetrad.config import ConfigError
+from tetrad.errors import CheckpointError
 from tetrad.models.llama3.model import Llama3Config
 
 _BLOCK = re.compile(r"^layers\.(\d+)\.(.+)$")
@@ -66,7 +66,7 @@ class Llama3StateDictAdapter:
             return _TOP_LEVEL[fqn]
         if (m := _BLOCK.match(fqn)) and m[2] in _IN_BLOCK:
             return f"model.layers.{m[1]}.{_IN_BLOCK[m[2]]}"
-        raise ConfigError(
+        raise CheckpointError(
             f"'{fqn}' has no Hugging Face LlamaForCausalLM counterpart: the Llama 3 adapter "
             "maps only tetrad's llama3 Transformer's parameters"
         )
