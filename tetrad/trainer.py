@@ -11,10 +11,11 @@ import contextlib
 import logging
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch import nn
+from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.parallel import loss_parallel
 
@@ -42,7 +43,7 @@ from tetrad.distributed.utils import clip_grad_norm_, reduce_sum
 from tetrad.models.attention import AttentionFn, ContextParallelAttention, causal_sdpa
 from tetrad.models.materialize import materialize_and_init, materialize_for_loading
 from tetrad.models.registry import get_model_spec
-from tetrad.models.spec import ModelSpec
+from tetrad.models.spec import DecoderModel, ModelSpec
 from tetrad.tools.logging import init_logging
 
 logger = logging.getLogger(__name__)
@@ -134,7 +135,7 @@ class Trainer:
             )
         return global_batch // per_step
 
-    def build_model(self) -> list[nn.Module]:
+    def build_model(self) -> list[DecoderModel]:
         """Build on meta, [split into pipeline stages], parallelize each part, materialise on the
         device, initialise every weight. Returns the model parts this rank holds."""
         spec = get_model_spec(self.config.model.name)
@@ -158,10 +159,12 @@ class Trainer:
         self.flops_per_token = spec.num_flops_per_token(
             self.model_config, self.config.training.seq_len
         )
-        parts, plan = [model], None
+        parts: list[DecoderModel] = [model]
+        plan = None
         if self.parallel_dims.pp > 1:
             pp_mesh = self.parallel_dims.meshes["pp"]
-            plan = plan_pipeline(self.config, list(model.blocks()), pp_mesh.get_local_rank())
+            block_names = [name for name, _ in model.blocks().named_children()]
+            plan = plan_pipeline(self.config, block_names, pp_mesh.get_local_rank())
             parts = split_model(model, plan, first=spec.pipeline_first, last=spec.pipeline_last)
         for part in parts:
             if spec.parallelize_fn is not None:
@@ -199,7 +202,7 @@ class Trainer:
             return ContextParallelAttention(self.context_parallel)
         return causal_sdpa
 
-    def _hf_weights_folder(self, spec: ModelSpec) -> Path | None:
+    def _hf_weights_folder(self, spec: ModelSpec[Any]) -> Path | None:
         """The Hugging Face folder to start from: --checkpoint.initial_load_path with
         --checkpoint.initial_load_in_hf, else the family's own pretrained weights (an HF model's
         folder); None = initialise from the seed. A checkpoint in the run's own folder still
@@ -212,9 +215,10 @@ class Trainer:
                 f"{spec.name} has no Hugging Face state-dict adapter: "
                 "--checkpoint.initial_load_in_hf is not available for it"
             )
+        assert c.initial_load_path is not None  # validate_config: initial_load_in_hf needs it
         return Path(c.initial_load_path)
 
-    def _load_hf_weights(self, parts: list[nn.Module], folder: Path) -> None:
+    def _load_hf_weights(self, parts: list[DecoderModel], folder: Path) -> None:
         """Pretrained weights in place of initialisation: allocate, recompute the buffers that
         no checkpoint holds (rotary tables), read each rank's shards from the safetensors."""
         materialize_for_loading(parts, self.device)
@@ -245,7 +249,7 @@ class Trainer:
             write=self.rank == 0,
         )
 
-    def _autocast(self) -> contextlib.AbstractContextManager:
+    def _autocast(self) -> contextlib.AbstractContextManager[object]:
         """bf16 autocast for GPU runs that FSDP's mixed precision does not already cover."""
         bf16 = self.config.training.mixed_precision_param == "bfloat16"
         if self.device.type == "cuda" and bf16 and not self.parallel_dims.fsdp_enabled:
@@ -314,7 +318,7 @@ class Trainer:
     def _set_gradient_sync(self, last: bool) -> None:
         # FSDP2 reduce-scatters gradients only on the last micro-batch of a step.
         for part in self.model_parts:
-            if hasattr(part, "set_requires_gradient_sync"):
+            if isinstance(part, FSDPModule):
                 part.set_requires_gradient_sync(last)
 
     def train_step(self, micro_batches: list[Batch]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -347,7 +351,7 @@ class Trainer:
         self.metrics.reset_timer()
         while state.step < t.steps:
             state.step += 1
-            lr = self.lr_scheduler.get_last_lr()[0]
+            lr = float(self.lr_scheduler.get_last_lr()[0])
             micro_batches = [next(data_iter) for _ in range(self.grad_accum_steps)]
             loss, grad_norm = self.train_step(micro_batches)
             batch_tokens = sum(inputs.numel() for inputs, _ in micro_batches)

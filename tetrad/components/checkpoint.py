@@ -18,6 +18,7 @@ import re
 import shutil
 import threading
 import time
+from collections.abc import Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -62,7 +63,7 @@ class _PendingSave:
     """An async save in flight; ``finalized`` is set once rank 0 has tried to make it visible,
     ``error`` holds what went wrong then (a done-callback's exception would be swallowed)."""
 
-    future: Future
+    future: Future[None]
     step: int
     finalized: threading.Event = field(default_factory=threading.Event)
     error: BaseException | None = None
@@ -76,7 +77,7 @@ class CheckpointManager:
         config: CheckpointConfig,
         folder: Path,
         *,
-        model_parts: list[nn.Module],
+        model_parts: Sequence[nn.Module],
         optimizer: torch.optim.Optimizer,
         lr_scheduler: Stateful,
         dataloader: Stateful,
@@ -254,6 +255,7 @@ class CheckpointManager:
             _raise_on_every_rank(error, step, group=None)
             return
         future = dcp.async_save(states, checkpoint_id=str(tmp), process_group=self.group)
+        assert isinstance(future, Future)  # an AsyncSaveResponse only with async staging
         blocked = time.perf_counter() - begin
         pending = self.pending = _PendingSave(future, step)
         if self.rank != 0:
@@ -261,7 +263,7 @@ class CheckpointManager:
             return
 
         # Rank 0's save ends after every rank's shards and the metadata are written.
-        def on_done(f: Future) -> None:
+        def on_done(f: Future[None]) -> None:
             try:
                 if f.exception() is None:
                     pending.error = self._finalize(step, begin, blocked, names)

@@ -5,6 +5,7 @@ that saves and loads them, so the trainer can build and use them (``merged_view`
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -34,7 +35,7 @@ class ModelState(Stateful):
         self.model, self.dtype = model, dtype
 
     def state_dict(self) -> dict[str, Any]:
-        state = get_model_state_dict(self.model)
+        state: dict[str, Any] = get_model_state_dict(self.model)  # tensors, by FQN
         if self.dtype is None:
             return state
         return {k: v.to(self.dtype) if v.is_floating_point() else v for k, v in state.items()}
@@ -75,7 +76,7 @@ class DataState(Stateful):
             ) from None
 
 
-def merged_view(parts: list[nn.Module]) -> nn.Module:
+def merged_view(parts: Sequence[nn.Module]) -> nn.Module:
     """A module whose children are the parts' own (shared, not copied) submodules, merged by
     name: containers present in several parts (a ``layers`` ModuleDict) merge their disjoint
     entries. Parameters stay the parts' objects, so the optimizer's state maps onto it."""
@@ -93,10 +94,10 @@ def merged_view(parts: list[nn.Module]) -> nn.Module:
                 if not isinstance(existing, nn.ModuleDict) or not isinstance(child, nn.ModuleDict):
                     raise ValueError(f"model parts both hold a different '{name}'")
                 if name not in merged:  # a new container: the parts' own stay untouched
-                    existing = nn.ModuleDict(existing)
+                    existing = nn.ModuleDict(dict(existing.items()))
                     view.add_module(name, existing)
                     merged.add(name)
-                existing.update(child)
+                existing.update(dict(child.items()))
     return view
 
 

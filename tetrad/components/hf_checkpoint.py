@@ -139,9 +139,11 @@ def save_hf_weights(
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     state = {
-        fqn: tensor for fqn, tensor in model.state_dict().items() if adapter.hf_key(fqn) is not None
+        fqn: (key, tensor)
+        for fqn, tensor in model.state_dict().items()
+        if (key := adapter.hf_key(fqn)) is not None
     }
-    dtype = dtype or next(iter(state.values())).dtype
+    dtype = dtype or next(iter(state.values()))[1].dtype
     is_writer, writer_index = _writer_group(sorted(state))
     max_bytes = int(max_shard_size_mb * 2**20)
     files: list[tuple[list[str], int]] = []  # this writer's files: HF keys, tensor bytes
@@ -156,7 +158,7 @@ def save_hf_weights(
             shard, shard_bytes = {}, 0
 
     barrier()  # the temporary folder exists
-    for fqn, tensor in state.items():
+    for fqn, (key, tensor) in state.items():
         full = tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
         if not is_writer:
             continue
@@ -164,7 +166,7 @@ def save_hf_weights(
         size = full.numel() * full.element_size()
         if shard and shard_bytes + size > max_bytes:
             flush()
-        shard[adapter.hf_key(fqn)] = full
+        shard[key] = full
         shard_bytes += size
     flush()
     written = all_gather_objects((writer_index, files) if is_writer else None)
@@ -192,7 +194,8 @@ def _finish(
     if len(parts) == 1:
         parts[0][0].rename(tmp / SINGLE_FILE)
     else:
-        weight_map, total = {}, 0
+        weight_map: dict[str, str] = {}
+        total = 0
         for n, (path, keys, size) in enumerate(parts, start=1):
             name = f"model-{n:05d}-of-{len(parts):05d}.safetensors"
             total += size

@@ -12,7 +12,7 @@ from torch import nn
 from tetrad.config.job_config import OptimizerConfig
 from tetrad.distributed.utils import group_by_tensor_kind
 
-_OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
+_OPTIMIZERS: dict[str, type[torch.optim.Adam]] = {
     "adamw": torch.optim.AdamW,
     "adam": torch.optim.Adam,
 }
@@ -54,7 +54,7 @@ class AdamBF16States(torch.optim.Adam):
         )
 
     @torch.no_grad()
-    def step(self, closure: Callable[[], float] | None = None) -> float | None:
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]  # torch's own Adam.step is unannotated
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -92,15 +92,12 @@ class AdamBF16States(torch.optim.Adam):
                 state[key] = state[key].to(torch.bfloat16)
 
 
-def _kernel_kwargs(implementation: str, device: torch.device) -> dict[str, bool]:
-    # Fused Adam(W) kernels exist for CUDA and CPU; foreach batches the per-tensor loops.
+def _kernel(implementation: str, device: torch.device) -> str:
+    """fused, foreach or for-loop. Fused Adam(W) kernels exist for CUDA and CPU; foreach
+    batches the per-tensor loops."""
     if implementation == "auto":
-        implementation = "fused" if device.type in ("cuda", "cpu") else "foreach"
-    return {
-        "fused": {"fused": True, "foreach": False},
-        "foreach": {"fused": False, "foreach": True},
-        "for-loop": {"fused": False, "foreach": False},
-    }[implementation]
+        return "fused" if device.type in ("cuda", "cpu") else "foreach"
+    return implementation
 
 
 def build_optimizer(
@@ -120,11 +117,13 @@ def build_optimizer(
             weight_decay=config.weight_decay,
             decoupled_weight_decay=config.name == "adamw",
         )
+    kernel = _kernel(config.implementation, device)
     return _OPTIMIZERS[config.name](
         groups,
         lr=config.lr,
         betas=betas,
         eps=config.eps,
         weight_decay=config.weight_decay,
-        **_kernel_kwargs(config.implementation, device),
+        fused=kernel == "fused",
+        foreach=kernel == "foreach",
     )

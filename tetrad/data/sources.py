@@ -10,11 +10,10 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import datasets
+from datasets import IterableDataset as Dataset
 
 from tetrad.config.job_config import DataConfig
 from tetrad.errors import ConfigError, DataError, NetworkError
-
-Dataset = datasets.IterableDataset
 
 # Local file suffixes and the `datasets` builder that reads them.
 _LOCAL_BUILDERS = {
@@ -69,12 +68,13 @@ def _local_files(path: str) -> tuple[str, list[str]]:
     else:
         raise DataError(f"--data.path {path!r} does not exist")
     builders = {_LOCAL_BUILDERS.get(file.suffix) for file in files}
-    if len(builders) != 1 or None in builders:
+    builder = builders.pop() if len(builders) == 1 else None
+    if builder is None:
         raise DataError(
             f"--data.path {path!r} must be one file, or a folder of files of one kind, ending in "
             f"{', '.join(_LOCAL_BUILDERS)}; found suffixes {sorted({f.suffix for f in files})}"
         )
-    return builders.pop(), [str(file) for file in files]
+    return builder, [str(file) for file in files]
 
 
 def _local_source(path: str | None, dataset_config: str | None, split: str) -> Dataset:
@@ -112,7 +112,7 @@ _FIXED_TEXT_FIELDS = {"default": "text", "c4": "text"}
 
 def _column_names(ds: Dataset) -> list[str]:
     if ds.column_names is not None:
-        return ds.column_names
+        return list(ds.column_names)
     first = next(iter(ds), None)  # features unknown until read: look at the first row
     return [] if first is None else list(first)
 

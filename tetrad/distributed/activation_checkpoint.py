@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
@@ -22,11 +24,13 @@ _SAVE_OPS = {
 }
 
 
-def _save_matmul_policy(ctx, op, *args, **kwargs) -> CheckpointPolicy:
+def _save_matmul_policy(
+    ctx: object, op: object, *args: object, **kwargs: object
+) -> CheckpointPolicy:
     return CheckpointPolicy.MUST_SAVE if op in _SAVE_OPS else CheckpointPolicy.PREFER_RECOMPUTE
 
 
-def _op_selective_context():
+def _op_selective_context() -> Any:  # (forward, recompute) context managers
     return create_selective_checkpoint_contexts(_save_matmul_policy)
 
 

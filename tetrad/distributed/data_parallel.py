@@ -36,7 +36,7 @@ def apply_fsdp(
     mesh: DeviceMesh,
     *,
     mp_policy: MixedPrecisionPolicy,
-    reshard_after_forward: bool,
+    reshard_after_forward: bool | None,
     cpu_offload: bool,
 ) -> None:
     """Shard each block, then the root (embeddings, final norm, output) as its own group.
@@ -46,11 +46,18 @@ def apply_fsdp(
     offload = (
         CPUOffloadPolicy(pin_memory=torch.cuda.is_available()) if cpu_offload else OffloadPolicy()
     )
-    kwargs = {"mesh": mesh, "mp_policy": mp_policy, "offload_policy": offload}
     for block in blocks:
-        fully_shard(block, reshard_after_forward=reshard_after_forward, **kwargs)
+        fully_shard(
+            block,
+            mesh=mesh,
+            mp_policy=mp_policy,
+            offload_policy=offload,
+            reshard_after_forward=reshard_after_forward,
+        )
     # The root's parameters are needed again right away in backward; keep them gathered.
-    fully_shard(model, reshard_after_forward=False, **kwargs)
+    fully_shard(
+        model, mesh=mesh, mp_policy=mp_policy, offload_policy=offload, reshard_after_forward=False
+    )
 
 
 def apply_ddp(

@@ -16,6 +16,7 @@ import logging
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 from torch import nn
@@ -27,6 +28,8 @@ from torch.distributed.tensor import DTensor
 from tetrad.config import Config, ConfigError
 
 logger = logging.getLogger(__name__)
+
+M = TypeVar("M", bound=nn.Module)
 
 SINGLE_STAGE_SCHEDULES = frozenset({"GPipe", "1F1B"})
 V_SCHEDULES = frozenset({"ZBVZeroBubble", "DualPipeV"})
@@ -52,6 +55,7 @@ def plan_pipeline(config: Config, layer_names: Sequence[str], pp_rank: int) -> P
     p, pp = config.parallelism, config.parallelism.pp
     schedule, n_layers = p.pp_schedule, len(layer_names)
     per_rank = "1 per rank" if schedule in SINGLE_STAGE_SCHEDULES else "2 per rank"
+    valid: Callable[[int], bool]
     if schedule in SINGLE_STAGE_SCHEDULES:
         default_stages, valid = pp, (lambda s: s == pp)
         need = f"exactly pp = {pp} stages"
@@ -99,12 +103,12 @@ def plan_pipeline(config: Config, layer_names: Sequence[str], pp_rank: int) -> P
 
 
 def split_model(
-    model: nn.Module,
+    model: M,
     plan: PipelinePlan,
     *,
     first: Sequence[str] = ("tok_embeddings",),
     last: Sequence[str] = ("norm", "output"),
-) -> list[nn.Module]:
+) -> list[M]:
     """One deep copy of the (meta) model per local stage, keeping only what that stage owns."""
     first_params = {id(p) for name in first for p in _params(model, name)}
     if any(id(p) in first_params for name in last for p in _params(model, name)):
@@ -116,9 +120,11 @@ def split_model(
     for stage in plan.local_stages:
         part = copy.deepcopy(model)
         keep = set(plan.stage_layers[stage])
-        for name in list(part.layers.keys()):
+        layers = part.get_submodule("layers")
+        assert isinstance(layers, nn.ModuleDict), "the model contract: blocks in a ModuleDict"
+        for name in list(layers.keys()):
             if name not in keep:
-                del part.layers[name]
+                del layers[name]
         if stage != 0:
             for name in first:
                 setattr(part, name, None)
@@ -139,7 +145,7 @@ class Pipeline:
 
     def __init__(
         self,
-        parts: list[nn.Module],
+        parts: Sequence[nn.Module],
         plan: PipelinePlan,
         pp_mesh: DeviceMesh,
         device: torch.device,

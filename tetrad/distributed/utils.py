@@ -74,7 +74,7 @@ def group_by_tensor_kind(tensors: Iterable[torch.Tensor]) -> list[list[torch.Ten
     """DTensors and plain tensors in separate non-empty lists: foreach and fused kernels take one
     kind per call, and TP without sequence parallel leaves the norm weights plain."""
     tensors = list(tensors)
-    groups = [
+    groups: list[list[torch.Tensor]] = [
         [t for t in tensors if isinstance(t, DTensor)],
         [t for t in tensors if not isinstance(t, DTensor)],
     ]

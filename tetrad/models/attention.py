@@ -67,7 +67,9 @@ class ContextParallelAttention:
     def __init__(self, context_parallel: ContextParallel) -> None:
         self.cp = context_parallel
 
-    @torch.compiler.disable  # eager between compiled parts: collectives and the causal bias
+    # Eager between compiled parts: collectives and the causal bias. (torch leaves the
+    # decorator unannotated.)
+    @torch.compiler.disable  # type: ignore[untyped-decorator]
     def __call__(
         self,
         q: torch.Tensor,

@@ -100,7 +100,7 @@ def _plain_weight_in_state_dict(
     weight = state_dict[key]
     if isinstance(weight, DTensor):  # FSDP's shard of the weight
         state_dict[key] = DTensor.from_local(
-            weight.to_local()._data,
+            weight.to_local()._data,  # type: ignore[attr-defined]  # torchao's wrapper
             weight.device_mesh,
             weight.placements,
             shape=weight.shape,
@@ -108,4 +108,4 @@ def _plain_weight_in_state_dict(
             run_check=False,
         )
     else:
-        state_dict[key] = weight._data
+        state_dict[key] = weight._data  # torchao's wrapper

@@ -19,12 +19,13 @@ from __future__ import annotations
 import contextlib
 import hashlib
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import torch
 from torch import nn
 
 from tetrad.distributed.utils import copy_full_
+from tetrad.models.spec import DecoderModel
 
 
 def module_seed(seed: int, fqn: str) -> int:
@@ -46,7 +47,7 @@ def _parameter_owners(root: nn.Module) -> Iterator[tuple[str, nn.Module, list[st
 
 
 @torch.no_grad()
-def init_weights(model: nn.Module, *, seed: int) -> None:
+def init_weights(model: DecoderModel, *, seed: int) -> None:
     """Initialise a plain (unsharded, materialised) model in place, to the values
     ``materialize_and_init`` gives any layout of it with the same seed."""
     device = next(model.parameters()).device
@@ -58,7 +59,7 @@ def init_weights(model: nn.Module, *, seed: int) -> None:
 
 @torch.no_grad()
 def materialize_and_init(
-    parts: list[nn.Module], reference: nn.Module, *, device: torch.device, seed: int
+    parts: Sequence[DecoderModel], reference: DecoderModel, *, device: torch.device, seed: int
 ) -> None:
     """Allocate ``parts`` (the whole model, or this rank's pipeline stages, each the full model
     minus what it does not hold, so FQNs are the full model's) on ``device`` and initialise them
@@ -72,7 +73,9 @@ def materialize_and_init(
         part.to_empty(device=device)
         part.init_buffers(device)
         targets.update(part.state_dict())  # clean FQNs; DTensors share the parts' storage
-    names = defaultdict(list)  # every FQN of each reference parameter (tied ones have two)
+    names: defaultdict[int, list[str]] = defaultdict(
+        list
+    )  # every FQN of each reference parameter (tied ones have two)
     for fqn, param in reference.named_parameters(remove_duplicate=False):
         names[id(param)].append(fqn)
     filled: set[str] = set()
@@ -81,16 +84,17 @@ def materialize_and_init(
             wanted = {n: [f for f in names[id(module._parameters[n])] if f in targets] for n in own}
             if not any(wanted.values()):
                 continue  # another pipeline stage's module
-            meta = {n: module._parameters[n] for n in own}
+            meta: dict[str, nn.Parameter | None] = {n: module._parameters[n] for n in own}
             try:
-                for n, param in meta.items():
-                    stand_in = torch.empty(param.shape, dtype=param.dtype, device=device)
-                    module._parameters[n] = nn.Parameter(stand_in, param.requires_grad)
+                for n, meta_param in meta.items():
+                    assert meta_param is not None  # ``own`` names set parameters only
+                    stand_in = torch.empty(meta_param.shape, dtype=meta_param.dtype, device=device)
+                    module._parameters[n] = nn.Parameter(stand_in, meta_param.requires_grad)
                 torch.manual_seed(module_seed(seed, fqn))
                 reference.init_module_parameters(fqn, module)
                 for n, fqns in wanted.items():
                     for target_fqn in fqns:
-                        copy_full_(targets[target_fqn], module._parameters[n])
+                        copy_full_(targets[target_fqn], module.get_parameter(n))
                         filled.add(target_fqn)
             finally:
                 module._parameters.update(meta)  # frees the stand-ins, keeps the reference tied
@@ -98,12 +102,12 @@ def materialize_and_init(
         raise RuntimeError(f"no initialiser reached {missing[0]} ({len(missing)} tensors)")
 
 
-def _forked_rng(device: torch.device) -> contextlib.AbstractContextManager:
+def _forked_rng(device: torch.device) -> contextlib.AbstractContextManager[None]:
     """Leave the global generators as they were: initialisation reseeds them per module."""
     return torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])
 
 
-def materialize_for_loading(parts: list[nn.Module], device: torch.device) -> None:
+def materialize_for_loading(parts: Sequence[DecoderModel], device: torch.device) -> None:
     """Allocate meta-built model parts for weights that a checkpoint will fill: no
     initialisation, only the buffers no checkpoint holds (rotary tables) and re-tied
     embeddings, which ``to_empty`` unties."""

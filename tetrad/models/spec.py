@@ -8,7 +8,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, Protocol, TypeVar
 
 import torch
 from torch import nn
@@ -54,7 +54,9 @@ class StateDictAdapter(Protocol):
 
 
 class ModelConfig(Protocol):
-    """What the trainer reads of any family's model config."""
+    """What the trainer reads of any family's model config (a dataclass)."""
+
+    __dataclass_fields__: ClassVar[dict[str, dataclasses.Field[Any]]]
 
     @property
     def vocab_size(self) -> int:
@@ -174,7 +176,7 @@ class ModelSpec(Generic[C]):
             )
         preset = self.presets[flavor]
         if preset.vocab_size == 0:
-            return dataclasses.replace(preset, vocab_size=vocab_size)  # type: ignore[type-var]
+            return dataclasses.replace(preset, vocab_size=vocab_size)
         if preset.vocab_size < vocab_size:
             raise ConfigError(
                 f"{self.name} '{flavor}' has vocab_size {preset.vocab_size}, fewer than the "

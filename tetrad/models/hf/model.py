@@ -20,6 +20,8 @@ Both take token ids [B, T] and return logits [B, T, vocab].
 
 from __future__ import annotations
 
+from abc import abstractmethod
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -33,6 +35,8 @@ from tetrad.models.spec import DecoderModel
 
 ATTENTION_IMPLEMENTATION = "tetrad"
 """The name under which tetrad's attention is registered with transformers."""
+_ATTENTION_ATTR = "tetrad_attention"
+"""The attribute of each HF attention module holding the run's ``AttentionFn``."""
 
 
 def _hf_attention(
@@ -48,28 +52,35 @@ def _hf_attention(
     """transformers' attention-function signature → the ``AttentionFn`` set on ``module``."""
     if attention_mask is not None:
         raise RuntimeError("tetrad's decoder loop passes no attention mask; attention is causal")
-    out = module.tetrad_attention(query, key, value, scale=scaling, dropout_p=dropout)
+    attention: AttentionFn = getattr(module, _ATTENTION_ATTR)
+    out = attention(query, key, value, scale=scaling, dropout_p=dropout)
     return out.transpose(1, 2).contiguous(), None  # [B, T, H, head_dim], as HF's own return
 
 
 class _HFBase(DecoderModel):
     """What both wrappers share: config, tying, initialisation by the HF class's own rules."""
 
-    def __init__(self, config: HFModelConfig, hf_model: nn.Module) -> None:
+    def __init__(self, config: HFModelConfig, hf_model: Any) -> None:
         super().__init__()
         self.config = config
         # The family's ``PreTrainedModel._init_weights(module)``: its init scheme (e.g. Gemma's
         # zero-centred norms) and its buffers (rotary tables, embedding scales). A plain
         # attribute: the method's model shares our modules and adds no state.
-        self._hf_init_weights = hf_model._init_weights
+        self._hf_init_weights: Callable[[nn.Module], None] = hf_model._init_weights
 
+    @abstractmethod
+    def _embedding(self) -> nn.Module | None:
+        """The token embedding (None on a later pipeline stage)."""
+
+    @abstractmethod
     def _head(self) -> nn.Module | None:
-        return self.lm_head
+        """The output projection (None on an earlier pipeline stage)."""
 
     def _tie(self) -> None:
-        embed, head = self.embed_tokens, self._head()
+        embed, head = self._embedding(), self._head()
         if self.config.tie_embeddings and embed is not None and head is not None:
-            head.weight = embed.weight  # to_empty unties shared parameters
+            # to_empty unties shared parameters
+            head.register_parameter("weight", embed.get_parameter("weight"))
 
     def _move_buffers(self, buffer_device: torch.device | None) -> None:
         """Put the non-persistent buffers on ``buffer_device`` (None: leave them where they
@@ -120,7 +131,7 @@ class HFCausalLM(_HFBase):
     norm: nn.Module | None
     lm_head: nn.Linear | None
 
-    def __init__(self, config: HFModelConfig, hf_model: nn.Module) -> None:
+    def __init__(self, config: HFModelConfig, hf_model: Any) -> None:
         super().__init__(config, hf_model)
         base = hf_model.model
         self.embed_tokens = base.embed_tokens
@@ -131,12 +142,18 @@ class HFCausalLM(_HFBase):
         self._tie()
         self.set_attention(causal_sdpa)
 
+    def _embedding(self) -> nn.Module | None:
+        return self.embed_tokens
+
+    def _head(self) -> nn.Module | None:
+        return self.lm_head
+
     def blocks(self) -> nn.ModuleDict:
         return self.layers
 
     def set_attention(self, attention: AttentionFn) -> None:
         for layer in self.layers.values():
-            layer.self_attn.tetrad_attention = attention
+            setattr(layer.get_submodule("self_attn"), _ATTENTION_ATTR, attention)
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
         """tokens: [B, T] ids (or [B, T, dim] hidden states without embed_tokens).
@@ -192,10 +209,14 @@ class HFGenericCausalLM(_HFBase):
 
     @property
     def embed_tokens(self) -> nn.Module:
-        return self.base.get_input_embeddings()
+        embedding: nn.Module = self.base.get_input_embeddings()
+        return embedding
+
+    def _embedding(self) -> nn.Module:
+        return self.embed_tokens
 
     def _head(self) -> nn.Module:
-        return self._modules[self._head_name]
+        return self.get_submodule(self._head_name)
 
     def blocks(self) -> nn.ModuleList:
         """The decoder layers, for activation checkpointing, compile and FSDP."""

@@ -243,8 +243,9 @@ class Transformer(DecoderModel):
         return self.layers
 
     def set_attention(self, attention: AttentionFn) -> None:
-        for block in self.layers.values():
-            block.attention.attend = attention
+        for module in self.modules():
+            if isinstance(module, Attention):
+                module.attend = attention
 
     @torch.no_grad()
     def init_buffers(self, buffer_device: torch.device | None = None) -> None:
@@ -264,12 +265,14 @@ class Transformer(DecoderModel):
         layer at dim^-0.5, norms at one."""
         if isinstance(module, nn.RMSNorm):
             module.reset_parameters()
-        elif fqn == "output":
-            _trunc_normal_(module.weight, self.config.dim**-0.5)
+            return
+        weight = module.get_parameter("weight")
+        if fqn == "output":
+            _trunc_normal_(weight, self.config.dim**-0.5)
         elif fqn.endswith((".attention.wo", ".feed_forward.w2")):
-            _trunc_normal_(module.weight, self._out_proj_std(int(fqn.split(".")[1])))
+            _trunc_normal_(weight, self._out_proj_std(int(fqn.split(".")[1])))
         else:  # the token embedding and the other projections
-            _trunc_normal_(module.weight, _INIT_STD)
+            _trunc_normal_(weight, _INIT_STD)
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
         """tokens: [B, T] ids (or [B, T, dim] hidden states without tok_embeddings).
