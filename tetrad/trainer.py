@@ -106,15 +106,7 @@ class Trainer:
                 logger.info("config:\n%s", (self.dump_folder / "config.toml").read_text())
 
     def build_parallel_dims(self) -> ParallelDims:
-        p = self.config.parallelism
-        dims = ParallelDims(
-            dp_replicate=p.dp_replicate,
-            dp_shard=p.dp_shard,
-            cp=p.cp,
-            tp=p.tp,
-            pp=p.pp,
-            world_size=dist.get_world_size(),
-        )
+        dims = ParallelDims.from_config(self.config.parallelism, dist.get_world_size())
         dims.meshes  # noqa: B018 - create every process group now, at start-up
         return dims
 

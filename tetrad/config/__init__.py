@@ -3,8 +3,8 @@
 from tetrad.config.job_config import Config
 from tetrad.config.loader import (
     ConfigError,
+    config_from_args,
     config_to_dict,
-    help_text,
     load_config,
     save_config,
     validate_config,
@@ -14,8 +14,8 @@ from tetrad.config.loader import (
 __all__ = [
     "Config",
     "ConfigError",
+    "config_from_args",
     "config_to_dict",
-    "help_text",
     "load_config",
     "save_config",
     "validate_config",
