@@ -7,7 +7,7 @@ A subcommand is a subparser with its own options, usually the config's through
 from __future__ import annotations
 
 import argparse
-import os
+import logging
 import sys
 from collections.abc import Sequence
 from typing import Literal
@@ -46,9 +46,29 @@ def _train(args: argparse.Namespace, argv: Sequence[str]) -> None:
         train(config)
         return
     check_launch(config, args.nproc)
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
-    ranks = [f"--nproc-per-node={args.nproc}", "-m", "tetrad.train", *_without_nproc(argv)]
-    os.execv(sys.executable, [*torchrun, *ranks])
+    _launch(args.nproc, _without_nproc(argv))
+
+
+def _launch(nproc: int, argv: Sequence[str]) -> None:
+    """``torchrun --standalone --nproc-per-node=N -m tetrad.train ARGV``, its launcher in this
+    process. When ranks stop on a UserError (exit code 2; rank 0 printed the message, every rank
+    left it in its error file) and the others were only stopped by torchrun (a signal), this
+    command exits 2 with that one line instead of torchrun's failure report."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import get_args_parser, run
+
+    # Its "failed (exitcode: N)" line; any other failure raises the full report below.
+    logging.getLogger("torch.distributed.elastic.multiprocessing.api").setLevel(logging.CRITICAL)
+    launch = ["--standalone", f"--nproc-per-node={nproc}", "-m", "tetrad.train", *argv]
+    try:
+        run(get_args_parser().parse_args(launch))
+    except ChildFailedError as e:
+        stopped = {rank: f for rank, f in e.failures.items() if f.exitcode == 2}
+        if not stopped or any(f.exitcode > 0 for f in e.failures.values() if f.exitcode != 2):
+            raise
+        if 0 not in stopped:
+            print(f"tetrad: error: {stopped[min(stopped)].message}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 def _convert(args: argparse.Namespace, argv: Sequence[str]) -> None:

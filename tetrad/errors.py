@@ -5,8 +5,12 @@ module may raise them."""
 from __future__ import annotations
 
 import contextlib
+import json
+import os
 import sys
+import time
 from collections.abc import Iterator
+from pathlib import Path
 
 
 class UserError(Exception):
@@ -26,12 +30,16 @@ class DataError(UserError):
 
 
 @contextlib.contextmanager
-def reported(*, quiet: bool = False) -> Iterator[None]:
-    """Around a command: a UserError becomes ``tetrad: error: <message>`` on stderr (unless
-    ``quiet``: another process prints it) and exit code 2, instead of a traceback."""
+def reported() -> Iterator[None]:
+    """Around a command: a UserError becomes ``tetrad: error: <message>`` on stderr and exit code
+    2, not a traceback. Under torchrun rank 0 alone prints it, and every rank leaves it in its
+    error file, where ``tetrad train --nproc`` and torchrun's failure report find it."""
     try:
         yield
     except UserError as e:
-        if not quiet:
+        if error_file := os.environ.get("TORCHELASTIC_ERROR_FILE"):
+            record = {"message": str(e), "timestamp": int(time.time())}
+            Path(error_file).write_text(json.dumps(record))
+        if os.environ.get("RANK", "0") == "0":
             print(f"tetrad: error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
