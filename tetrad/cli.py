@@ -13,10 +13,8 @@ from collections.abc import Sequence
 from typing import Literal
 
 from tetrad.config import config_from_args, validate_config
-from tetrad.config.args import ArgumentParser, add_config_arguments, converter
+from tetrad.config.args import CONFIG_USAGE, ArgumentParser, add_config_arguments, converter
 from tetrad.errors import reported
-
-_OPTIONS = "[--config FILE.toml] [--section.field=VALUE ...]"
 
 
 def _positive(raw: str) -> int:
@@ -87,7 +85,7 @@ def build_parser() -> ArgumentParser:
     )
     commands = parser.add_subparsers(title="commands", metavar="<command>", required=True)
     train = commands.add_parser(
-        "train", help="train a model", usage=f"%(prog)s [--nproc N] {_OPTIONS}"
+        "train", help="train a model", usage=f"%(prog)s [--nproc N] {CONFIG_USAGE}"
     )
     train.add_argument(
         "--nproc",

@@ -263,3 +263,24 @@ def test_cli_help_lists_every_field() -> None:
 @pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.toml")), ids=lambda p: p.name)
 def test_shipped_configs_load(path) -> None:
     validate_config(load_config(["--config", str(path)]))
+
+
+def test_subcommands_share_the_parser() -> None:
+    from tetrad.cli import _without_nproc, build_parser
+
+    parser = build_parser()
+    args = parser.parse_args(["convert", "a", "b", "--dtype=bfloat16", "--model.flavor=tiny"])
+    assert (args.src, args.dst, args.dtype, vars(args)["model.flavor"]) == (
+        "a",
+        "b",
+        "bfloat16",
+        "tiny",
+    )
+    with pytest.raises(
+        ConfigError, match=r"unknown config key --training.steps; see `tetrad convert"
+    ):
+        parser.parse_args(["convert", "a", "b", "--training.steps=3"])
+    with pytest.raises(ConfigError, match=r"^--nproc: needs a positive integer, got '0'$"):
+        parser.parse_args(["train", "--nproc=0"])
+    argv = ["--nproc", "2", "--debug.deterministic", "--nproc=4", "--training.steps", "3"]
+    assert _without_nproc(argv) == ["--debug.deterministic", "--training.steps", "3"]

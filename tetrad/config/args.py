@@ -26,6 +26,8 @@ from typing import Any, NoReturn
 from tetrad.config.job_config import Config
 from tetrad.errors import ConfigError
 
+CONFIG_USAGE = "[--config FILE.toml] [--section.field=VALUE ...]"
+
 _TRUE = {"true", "1", "yes", "on"}
 _FALSE = {"false", "0", "no", "off"}
 
@@ -60,10 +62,12 @@ def field_docs(cls: type) -> dict[str, str]:
     return docs
 
 
-def unknown_key(key: str, known: Iterable[str], *, prefix: str) -> ConfigError:
+def unknown_key(
+    key: str, known: Iterable[str], *, prefix: str, prog: str = "tetrad train"
+) -> ConfigError:
     """``unknown config key --x.y; did you mean --x.z?`` (prefix "--" on the command line)."""
     match = difflib.get_close_matches(key, list(known), n=1, cutoff=0.6)
-    hint = f"; did you mean {prefix}{match[0]}?" if match else "; see `tetrad train --help`"
+    hint = f"; did you mean {prefix}{match[0]}?" if match else f"; see `{prog} --help`"
     return ConfigError(f"unknown config key {prefix}{key}{hint}")
 
 
@@ -194,14 +198,15 @@ class ArgumentParser(argparse.ArgumentParser):
             raise ConfigError(f"{key} needs a value: {key}=VALUE")
         raise ConfigError(f"{key}: {problem}" if problem else key)
 
-    def parse_known_args(  # type: ignore[override]
-        self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
-    ) -> tuple[argparse.Namespace, list[str]]:
+    def parse_known_args(
+        self, args: Iterable[str] | None = None, namespace: Any = None
+    ) -> tuple[Any, list[str]]:
         """Also called per subcommand; anything it does not know is an error, with a hint."""
         namespace, extras = super().parse_known_args(args, namespace)
         if extras and extras[0].startswith("--"):
             options = [o[2:] for o in self._option_string_actions if o.startswith("--")]
-            raise unknown_key(extras[0][2:].partition("=")[0], options, prefix="--")
+            key = extras[0][2:].partition("=")[0]
+            raise unknown_key(key, options, prefix="--", prog=self.prog)
         if extras:
             raise ConfigError(
                 f"unexpected argument {extras[0]!r}; options look like --section.field=value"

@@ -17,6 +17,7 @@ from typing import Any
 import tomli_w
 
 from tetrad.config.args import (
+    CONFIG_USAGE,
     ArgumentParser,
     add_config_arguments,
     coerce,
@@ -80,7 +81,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
 
 def load_config(argv: Sequence[str] = ()) -> Config:
     """The config ``tetrad train`` options describe (see ``config_from_args``)."""
-    parser = ArgumentParser(prog="tetrad train")
+    parser = ArgumentParser(prog="tetrad train", usage=f"%(prog)s {CONFIG_USAGE}")
     add_config_arguments(parser)
     return config_from_args(parser.parse_args(argv))
 
