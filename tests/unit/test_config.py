@@ -107,6 +107,7 @@ def test_saved_config_round_trips(tmp_path) -> None:
             "--checkpoint.exclude_from_loading: 'optim' is not one of: model, optimizer,",
         ),
         (["--model.hf_overrides=a=1,oops"], "--model.hf_overrides: 'oops' is not key=value"),
+        (["--model.hf_overrides=a=null"], "--model.hf_overrides: 'a=null': TOML has no null"),
         (["--training.step=3"], "did you mean --training.steps?"),  # no prefix abbreviations
     ],
 )

@@ -94,13 +94,15 @@ def _key_values(text: str) -> dict[str, Any]:
     """``a=1,b=gelu,c=[1,2]`` → {"a": 1, "b": "gelu", "c": [1, 2]}: JSON values, else strings."""
     values: dict[str, Any] = {}
     for item in _split(text):
-        key, eq, raw = item.partition("=")
-        if not eq or not key.strip():
+        key, eq, raw = (part.strip() for part in item.partition("="))
+        if not eq or not key:
             raise ValueError(f"{item!r} is not key=value")
         try:
-            values[key.strip()] = json.loads(raw)
+            values[key] = json.loads(raw)
         except json.JSONDecodeError:
-            values[key.strip()] = raw.strip()
+            values[key] = raw
+        if values[key] is None:  # the run folder's config.toml could not hold it
+            raise ValueError(f"{item!r}: TOML has no null, so a value cannot be unset")
     return values
 
 
