@@ -49,9 +49,9 @@ def _train(args: argparse.Namespace, argv: Sequence[str]) -> None:
 
 def _launch(nproc: int, argv: Sequence[str]) -> None:
     """``torchrun --standalone --nproc-per-node=N -m tetrad.train ARGV``, its launcher in this
-    process. When ranks stop on a UserError (exit code 2; rank 0 printed the message, every rank
-    left it in its error file) and the others were only stopped by torchrun (a signal), this
-    command exits 2 with that one line instead of torchrun's failure report."""
+    process. When ranks stop on a UserError (exit code 2, the message in their error files) and
+    the others were only stopped by torchrun (a signal), this command prints that message once
+    and exits 2, instead of torchrun's failure report."""
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import get_args_parser, run
 
@@ -64,8 +64,7 @@ def _launch(nproc: int, argv: Sequence[str]) -> None:
         stopped = {rank: f for rank, f in e.failures.items() if f.exitcode == 2}
         if not stopped or any(f.exitcode > 0 for f in e.failures.values() if f.exitcode != 2):
             raise
-        if 0 not in stopped:
-            print(f"tetrad: error: {stopped[min(stopped)].message}", file=sys.stderr)
+        print(f"tetrad: error: {stopped[min(stopped)].message}", file=sys.stderr)
         raise SystemExit(2) from None
 
 

@@ -32,14 +32,14 @@ class DataError(UserError):
 @contextlib.contextmanager
 def reported() -> Iterator[None]:
     """Around a command: a UserError becomes ``tetrad: error: <message>`` on stderr and exit code
-    2, not a traceback. Under torchrun rank 0 alone prints it, and every rank leaves it in its
-    error file, where ``tetrad train --nproc`` and torchrun's failure report find it."""
+    2, not a traceback. A rank under torchrun leaves the message in its error file instead, for
+    ``tetrad train --nproc`` to print once (or torchrun's failure report to show), not per rank."""
     try:
         yield
     except UserError as e:
         if error_file := os.environ.get("TORCHELASTIC_ERROR_FILE"):
             record = {"message": str(e), "timestamp": int(time.time())}
             Path(error_file).write_text(json.dumps(record))
-        if os.environ.get("RANK", "0") == "0":
+        else:
             print(f"tetrad: error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
