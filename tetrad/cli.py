@@ -1,67 +1,133 @@
-"""The ``tetrad`` command: ``tetrad train [--nproc N] [--config FILE] [--section.field=VALUE ...]``."""
+"""The ``tetrad`` command: one parser for every subcommand (``tetrad --help`` lists them).
+
+A subcommand is a subparser with its own options, usually the config's through
+``add_config_arguments``, and a ``run`` function that takes the parsed namespace.
+"""
 
 from __future__ import annotations
 
+import argparse
+import logging
 import os
 import sys
 from collections.abc import Sequence
+from typing import Literal
 
-USAGE = """usage: tetrad <command> [options]
-
-commands:
-  train    train a model (tetrad train --help lists every option)
-  convert  a model's weights between a DCP checkpoint and a Hugging Face folder
-           (tetrad convert --help)
-
-`tetrad train --nproc N ...` launches N local processes through torchrun;
-on several nodes, run `torchrun ... -m tetrad.train ...` on each (see scripts/multinode.slurm)."""
+from tetrad.config import config_from_args, validate_config
+from tetrad.config.args import CONFIG_USAGE, ArgumentParser, add_config_arguments, converter
+from tetrad.errors import LAUNCHED_BY_TETRAD, reported
 
 
-def _pop_nproc(argv: list[str]) -> int:
-    """Remove ``--nproc N`` / ``--nproc=N`` from argv and return N (1 if absent)."""
-    for i, arg in enumerate(argv):
-        if arg == "--nproc" or arg.startswith("--nproc="):
-            value = (
-                arg.partition("=")[2] if "=" in arg else (argv[i + 1] if i + 1 < len(argv) else "")
-            )
-            del argv[i : i + (1 if "=" in arg else 2)]
-            if not value.isdigit() or int(value) < 1:
-                print(
-                    f"tetrad: error: --nproc needs a positive integer, got {value!r}",
-                    file=sys.stderr,
-                )
-                raise SystemExit(2)
-            return int(value)
-    return 1
+def _positive(raw: str) -> int:
+    if not raw.isdigit() or int(raw) < 1:
+        raise argparse.ArgumentTypeError(f"needs a positive integer, got {raw!r}")
+    return int(raw)
 
 
-def train(argv: list[str]) -> None:
-    from tetrad.train import check_device, main, parse_config
+def _without_nproc(argv: Sequence[str]) -> list[str]:
+    """The train options to hand each rank: argv less ``--nproc N`` (already parsed)."""
+    kept, args = [], iter(argv)
+    for arg in args:
+        if arg == "--nproc":
+            next(args)
+        elif not arg.startswith("--nproc="):
+            kept.append(arg)
+    return kept
 
-    nproc = _pop_nproc(argv)
-    if nproc == 1:
-        main(argv)
+
+def _train(args: argparse.Namespace, argv: Sequence[str]) -> None:
+    from tetrad.train import check_launch, train
+
+    with reported():
+        config = config_from_args(args)
+        validate_config(config)
+    if args.nproc == 1:
+        train(config)
         return
-    check_device(parse_config(argv))  # fail on a bad config once, before any process starts
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
-    os.execv(sys.executable, [*torchrun, f"--nproc-per-node={nproc}", "-m", "tetrad.train", *argv])
+    check_launch(config, args.nproc)
+    _launch(args.nproc, _without_nproc(argv))
+
+
+def _launch(nproc: int, argv: Sequence[str]) -> None:
+    """``torchrun --standalone --nproc-per-node=N -m tetrad.train ARGV``, its launcher in this
+    process. When ranks stop on a UserError (exit code 2, the message in their error files) and
+    the others were only stopped by torchrun (a signal), this command prints that message once
+    and exits 2, instead of torchrun's failure report."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import get_args_parser, run
+
+    # Its "failed (exitcode: N)" line; any other failure raises the full report below.
+    logging.getLogger("torch.distributed.elastic.multiprocessing.api").setLevel(logging.CRITICAL)
+    launch = ["--standalone", f"--nproc-per-node={nproc}", "-m", "tetrad.train", *argv]
+    os.environ[LAUNCHED_BY_TETRAD] = "1"  # the ranks inherit it
+    try:
+        run(get_args_parser().parse_args(launch))
+    except ChildFailedError as e:
+        stopped = {rank: f for rank, f in e.failures.items() if f.exitcode == 2}
+        if not stopped or any(f.exitcode > 0 for f in e.failures.values() if f.exitcode != 2):
+            raise
+        print(f"tetrad: error: {stopped[min(stopped)].message}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def _convert(args: argparse.Namespace, argv: Sequence[str]) -> None:
+    from tetrad.convert import main
+
+    main(args)
+
+
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(
+        prog="tetrad",
+        description="PyTorch-native LLM training; `tetrad <command> --help` lists its options.",
+        epilog="`tetrad train --nproc N ...` launches N local processes through torchrun; on "
+        "several nodes,\nrun `torchrun ... -m tetrad.train ...` on each (see "
+        "scripts/multinode.slurm).",
+    )
+    commands = parser.add_subparsers(title="commands", metavar="<command>", required=True)
+    train = commands.add_parser(
+        "train", help="train a model", usage=f"%(prog)s [--nproc N] {CONFIG_USAGE}"
+    )
+    train.add_argument(
+        "--nproc",
+        type=_positive,
+        default=1,
+        metavar="N",
+        help="local processes to launch through torchrun (default: 1, no torchrun)",
+    )
+    add_config_arguments(train)
+    train.set_defaults(run=_train)
+    convert = commands.add_parser(
+        "convert",
+        help="a model's weights between a DCP checkpoint and a Hugging Face folder",
+        usage="%(prog)s SRC DST [--dtype {float32,bfloat16}] [--config FILE.toml] "
+        "[--model.* --data.* ...]",
+        description="SRC a DCP checkpoint folder (step-N)  → DST a Hugging Face folder "
+        "(safetensors + config.json)\nSRC a Hugging Face folder             → DST a model-only "
+        "DCP checkpoint (for\n                                        "
+        "--checkpoint.initial_load_path)\nThe model (--model.*, --data.tokenizer) defaults to "
+        "the config.toml of the run that holds\na DCP source; give it explicitly for a Hugging "
+        "Face source.",
+    )
+    convert.add_argument("src", metavar="SRC", help="the checkpoint or folder to convert")
+    convert.add_argument("dst", metavar="DST", help="where to write the result (must not exist)")
+    convert.add_argument(
+        "--dtype",
+        type=converter(Literal["float32", "bfloat16"]),
+        default="float32",
+        metavar="{float32,bfloat16}",
+        help="dtype of the written weights (default: float32)",
+    )
+    add_config_arguments(convert, only=("model", "data"))
+    convert.set_defaults(run=_convert)
+    return parser
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    args = list(sys.argv[1:] if argv is None else argv)
-    if not args or args[0] in ("-h", "--help"):
-        print(USAGE)
-        raise SystemExit(0 if args else 2)
-    command, rest = args[0], args[1:]
-    if command == "train":
-        train(rest)
-    elif command == "convert":
-        from tetrad.convert import main as convert
-
-        convert(rest)
-    else:
-        print(f"tetrad: error: unknown command {command!r}; see `tetrad --help`", file=sys.stderr)
-        raise SystemExit(2)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    with reported():
+        args = build_parser().parse_args(argv)
+    args.run(args, argv[1:])
 
 
 if __name__ == "__main__":

@@ -11,10 +11,9 @@ process, no process group; nothing is written when the input is wrong.
 
 from __future__ import annotations
 
+import argparse
 import shutil
-import sys
 import time
-from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -28,58 +27,30 @@ from tetrad.components.checkpoint_folder import (
 )
 from tetrad.components.checkpoint_states import ModelState
 from tetrad.components.hf_checkpoint import load_hf_weights, save_hf_weights
-from tetrad.config import ConfigError, load_config
+from tetrad.config import config_from_args
 from tetrad.data import build_tokenizer
-from tetrad.errors import UserError
+from tetrad.errors import CheckpointError, ConfigError, reported
 from tetrad.models.materialize import materialize_for_loading
 from tetrad.models.registry import get_model_spec
 
-USAGE = """usage: tetrad convert SRC DST [--dtype float32|bfloat16] [--config FILE] [--model.* ...]
 
-SRC a DCP checkpoint folder (step-N)  → DST a Hugging Face folder (safetensors + config.json)
-SRC a Hugging Face folder             → DST a model-only DCP checkpoint (for
-                                        --checkpoint.initial_load_path)
-The model (--model.name, --model.flavor, --data.tokenizer) defaults to the config.toml of the
-run that holds a DCP source; give it explicitly for a Hugging Face source."""
-
-
-def _parse(argv: Sequence[str]) -> tuple[Path, Path, str, list[str]]:
-    positional, options, dtype = [], [], "float32"
-    args = list(argv)
-    while args:
-        arg = args.pop(0)
-        if arg == "--dtype" or arg.startswith("--dtype="):
-            dtype = arg.partition("=")[2] if "=" in arg else (args.pop(0) if args else "")
-            if dtype not in ("float32", "bfloat16"):
-                raise ConfigError(f"--dtype: {dtype!r} is not one of: float32, bfloat16")
-        elif arg.startswith("--"):
-            options.append(arg)
-            if "=" not in arg and args and not args[0].startswith("--"):
-                options.append(args.pop(0))
-        else:
-            positional.append(arg)
-    if len(positional) != 2:
-        raise ConfigError(
-            f"convert needs SRC and DST, got {len(positional)} path(s); see tetrad convert --help"
-        )
-    return Path(positional[0]), Path(positional[1]), dtype, options
-
-
-def convert(argv: Sequence[str]) -> None:
-    src, dst, dtype, options = _parse(argv)
+def convert(args: argparse.Namespace) -> None:
+    """``args``: SRC, DST and --dtype, with the model's options as ``add_config_arguments``
+    parses them."""
+    src, dst, dtype = Path(args.src), Path(args.dst), args.dtype
     if not src.exists():
-        raise ConfigError(f"{src} does not exist")
+        raise CheckpointError(f"{src} does not exist")
     if dst.exists():
-        raise ConfigError(f"{dst} already exists; remove it or choose another destination")
+        raise CheckpointError(f"{dst} already exists; remove it or choose another destination")
     to_hf = (src / ".metadata").is_file()
     if not to_hf and not (src / "config.json").is_file():
-        raise ConfigError(
+        raise CheckpointError(
             f"{src} is neither a DCP checkpoint (.metadata) nor a Hugging Face folder (config.json)"
         )
     run_config = src.parent.parent / "config.toml"
-    if to_hf and "--config" not in " ".join(options) and run_config.is_file():
-        options = [f"--config={run_config}", *options]
-    config = load_config(options)
+    if to_hf and "config" not in args and run_config.is_file():
+        args.config = str(run_config)
+    config = config_from_args(args)
     spec = get_model_spec(config.model.name)
     if spec.state_dict_adapter is None:
         raise ConfigError(f"model family {spec.name} has no Hugging Face state-dict adapter")
@@ -108,12 +79,6 @@ def convert(argv: Sequence[str]) -> None:
     print(f"converted {src} → {dst} in {time.perf_counter() - begin:.1f} s")
 
 
-def main(argv: Sequence[str]) -> None:
-    if not argv or argv[0] in ("-h", "--help"):
-        print(USAGE)
-        raise SystemExit(0 if argv else 2)
-    try:
-        convert(argv)
-    except UserError as e:
-        print(f"tetrad: error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
+def main(args: argparse.Namespace) -> None:
+    with reported():
+        convert(args)

@@ -4,6 +4,14 @@ module may raise them."""
 
 from __future__ import annotations
 
+import contextlib
+import json
+import os
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
 
 class UserError(Exception):
     """Bad input, not a bug: printed as one line, exit code 2."""
@@ -23,3 +31,24 @@ class DataError(UserError):
 
 class NetworkError(UserError):
     """A hub model, tokenizer or dataset that could not be fetched (no network, no such id)."""
+
+
+LAUNCHED_BY_TETRAD = "TETRAD_LAUNCHED"
+"""Set in the ranks ``tetrad train --nproc`` launches: it prints their errors once itself."""
+
+
+@contextlib.contextmanager
+def reported() -> Iterator[None]:
+    """Around a command: a UserError becomes ``tetrad: error: <message>`` on stderr and exit code
+    2, not a traceback. A rank under torchrun also leaves the message in its error file, for
+    torchrun's failure report; under ``tetrad train --nproc`` only there, for the launcher to
+    print once rather than once per rank."""
+    try:
+        yield
+    except UserError as e:
+        if error_file := os.environ.get("TORCHELASTIC_ERROR_FILE"):
+            record = {"message": str(e), "timestamp": int(time.time())}
+            Path(error_file).write_text(json.dumps(record))
+        if not (error_file and os.environ.get(LAUNCHED_BY_TETRAD)):
+            print(f"tetrad: error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None

@@ -5,49 +5,45 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 
-from tetrad.config import Config, help_text, load_config, validate_config, validate_device
-from tetrad.errors import UserError
+from tetrad.config import Config, load_config, validate_config, validate_device
+from tetrad.errors import reported
 
 
 def parse_config(argv: Sequence[str]) -> Config:
-    """Load and validate the config, or print --help / a one-line error and exit."""
-    if "-h" in argv or "--help" in argv:
-        print(help_text())
-        raise SystemExit(0)
-    try:
+    """The validated config the options describe; --help lists them, a bad one is one line on
+    stderr and exit 2."""
+    with reported():
         config = load_config(argv)
         validate_config(config)
-    except UserError as e:
-        print(f"tetrad: error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
     return config
 
 
-def check_device(config: Config) -> None:
-    """What the options need of this machine's device (``validate_device``), checked where
-    ``tetrad train --nproc`` launches the ranks: one line and exit 2 instead of one per rank."""
+def check_launch(config: Config, world_size: int) -> None:
+    """What ``tetrad train --nproc`` checks once before it launches the ranks, so a config they
+    cannot run is one line and exit 2 rather than one error per rank: what the options need of
+    this machine's device (``validate_device``) and the parallelism degrees against the world
+    size."""
     from tetrad.distributed.init import device_capability, device_type
+    from tetrad.distributed.parallel_dims import ParallelDims
 
-    try:
+    with reported():
         validate_device(config, device_type(), device_capability())
-    except UserError as e:
-        print(f"tetrad: error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
+        ParallelDims.from_config(config.parallelism, world_size)
+
+
+def train(config: Config) -> None:
+    from tetrad.trainer import Trainer  # heavy imports only once the config is known good
+
+    with reported():
+        trainer = Trainer(config)
+        try:
+            trainer.train()
+        finally:
+            trainer.close()
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    config = parse_config(sys.argv[1:] if argv is None else argv)
-    from tetrad.trainer import Trainer  # heavy imports only once the config is known good
-
-    try:
-        trainer = Trainer(config)
-    except UserError as e:
-        print(f"tetrad: error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
-    try:
-        trainer.train()
-    finally:
-        trainer.close()
+    train(parse_config(sys.argv[1:] if argv is None else argv))
 
 
 if __name__ == "__main__":

@@ -107,20 +107,12 @@ class Trainer:
                 logger.info("config:\n%s", (self.dump_folder / "config.toml").read_text())
 
     def build_parallel_dims(self) -> ParallelDims:
-        p = self.config.parallelism
-        dims = ParallelDims(
-            dp_replicate=p.dp_replicate,
-            dp_shard=p.dp_shard,
-            cp=p.cp,
-            tp=p.tp,
-            pp=p.pp,
-            world_size=dist.get_world_size(),
-        )
+        dims = ParallelDims.from_config(self.config.parallelism, dist.get_world_size())
         dims.meshes  # noqa: B018 - create every process group now, at start-up
         if dims.fsdp_enabled:
             logger.info(
                 "FSDP over %d ranks, reshard after forward: %s",
-                dims.meshes["fsdp"].size(), p.fsdp_reshard_after_forward,
+                dims.meshes["fsdp"].size(), self.config.parallelism.fsdp_reshard_after_forward,
             )  # fmt: skip
         return dims
 

@@ -15,9 +15,9 @@ from safetensors.torch import load_file
 
 from tests.conftest import REPO, TINY_RUN, read_metrics, run_train
 from tests.integration.test_checkpoint import load_model_state, tiny_model
+from tetrad.cli import main as tetrad
 from tetrad.components.hf_checkpoint import load_hf_weights
 from tetrad.config.job_config import DataConfig
-from tetrad.convert import convert
 from tetrad.data import build_dataloader, build_tokenizer
 from tetrad.models.llama3 import Llama3StateDictAdapter
 
@@ -59,13 +59,13 @@ def test_trained_model_exports_to_transformers_and_converts_both_ways(tmp_path: 
 
     # tetrad convert, DCP → HF: the run's config.toml gives the model; same tensors as the export.
     converted = tmp_path / "converted-hf"
-    convert([str(step3), str(converted)])
+    tetrad(["convert", str(step3), str(converted)])
     want = load_file(exported / "model.safetensors")
     got = load_file(converted / "model.safetensors")
     assert want.keys() == got.keys() and all(torch.equal(got[k], want[k]) for k in want)
     # ... and HF → DCP: the round trip gives back the trained weights bit for bit.
     back = tmp_path / "back-dcp"
-    convert([str(converted), str(back), "--model.flavor=debug"])
+    tetrad(["convert", str(converted), str(back), "--model.flavor=debug"])
     round_trip, original = load_model_state(back, "debug"), load_model_state(step3, "debug")
     assert round_trip.keys() == original.keys()
     assert all(torch.equal(round_trip[k], original[k]) for k in original)

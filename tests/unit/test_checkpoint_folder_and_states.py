@@ -79,7 +79,7 @@ def test_resume_source_and_will_load_model(tmp_path: Path) -> None:
     chosen = dataclasses.replace(enabled, load_step=2)
     assert resume_source(chosen, run) == run / "step-2"
     assert will_load_model(chosen, run / "step-2")
-    excluded = dataclasses.replace(chosen, exclude_from_loading="model")
+    excluded = dataclasses.replace(chosen, exclude_from_loading=["model"])
     assert not will_load_model(excluded, run / "step-2")
     with pytest.raises(CheckpointError, match=r"--checkpoint.load_step 3: .*it does not exist"):
         resume_source(dataclasses.replace(enabled, load_step=3), run)

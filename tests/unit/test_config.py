@@ -50,8 +50,41 @@ def test_value_forms() -> None:
     assert load_config(["--lr_scheduler.decay_ratio=none"]).lr_scheduler.decay_ratio is None
 
 
+def test_lists_and_dicts(tmp_path) -> None:
+    overrides = 'num_hidden_layers=2, layer_types=["full_attention","full_attention"],act="a,b",x=y'
+    config = load_config(
+        [f"--model.hf_overrides={overrides}", "--checkpoint.exclude_from_loading=optimizer"]
+    )
+    assert config.model.hf_overrides == {
+        "num_hidden_layers": 2,
+        "layer_types": ["full_attention", "full_attention"],
+        "act": "a,b",
+        "x": "y",
+    }
+    assert config.checkpoint.exclude_from_loading == ["optimizer"]
+    toml = tmp_path / "run.toml"
+    toml.write_text(
+        '[model]\nhf_overrides = {hidden_size = 64, rope_scaling = {type = "linear"}}\n'
+        '[checkpoint]\nexclude_from_loading = ["optimizer", "dataloader"]\n'
+    )
+    config = load_config(["--config", str(toml)])
+    assert config.model.hf_overrides == {"hidden_size": 64, "rope_scaling": {"type": "linear"}}
+    assert config.checkpoint.exclude_from_loading == ["optimizer", "dataloader"]
+    # The strings of config.toml files saved before these were lists still load.
+    toml.write_text('[model]\nhf_overrides = ""\n[checkpoint]\nexclude_from_loading = "model"\n')
+    config = load_config(["--config", str(toml)])
+    assert config.model.hf_overrides == {} and config.checkpoint.exclude_from_loading == ["model"]
+
+
 def test_saved_config_round_trips(tmp_path) -> None:
-    config = load_config(["--training.steps=3", "--data.path=/tmp/x.jsonl"])
+    config = load_config(
+        [
+            "--training.steps=3",
+            "--data.path=/tmp/x.jsonl",
+            "--checkpoint.exclude_from_loading=optimizer,dataloader",
+            "--model.hf_overrides=num_hidden_layers=2,eos_token_id=[1,2],hidden_act=gelu",
+        ]
+    )
     save_config(config, tmp_path / "config.toml")
     assert tomllib.loads((tmp_path / "config.toml").read_text())["training"]["steps"] == 3
     assert load_config(["--config", str(tmp_path / "config.toml")]) == config
@@ -69,6 +102,13 @@ def test_saved_config_round_trips(tmp_path) -> None:
         (["--lr_scheduler.decay_type=exp"], "'exp' is not one of: linear, cosine, sqrt"),
         (["--optimizer.lr"], "--optimizer.lr needs a value"),
         (["positional"], "unexpected argument 'positional'"),
+        (
+            ["--checkpoint.exclude_from_loading=model,optim"],
+            "--checkpoint.exclude_from_loading: 'optim' is not one of: model, optimizer,",
+        ),
+        (["--model.hf_overrides=a=1,oops"], "--model.hf_overrides: 'oops' is not key=value"),
+        (["--model.hf_overrides=a=null"], "--model.hf_overrides: 'a=null': TOML has no null"),
+        (["--training.step=3"], "did you mean --training.steps?"),  # no prefix abbreviations
     ],
 )
 def test_bad_keys_and_values(argv: list[str], message: str) -> None:
@@ -107,7 +147,6 @@ def test_typo_in_toml_file(tmp_path) -> None:
         ),
         (["--checkpoint.load_step=0"], "--checkpoint.load_step acts on the run's own"),
         (["--checkpoint.last_save_in_hf"], "add --checkpoint.enable"),
-        (["--checkpoint.exclude_from_loading=model,optim"], "unknown state 'optim'"),
         (["--checkpoint.initial_load_in_hf"], "needs --checkpoint.initial_load_path"),
         (["--parallelism.enable_async_tp"], "enable_async_tp needs --compile.enable"),
         (
@@ -225,3 +264,24 @@ def test_cli_help_lists_every_field() -> None:
 @pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.toml")), ids=lambda p: p.name)
 def test_shipped_configs_load(path) -> None:
     validate_config(load_config(["--config", str(path)]))
+
+
+def test_subcommands_share_the_parser() -> None:
+    from tetrad.cli import _without_nproc, build_parser
+
+    parser = build_parser()
+    args = parser.parse_args(["convert", "a", "b", "--dtype=bfloat16", "--model.flavor=tiny"])
+    assert (args.src, args.dst, args.dtype, vars(args)["model.flavor"]) == (
+        "a",
+        "b",
+        "bfloat16",
+        "tiny",
+    )
+    with pytest.raises(
+        ConfigError, match=r"unknown config key --training.steps; see `tetrad convert"
+    ):
+        parser.parse_args(["convert", "a", "b", "--training.steps=3"])
+    with pytest.raises(ConfigError, match=r"^--nproc: needs a positive integer, got '0'$"):
+        parser.parse_args(["train", "--nproc=0"])
+    argv = ["--nproc", "2", "--debug.deterministic", "--nproc=4", "--training.steps", "3"]
+    assert _without_nproc(argv) == ["--debug.deterministic", "--training.steps", "3"]

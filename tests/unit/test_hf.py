@@ -27,7 +27,7 @@ from tetrad.models.hf import (
     resolve_hf_config,
 )
 from tetrad.models.hf import num_flops_per_token as hf_flops
-from tetrad.models.hf.config import import_transformers, parse_overrides
+from tetrad.models.hf.config import import_transformers
 from tetrad.models.llama3 import Llama3Config, Llama3StateDictAdapter
 from tetrad.models.llama3.model import num_flops_per_token as llama3_flops
 
@@ -259,20 +259,6 @@ def test_overrides_rederive_dependent_fields(folders: dict[str, Path], tmp_path:
     ) as err:
         resolve(folders["llama"], "--model.hf_overrides=num_attention_heads=3")
     assert "\n" not in str(err.value)
-
-
-def test_overrides_take_json_lists() -> None:
-    text = (
-        'num_hidden_layers=2, layer_types=["full_attention","full_attention"],eos_token_id=[1, 2]'
-    )
-    assert parse_overrides(text) == {
-        "num_hidden_layers": "2",
-        "layer_types": '["full_attention","full_attention"]',
-        "eos_token_id": "[1, 2]",
-    }
-    assert parse_overrides('hidden_act="gelu,tanh"') == {"hidden_act": '"gelu,tanh"'}
-    with pytest.raises(ConfigError, match="'oops' is not key=value"):
-        parse_overrides("a=1,oops")
 
 
 def test_tied_checkpoint_may_store_the_output_copy(tmp_path: Path) -> None:

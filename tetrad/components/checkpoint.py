@@ -38,6 +38,7 @@ from tetrad.components.checkpoint_folder import (
     write_complete,
 )
 from tetrad.components.checkpoint_states import (
+    CHECKPOINT_STATES,
     DataState,
     LoadableTrainState,
     ModelState,
@@ -47,8 +48,6 @@ from tetrad.components.checkpoint_states import (
 )
 from tetrad.components.hf_checkpoint import save_hf_weights
 from tetrad.config.job_config import CheckpointConfig
-from tetrad.config.loader import CHECKPOINT_STATES as STATES
-from tetrad.config.loader import parse_exclude
 from tetrad.errors import CheckpointError, ConfigError
 from tetrad.models.spec import StateDictAdapter
 
@@ -95,7 +94,7 @@ class CheckpointManager:
         self.folder = folder
         self.total_steps = total_steps
         self.train_state = train_state
-        self.exclude = parse_exclude(config.exclude_from_loading)
+        self.exclude = set(config.exclude_from_loading)
         self.enabled = config.enable or config.create_seed_checkpoint
         self.model = merged_view(model_parts)
         self.states: dict[str, Stateful] = {
@@ -131,7 +130,7 @@ class CheckpointManager:
             return
         metadata = read_metadata(path)
         held = {key.split(".", 1)[0] for key in metadata.state_dict_metadata}
-        names = [name for name in STATES if name in held and name not in self.exclude]
+        names = [name for name in CHECKPOINT_STATES if name in held and name not in self.exclude]
         if "model" in names:
             model_state = self.states["model"].state_dict()
             all_keys: list[set[str]] = [set()] * dist.get_world_size()
@@ -146,7 +145,7 @@ class CheckpointManager:
         dcp.load(states, checkpoint_id=str(path))
         self._check_overwrite(self.train_state.step)
         self._sync_lr()
-        fresh = [name for name in STATES if name not in names]
+        fresh = [name for name in CHECKPOINT_STATES if name not in names]
         logger.info(
             "resumed from %s in %.1f s (step %d, %d tokens seen)%s",
             path, time.perf_counter() - begin, self.train_state.step, self.train_state.tokens_seen,

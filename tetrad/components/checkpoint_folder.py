@@ -24,7 +24,6 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
 
 from tetrad.config.job_config import CheckpointConfig
-from tetrad.config.loader import parse_exclude
 from tetrad.errors import CheckpointError
 
 logger = logging.getLogger(__name__)
@@ -89,7 +88,7 @@ def will_load_model(config: CheckpointConfig, source: Path | None) -> bool:
     checkpoint run never loads."""
     if source is None or config.create_seed_checkpoint:
         return False
-    if "model" in parse_exclude(config.exclude_from_loading):
+    if "model" in config.exclude_from_loading:
         return False
     return any(key.startswith("model.") for key in read_metadata(source).state_dict_metadata)
 

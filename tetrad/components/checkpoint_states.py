@@ -6,7 +6,7 @@ that saves and loads them, so the trainer can build and use them (``merged_view`
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, get_args
 
 import torch
 from torch import nn
@@ -20,7 +20,12 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.checkpoint.stateful import Stateful
 
+from tetrad.config.job_config import CheckpointState
 from tetrad.errors import CheckpointError
+
+CHECKPOINT_STATES: tuple[CheckpointState, ...] = get_args(CheckpointState)
+"""The named states of a checkpoint, in the order they are built; the names
+--checkpoint.exclude_from_loading takes."""
 
 # Optimizer state and hyperparameters keyed by parameter FQN, not by param-group index: pipeline
 # ranks hold different parameters in their "group 0", and DCP would keep only one rank's list.

@@ -2,20 +2,20 @@
 
 from tetrad.config.job_config import Config
 from tetrad.config.loader import (
-    ConfigError,
+    config_from_args,
     config_to_dict,
-    help_text,
     load_config,
     save_config,
     validate_config,
     validate_device,
 )
+from tetrad.errors import ConfigError
 
 __all__ = [
     "Config",
     "ConfigError",
+    "config_from_args",
     "config_to_dict",
-    "help_text",
     "load_config",
     "save_config",
     "validate_config",

@@ -7,7 +7,11 @@ Llama-3 ``debug`` preset on the embedded default corpus, about a minute on 2 CPU
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
+
+CheckpointState = Literal["model", "optimizer", "lr_scheduler", "dataloader", "train_state"]
+"""The named states of a checkpoint, in the order they are built (components/checkpoint_states
+holds them; the config names them here, below that layer)."""
 
 
 @dataclass(kw_only=True)
@@ -35,9 +39,10 @@ class ModelConfig:
     """With --model.name hf: a local folder holding an HF config.json (and usually safetensors
     and tokenizer.json), or a hub id such as Qwen/Qwen2.5-7B (downloaded on first use)."""
 
-    hf_overrides: str = ""
-    """With --model.name hf: comma-separated key=value changes to config.json (JSON values), e.g.
-    num_hidden_layers=2,hidden_size=64 for a debug-size variant; each one is logged."""
+    hf_overrides: dict[str, Any] = field(default_factory=dict)
+    """With --model.name hf: changes to config.json, each one logged; on the command line
+    key=value,... with JSON values (e.g. num_hidden_layers=2,hidden_size=64 for a debug-size
+    variant), in TOML an inline table."""
 
     hf_init: Literal["auto", "pretrained", "random"] = "auto"
     """With --model.name hf: pretrained loads the folder's safetensors; random initialises from
@@ -228,9 +233,9 @@ class CheckpointConfig:
     transformers' from_pretrained reads (in --checkpoint.export_dtype). Needs
     --checkpoint.enable."""
 
-    exclude_from_loading: str = ""
-    """Comma-separated states not to load, which start fresh instead: model, optimizer,
-    lr_scheduler, dataloader, train_state (e.g. optimizer,dataloader to fine-tune)."""
+    exclude_from_loading: list[CheckpointState] = field(default_factory=list)
+    """States not to load, which start fresh instead: model, optimizer, lr_scheduler, dataloader,
+    train_state (e.g. optimizer,dataloader to fine-tune; in TOML an array)."""
 
     async_mode: Literal["disabled", "async"] = "disabled"
     """async: write each checkpoint in a background thread while training continues (after a

@@ -1,195 +1,44 @@
 """Config loading: dataclass defaults ← TOML file ← ``--section.field=value`` overrides.
 
-One path validates keys from TOML and from the command line alike, so a typo in either gives the
-same one-line error with a close match, before any process group or model is built.
+One typed conversion (``args.coerce``) reads TOML and the command line alike, so a typo or a bad
+value in either gives the same one-line error with a close match, before any process group or
+model is built.
 """
 
 from __future__ import annotations
 
-import ast
+import argparse
 import dataclasses
-import difflib
-import functools
-import inspect
-import itertools
-import textwrap
 import tomllib
-import types
-import typing
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import tomli_w
 
+from tetrad.config.args import (
+    CONFIG_USAGE,
+    ArgumentParser,
+    add_config_arguments,
+    coerce,
+    field_types,
+    sections,
+    unknown_key,
+)
 from tetrad.config.job_config import SPLIT_BACKWARD_SCHEDULES, CheckpointConfig, Config
 from tetrad.errors import ConfigError
 
-_TRUE = {"true", "1", "yes", "on"}
-_FALSE = {"false", "0", "no", "off"}
 
-
-CHECKPOINT_STATES = ("model", "optimizer", "lr_scheduler", "dataloader", "train_state")
-"""The named states of a checkpoint, in the order they are built; --checkpoint.exclude_from_loading
-takes these names."""
-
-
-def parse_exclude(value: str) -> set[str]:
-    """``--checkpoint.exclude_from_loading``: comma-separated state names."""
-    names = {name.strip() for name in value.split(",") if name.strip()}
-    if unknown := sorted(names - set(CHECKPOINT_STATES)):
-        raise ConfigError(
-            f"--checkpoint.exclude_from_loading: unknown state {unknown[0]!r}; "
-            f"the states are {', '.join(CHECKPOINT_STATES)}"
-        )
-    return names
-
-
-def _sections() -> dict[str, type]:
-    hints = typing.get_type_hints(Config)
-    return {f.name: hints[f.name] for f in dataclasses.fields(Config)}
-
-
-@functools.cache
-def _field_types(section_cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(section_cls)
-
-
-@functools.cache
-def field_docs(cls: type) -> dict[str, str]:
-    """Attribute docstrings (a string literal right under a field) of a dataclass, by field."""
-    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
-    body = tree.body[0].body  # type: ignore[attr-defined]
-    docs: dict[str, str] = {}
-    for node, nxt in itertools.pairwise(body):
-        if (
-            isinstance(node, ast.AnnAssign)
-            and isinstance(node.target, ast.Name)
-            and isinstance(nxt, ast.Expr)
-            and isinstance(nxt.value, ast.Constant)
-            and isinstance(nxt.value.value, str)
-        ):
-            docs[node.target.id] = " ".join(nxt.value.value.split())
-    return docs
-
-
-def _all_keys() -> list[str]:
-    return [
-        f"{section}.{f.name}"
-        for section, cls in _sections().items()
-        for f in dataclasses.fields(cls)
-    ]
-
-
-def _unknown_key(key: str, *, flag: bool) -> ConfigError:
-    prefix = "--" if flag else ""
-    candidates = _all_keys() if "." in key else list(_sections())
-    match = difflib.get_close_matches(key, candidates, n=1, cutoff=0.6)
-    hint = f"; did you mean {prefix}{match[0]}?" if match else "; see `tetrad train --help`"
-    return ConfigError(f"unknown config key {prefix}{key}{hint}")
-
-
-def _coerce(key: str, raw: Any, annotation: Any) -> Any:
-    """Convert a TOML or command-line value to the field's type, or explain why it can't be."""
-    origin = typing.get_origin(annotation)
-    args = typing.get_args(annotation)
-    if origin in (typing.Union, types.UnionType):
-        is_none = raw is None or (isinstance(raw, str) and raw.lower() in {"none", "null"})
-        if is_none and type(None) in args:
-            return None
-        errors = []
-        for arg in (a for a in args if a is not type(None)):
-            try:
-                return _coerce(key, raw, arg)
-            except ConfigError as e:
-                errors.append(str(e))
-        raise ConfigError(errors[0] if errors else f"--{key}: bad value {raw!r}")
-    if origin is typing.Literal:
-        if raw in args:
-            return raw
-        choices = ", ".join(str(a) for a in args)
-        raise ConfigError(f"--{key}: {raw!r} is not one of: {choices}")
-    if annotation is bool:
-        if isinstance(raw, bool):
-            return raw
-        if isinstance(raw, str) and raw.lower() in _TRUE | _FALSE:
-            return raw.lower() in _TRUE
-        raise ConfigError(f"--{key}: expected true or false, got {raw!r}")
-    if annotation is int:
-        if isinstance(raw, int) and not isinstance(raw, bool):
-            return raw
-        if isinstance(raw, str):
-            try:
-                return int(raw)
-            except ValueError:
-                pass
-        raise ConfigError(f"--{key}: expected an integer, got {raw!r}")
-    if annotation is float:
-        if isinstance(raw, int | float) and not isinstance(raw, bool):
-            return float(raw)
-        if isinstance(raw, str):
-            try:
-                return float(raw)
-            except ValueError:
-                pass
-        raise ConfigError(f"--{key}: expected a number, got {raw!r}")
-    if annotation is str:
-        if isinstance(raw, str):
-            return raw
-        raise ConfigError(f"--{key}: expected a string, got {raw!r}")
-    raise TypeError(f"config field {key} has an unsupported type {annotation!r}")
-
-
-def _parse_cli(argv: Sequence[str]) -> tuple[str | None, dict[str, str]]:
-    """Split argv into the --config path and ``section.field -> raw string`` overrides."""
-    config_path: str | None = None
-    overrides: dict[str, str] = {}
-    items = list(argv)
-    i = 0
-    while i < len(items):
-        arg = items[i]
-        if not arg.startswith("--"):
-            raise ConfigError(
-                f"unexpected argument {arg!r}; options look like --section.field=value"
-            )
-        key, has_value, value = arg[2:].partition("=")
-        if not has_value:
-            nxt = items[i + 1] if i + 1 < len(items) else None
-            if nxt is not None and not nxt.startswith("--"):
-                value, i = nxt, i + 1
-            elif key != "config" and _is_bool_field(key):
-                value = "true"  # a bare flag switches a boolean on
-            else:
-                raise ConfigError(f"--{key} needs a value: --{key}=VALUE")
-        key = key.replace("-", "_")
-        if key == "config":
-            config_path = value
-        else:
-            overrides[key] = value
-        i += 1
-    return config_path, overrides
-
-
-def _is_bool_field(key: str) -> bool:
-    section, _, name = key.replace("-", "_").partition(".")
-    cls = _sections().get(section)
-    return cls is not None and _field_types(cls).get(name) is bool
-
-
-def _apply(config: Config, key: str, raw: Any, *, flag: bool) -> None:
-    section, _, name = key.partition(".")
-    cls = _sections().get(section)
-    if cls is None or name not in _field_types(cls):
-        raise _unknown_key(key, flag=flag)
-    setattr(getattr(config, section), name, _coerce(key, raw, _field_types(cls)[name]))
+def _keys() -> list[str]:
+    return [f"{section}.{name}" for section, cls in sections().items() for name in field_types(cls)]
 
 
 def _flatten_toml(data: dict[str, Any]) -> Iterator[tuple[str, Any]]:
     for section, values in data.items():
         if not isinstance(values, dict):
             raise (
-                _unknown_key(section, flag=False)
-                if section not in _sections()
+                unknown_key(section, sections(), prefix="")
+                if section not in sections()
                 else ConfigError(f"[{section}] must be a table of fields")
             )
         for name, value in values.items():
@@ -206,19 +55,35 @@ def load_toml(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"invalid TOML ({e})") from None
 
 
-def load_config(argv: Sequence[str] = ()) -> Config:
-    """Defaults, then the TOML file named by --config, then the command-line overrides."""
-    config_path, overrides = _parse_cli(argv)
-    config = Config()
-    if config_path is not None:
+def config_from_args(args: argparse.Namespace) -> Config:
+    """Defaults, then the TOML file named by --config, then the options given on the command
+    line (``add_config_arguments``'s "section.field" values, already typed)."""
+    config, given = Config(), vars(args)
+    if (path := given.get("config")) is not None:
         try:
-            for key, value in _flatten_toml(load_toml(config_path)):
-                _apply(config, key, value, flag=False)
+            for key, raw in _flatten_toml(load_toml(path)):
+                section, _, name = key.partition(".")
+                fields = field_types(sections()[section]) if section in sections() else {}
+                if name not in fields:
+                    raise unknown_key(key, _keys(), prefix="")
+                try:
+                    setattr(getattr(config, section), name, coerce(raw, fields[name]))
+                except ValueError as e:
+                    raise ConfigError(f"--{key}: {e}") from None
         except ConfigError as e:
-            raise ConfigError(f"{config_path}: {e}") from None
-    for key, value in overrides.items():
-        _apply(config, key, value, flag=True)
+            raise ConfigError(f"{path}: {e}") from None
+    for key, value in given.items():
+        section, dot, name = key.partition(".")
+        if dot:
+            setattr(getattr(config, section), name, value)
     return config
+
+
+def load_config(argv: Sequence[str] = ()) -> Config:
+    """The config ``tetrad train`` options describe (see ``config_from_args``)."""
+    parser = ArgumentParser(prog="tetrad train", usage=f"%(prog)s {CONFIG_USAGE}")
+    add_config_arguments(parser)
+    return config_from_args(parser.parse_args(argv))
 
 
 def config_to_dict(config: Config) -> dict[str, dict[str, Any]]:
@@ -227,40 +92,12 @@ def config_to_dict(config: Config) -> dict[str, dict[str, Any]]:
         section: {
             k: v for k, v in dataclasses.asdict(getattr(config, section)).items() if v is not None
         }
-        for section in _sections()
+        for section in sections()
     }
 
 
 def save_config(config: Config, path: str | Path) -> None:
     Path(path).write_text(tomli_w.dumps(config_to_dict(config)))
-
-
-def _type_name(annotation: Any) -> str:
-    origin = typing.get_origin(annotation)
-    if origin is typing.Literal:
-        return "{" + ",".join(str(a) for a in typing.get_args(annotation)) + "}"
-    if origin in (typing.Union, types.UnionType):
-        return "|".join(_type_name(a) for a in typing.get_args(annotation) if a is not type(None))
-    return {bool: "BOOL", int: "INT", float: "FLOAT", str: "STR"}.get(annotation, str(annotation))
-
-
-def help_text(prog: str = "tetrad train") -> str:
-    """Every field with its type, default and docstring, grouped by section."""
-    lines = [
-        f"usage: {prog} [--config FILE.toml] [--section.field=VALUE ...]",
-        "",
-        "Values: defaults, then --config FILE.toml, then command-line overrides.",
-    ]
-    defaults = Config()
-    for section, cls in _sections().items():
-        lines += ["", f"[{section}]"]
-        docs = field_docs(cls)
-        for f in dataclasses.fields(cls):
-            flag = f"--{section}.{f.name} {_type_name(_field_types(cls)[f.name])}"
-            default = getattr(getattr(defaults, section), f.name)
-            lines.append(f"  {flag}  (default: {default})")
-            lines.append(f"      {docs.get(f.name, '')}")
-    return "\n".join(lines)
 
 
 def validate_config(config: Config) -> None:
@@ -398,6 +235,5 @@ def _validate_checkpoint(c: CheckpointConfig) -> None:
         raise ConfigError(
             f"--checkpoint.{name} acts on the run's own checkpoints: add --checkpoint.enable"
         )
-    parse_exclude(c.exclude_from_loading)
     if c.initial_load_in_hf and not c.initial_load_path:
         raise ConfigError("--checkpoint.initial_load_in_hf needs --checkpoint.initial_load_path")

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
+from tetrad.config.job_config import ParallelismConfig
 from tetrad.errors import ConfigError
 
 MESH_DIM_NAMES = ("pp", "dp_replicate", "dp_shard", "cp", "tp")
@@ -42,6 +43,19 @@ class ParallelDims:
                 f"parallelism degrees {self._arithmetic()} = {others * self.dp_shard} ≠ world size"
                 f" {self.world_size}; make their product equal it (dp_shard=-1 fills the rest)"
             )
+
+    @classmethod
+    def from_config(cls, p: ParallelismConfig, world_size: int) -> ParallelDims:
+        """The degrees --parallelism.* asks for, checked against ``world_size`` (cheap: the
+        meshes are built on first use)."""
+        return cls(
+            dp_replicate=p.dp_replicate,
+            dp_shard=p.dp_shard,
+            cp=p.cp,
+            tp=p.tp,
+            pp=p.pp,
+            world_size=world_size,
+        )
 
     def _arithmetic(self, exclude_shard: bool = False) -> str:
         terms = [

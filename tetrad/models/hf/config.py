@@ -141,57 +141,19 @@ class HFModelConfig:
         return data
 
 
-def _split_items(text: str) -> list[str]:
-    """Split on the commas outside brackets, braces and quotes, so values may be JSON lists."""
-    items, depth, quote, start = [], 0, "", 0
-    for i, char in enumerate(text):
-        if quote:
-            quote = "" if char == quote else quote
-        elif char in "\"'":
-            quote = char
-        elif char in "[{":
-            depth += 1
-        elif char in "]}":
-            depth -= 1
-        elif char == "," and depth == 0:
-            items.append(text[start:i])
-            start = i + 1
-    return [*items, text[start:]]
-
-
-def parse_overrides(text: str) -> dict[str, str]:
-    """``'a=1,b=x,c=["p","q"]'`` → {"a": "1", "b": "x", "c": '["p","q"]'}: items split on the
-    commas outside brackets and quotes; a one-line ConfigError on a malformed item."""
-    items: dict[str, str] = {}
-    for item in filter(None, (part.strip() for part in _split_items(text))):
-        key, eq, value = item.partition("=")
-        if not eq or not key.strip():
-            raise ConfigError(f"--model.hf_overrides: {item!r} is not key=value")
-        items[key.strip()] = value.strip()
-    return items
-
-
-def _parse_value(raw: str) -> Any:
-    try:
-        return json.loads(raw)
-    except json.JSONDecodeError:
-        return raw  # a bare string, e.g. hidden_act=gelu
-
-
-def apply_overrides(hf_config: Any, overrides: dict[str, str]) -> tuple[Any, dict[str, Any]]:
+def apply_overrides(hf_config: Any, overrides: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
     """The config rebuilt with the overrides (only keys it already has), logging old → new,
     and the overrides applied. Rebuilt, not patched: fields derived from an overridden one
     (head_dim, layer_types) are derived again unless overridden themselves."""
     applied: dict[str, Any] = {}
     known = hf_config.to_dict()
-    for key, raw in overrides.items():
+    for key, value in overrides.items():
         if key not in known:
             match = difflib.get_close_matches(key, known, n=1)
             hint = f"; did you mean {match[0]}?" if match else ""
             raise ConfigError(
                 f"--model.hf_overrides: {hf_config.model_type} config has no field {key!r}{hint}"
             )
-        value = _parse_value(raw)
         logger.info("hf config override: %s = %r (config.json: %r)", key, value, known[key])
         applied[key] = value
     if not applied:
@@ -285,7 +247,7 @@ def resolve_hf_config(config: Config, vocab_size: int) -> HFModelConfig:
         raise ConfigError(
             f"--model.hf_path {m.hf_path!r}: cannot read config.json ({err})".splitlines()[0]
         ) from err
-    hf_config, overrides = apply_overrides(hf_config, parse_overrides(m.hf_overrides))
+    hf_config, overrides = apply_overrides(hf_config, m.hf_overrides)
     hf_config.architectures = [_architecture(hf_config, m.hf_path)]
     hf_config.use_cache = False
     # transformers' SDPA for the families it runs itself; native ones get tetrad's at build.
