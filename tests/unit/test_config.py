@@ -221,6 +221,27 @@ def test_device_rules(
     assert "\n" not in str(info.value)
 
 
+@pytest.mark.parametrize(
+    ("schedule", "pp", "want"),
+    [
+        ("1F1B", 2, True),
+        ("ZBVZeroBubble", 2, False),
+        ("DualPipeV", 2, False),
+        ("DualPipeV", 1, True),
+    ],
+)
+def test_fsdp_reshard_after_forward_is_decided_by_the_schedule(
+    schedule: str, pp: int, want: bool
+) -> None:
+    layout = [f"--parallelism.pp_schedule={schedule}", f"--parallelism.pp={pp}"]
+    config = load_config(layout)
+    validate_config(config)
+    assert config.parallelism.fsdp_reshard_after_forward is want
+    if not want:  # asking for what the schedule cannot take is an error, not overridden
+        with pytest.raises(ConfigError, match=r"drop --parallelism\.fsdp_reshard_after_forward"):
+            validate_config(load_config([*layout, "--parallelism.fsdp_reshard_after_forward"]))
+
+
 def test_checkpoint_options_that_fit() -> None:
     validate_config(
         load_config(

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from tetrad.models import ModelSpec, get_model_spec
+from tetrad.models.attention import causal_sdpa
 from tetrad.models.llama3 import Llama3Config, RopeScaling, Transformer, llama3_presets
 from tetrad.models.llama3.model import count_params, num_flops_per_token, rope_inv_freq
 from tetrad.models.llama3.state_dict_adapter import Llama3StateDictAdapter
@@ -312,3 +313,21 @@ def test_materialize_for_loading_keeps_buffers_and_ties() -> None:
     reference = build(config)
     torch.testing.assert_close(model.rope_cos, reference.rope_cos, rtol=0, atol=0)
     torch.testing.assert_close(model.rope_sin, reference.rope_sin, rtol=0, atol=0)
+
+
+def test_every_attention_layer_calls_the_runs_attention() -> None:
+    """set_attention reaches every layer, and the model computes nothing else for attention: a
+    recorder wrapping plain SDPA is called once per layer and leaves the logits unchanged."""
+    model = build(TINY)
+    tokens = torch.randint(0, TINY.vocab_size, (2, 8))
+    want = model(tokens)
+    calls: list[tuple[int, ...]] = []
+
+    def recorder(q, k, v, *, scale=None, dropout_p=0.0):
+        calls.append((*q.shape, k.shape[1]))
+        return causal_sdpa(q, k, v, scale=scale, dropout_p=dropout_p)
+
+    model.set_attention(recorder)
+    torch.testing.assert_close(model(tokens), want, rtol=0, atol=0)
+    head_dim = TINY.dim // TINY.n_heads
+    assert calls == [(2, TINY.n_heads, 8, head_dim, TINY.kv_heads)] * TINY.n_layers

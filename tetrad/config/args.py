@@ -235,7 +235,7 @@ def add_config_arguments(
         docs = field_docs(cls)
         for name, annotation in field_types(cls).items():
             default = getattr(getattr(defaults, section), name)
-            flag = annotation is bool  # --flag alone means --flag=true
+            flag = annotation in (bool, bool | None)  # --flag alone means --flag=true
             group.add_argument(
                 f"--{section}.{name}",
                 type=converter(annotation),
