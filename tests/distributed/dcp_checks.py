@@ -39,8 +39,20 @@ def read_tensors(folder: Path, pattern: str) -> dict[str, torch.Tensor]:
     assert state, f"no tensor matching {pattern!r} in {folder}"
     with warnings.catch_warnings():  # "assuming the intent is to load in a single process"
         warnings.simplefilter("ignore", UserWarning)
-        dcp.load(state, checkpoint_id=str(folder), no_dist=True)
+        with torch.serialization.safe_globals(_torchao_weight_classes()):
+            dcp.load(state, checkpoint_id=str(folder), no_dist=True)
     return state
+
+
+def _torchao_weight_classes() -> list[type]:
+    """torchao's FSDP float8 all-gather weight wrapper: with --float8.enable_fsdp_float8_all_gather
+    the checkpoint pickles weights as this class (tetrad does not unwrap them, as it does MXFP8's),
+    which a weights-only load refuses unless allowed."""
+    try:
+        from torchao.float8.fsdp_utils import WeightWithDynamicFloat8CastTensor
+    except ImportError:
+        return []
+    return [WeightWithDynamicFloat8CastTensor]
 
 
 def model_weights(folder: Path) -> dict[str, torch.Tensor]:

@@ -37,8 +37,13 @@ from tests.distributed.dcp_checks import (
 pytestmark = pytest.mark.slow
 
 RTOL = 1e-5  # fp32: only the summation order differs between layouts
-GRAD_RTOL = 1e-5  # per parameter; see assert_parity for the measured worst case
-UPDATE_RTOL = 1e-4
+# Per parameter, relative L2 error against the reference. Measured over every layout here (fp32,
+# trained tiny weights): step-1 gradient ≤ 2.4e-6 (pp2_fsdp2_zbv; most ≤ 1.2e-6), total update
+# over 4 steps ≤ 2.5e-4 (pp2_fsdp2_zbv; most ≤ 5e-5: early Adam steps divide by √v of the same
+# gradient and so amplify rounding in small entries). Compile is within the same bounds (≤ 1.2e-6
+# and 1.5e-4). A halved, dropped or misplaced gradient moves its parameter's figure by ≥ 1e-1.
+GRAD_RTOL = 2e-5
+UPDATE_RTOL = 1e-3
 _reference_cache: dict[tuple, Path] = {}
 
 Start = Callable[[str], Path]
@@ -239,18 +244,13 @@ def test_pipeline_matches_single_process(
 def test_compile_matches_single_process(
     layout, dp, tmp_path, tmp_path_factory, trained_weights
 ) -> None:
-    # Inductor fuses and reorders floating-point work, hence the looser tolerances.
+    # Inductor fuses and reorders floating-point work, hence the looser loss/norm tolerance.
     args = [*layout, "--compile.enable", f"--compile.cache_dir={REPO / '.inductor_cache'}"]
     train(tmp_path, trained_weights, *args, nproc=2, timeout=600)
     want = reference(tmp_path_factory, trained_weights, dp, 1)
     assert_parity(
-        tmp_path, want, Layout.from_args(layout), rtol=1e-4, grad_rtol=COMPILE_GRAD_RTOL,
-        update_rtol=COMPILE_UPDATE_RTOL, initial=trained_weights("tiny"),
-    )  # fmt: skip
-
-
-COMPILE_GRAD_RTOL = 1e-4
-COMPILE_UPDATE_RTOL = 1e-3
+        tmp_path, want, Layout.from_args(layout), rtol=1e-4, initial=trained_weights("tiny")
+    )
 
 
 def converted(folder: Path, nproc: int, recipe: str, count: int = 14) -> None:
@@ -262,7 +262,7 @@ def converted(folder: Path, nproc: int, recipe: str, count: int = 14) -> None:
 
 def assert_low_precision(got: Path, fp32: Path, at_least: float) -> None:
     """The run really computed in low precision: its step-1 gradients are further from the
-    fp32 reference's than ``at_least`` (relative, over all parameters together), where a run in
+    fp32 reference's than ``at_least`` (relative, worst parameter), where a run in
     fp32 would be within fp32 rounding (1e-5). Guards against a conversion that logs but is
     off: both the run and its float8 reference would then be fp32 and agree."""
     errors = rel_errors(exp_avgs(step_dir(got, 1)), exp_avgs(step_dir(fp32, 1)))
@@ -287,10 +287,17 @@ def test_float8_with_fsdp_float8_all_gather(tmp_path, tmp_path_factory, trained_
     )
 
 
-FSDP_FLOAT8_RTOL = 1e-3
-FSDP_FLOAT8_GRAD_RTOL = 1e-2
-FSDP_FLOAT8_UPDATE_RTOL = 1e-1
-FLOAT8_FROM_FP32 = 1e-3
+# Tensorwise float8 scales activations per rank-local batch, so FSDP ranks and one process round
+# differently: measured against the single-process float8 run (trained weights, 4 steps) loss
+# ≤ 4.2e-4 and grad norm ≤ 1.0e-2 relative, per-parameter step-1 gradient ≤ 7.3e-2 and update
+# ≤ 2.9e-1 — as far as float8 is from fp32 (8.8e-2), so no tighter bound holds; a halved or
+# missing gradient still moves its parameter by ≥ 0.5.
+FSDP_FLOAT8_RTOL = 3e-2
+FSDP_FLOAT8_GRAD_RTOL = 0.2
+FSDP_FLOAT8_UPDATE_RTOL = 0.6
+# Float8's own step-1 gradient error against fp32, worst parameter: measured 8.8e-2 … 1.1e-1
+# (tensorwise, FSDP 2 and TP 2); a run that silently computes in fp32 is within ~1e-6.
+FLOAT8_FROM_FP32 = 1e-2
 
 # float8 re-rounds every matmul input to 3 mantissa bits. Tensor parallel changes only the order
 # in which row-parallel partial sums are added (rowwise also scales those layers per shard of the
@@ -299,10 +306,12 @@ FLOAT8_FROM_FP32 = 1e-3
 # ≤ 3e-4 (first step: tensorwise ≤ 4e-6, rowwise 9e-5), grad norm ≤ 2.1e-3 — float8's rounding
 # noise, as large as float8's own distance from fp32; a missing, doubled or misplaced reduction
 # moves a sum by a whole shard's share instead.
+# From the trained weights (tensorwise TP 2, measured): loss ≤ 2e-4, grad norm ≤ 1.2e-2,
+# per-parameter step-1 gradient ≤ 4.8e-3 (rowwise + SP: 4.2e-2), update ≤ 9e-2 (rowwise 2e-1).
 FLOAT8_RTOL = 1e-3
-FLOAT8_GRAD_NORM_RTOL = 1e-2
+FLOAT8_GRAD_NORM_RTOL = 3e-2
 FLOAT8_TP_GRAD_RTOL = 1e-1
-FLOAT8_TP_UPDATE_RTOL = 1e-1
+FLOAT8_TP_UPDATE_RTOL = 0.5
 
 
 @pytest.mark.parametrize(
