@@ -177,7 +177,7 @@ def mutate(root: Path, mutation: Mutation) -> None:
     path.write_text(text)
 
 
-def run(mutation: Mutation, tests_rev: str | None, keep: bool) -> tuple[str, float, str]:
+def run(mutation: Mutation, tests_rev: str | None, keep: bool) -> tuple[str, float, str, list[str]]:
     """PASS (every test failed, as it must) or SURVIVED k/n (k of the n tests passed), the
     seconds taken, and pytest's first error line."""
     root = Path(tempfile.mkdtemp(prefix=f"mutation-{mutation.name}-"))
@@ -189,7 +189,7 @@ def run(mutation: Mutation, tests_rev: str | None, keep: bool) -> tuple[str, flo
         # Tests that the copy's tests/ (another revision's, maybe) does not define are left out.
         tests = [t for t in mutation.tests if _defined(root, t)]
         if not tests:
-            return "NO TESTS", 0.0, ""
+            return "NO TESTS", 0.0, "", []
         begin = time.perf_counter()
         result = subprocess.run(
             [sys.executable, "-m", "pytest", "-q", "-rA", "-p", "no:cacheprovider", *tests],
@@ -208,7 +208,7 @@ def run(mutation: Mutation, tests_rev: str | None, keep: bool) -> tuple[str, flo
             else f"SURVIVED {len(passed)}/{len(passed) + len(failed)}"
         )
         why = next((line for line in out.splitlines() if line.startswith("E ")), "")
-        return verdict, took, why.strip()[:150]
+        return verdict, took, why.strip()[:150], tests
     finally:
         if not keep:
             shutil.rmtree(root, ignore_errors=True)
@@ -233,9 +233,9 @@ def main() -> None:
     print(f"{'mutation':24} {'verdict':9} {'s':>5}  tests / first failure", flush=True)
     survived = 0
     for mutation in chosen:
-        verdict, took, why = run(mutation, args.tests_rev, args.keep)
+        verdict, took, why, ran = run(mutation, args.tests_rev, args.keep)
         survived += verdict.startswith("SURVIVED")
-        tests = ", ".join(t.split("::")[-1] for t in mutation.tests)
+        tests = ", ".join(t.split("::")[-1] for t in ran)
         print(f"{mutation.name:24} {verdict:9} {took:5.0f}  {tests}", flush=True)
         print(f"{'':40}{mutation.what}" + (f"\n{'':40}{why}" if why else ""), flush=True)
     sys.exit(1 if survived else 0)
