@@ -44,12 +44,12 @@ MUTATIONS = [
     Mutation(
         "cp_k_grad_half",
         "context parallel: the key gradient halved (forward unchanged)",
-        "tetrad/distributed/context_parallel.py",
+        "tetrad/models/attention.py",
         (
             (
-                '"""Causal attention of the local queries over the whole sequence; [B, H, T/cp, D]."""\n',
-                '"""Causal attention of the local queries over the whole sequence; [B, H, T/cp, D]."""\n'
-                "        k = k * 0.5 + (k * 0.5).detach()\n",
+                "        keys = repeat_kv(self.cp.gather_sequence(k), n_rep)\n",
+                "        k = k * 0.5 + (k * 0.5).detach()\n"
+                "        keys = repeat_kv(self.cp.gather_sequence(k), n_rep)\n",
             ),
         ),
         (layout_test("cp2"),),
@@ -116,7 +116,7 @@ MUTATIONS = [
     Mutation(
         "float8_off",
         "float8 silently off: nothing converted, yet the log still counts the eligible linears",
-        "tetrad/components/float8.py",
+        "tetrad/models/float8.py",
         (
             (
                 "    convert_to_float8_training(model, config=float8_config, "
