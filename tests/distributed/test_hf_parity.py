@@ -1,6 +1,7 @@
 """Hugging Face models under every parallelism against a single-process run of the same global
 batch: pretrained weights loaded into the sharded parameters (each rank its own slices), then
-loss and gradient norm per step within RTOL, as tests/distributed/test_parity.py does for llama3.
+loss and gradient norm per step within RTOL and every parameter's step-1 gradient (read back
+from the checkpoints) within GRAD_RTOL, as tests/distributed/test_parity.py does for llama3.
 
 Qwen3 (grouped-query attention, per-head q/k norms) runs every layout; Qwen2 (q/k/v biases),
 Mistral and Llama (with context parallel) run tensor parallel, where their module roles set
@@ -19,8 +20,17 @@ import pytest
 import torch
 import transformers
 
-from tests.conftest import REPO, TINY_RUN, read_metrics, run_train
-from tests.distributed.test_parity import RTOL, assert_float8_parity, assert_parity, reference
+from tests.conftest import REPO, TINY_RUN
+from tests.distributed.test_parity import (
+    FLOAT8_GRAD_NORM_RTOL,
+    FLOAT8_RTOL,
+    GRAD_RTOL,
+    RTOL,
+    assert_gradient_parity,
+    assert_metrics_parity,
+    reference,
+    train,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -56,9 +66,10 @@ def test_hf_layout_matches_single_process(
 ) -> None:
     family, nproc, dp, layout = CASES[name]
     model = ["--model.name=hf", f"--model.hf_path={folders[family]}"]
-    run_train(tmp_path, *TINY_RUN, *model, *layout, nproc=nproc)
-    got = read_metrics(tmp_path)
-    assert_parity(got, reference(tmp_path_factory, dp, 1, *model), rtol=RTOL)
+    train(tmp_path, None, *model, *layout, nproc=nproc)
+    want = reference(tmp_path_factory, None, dp, 1, *model)
+    assert_metrics_parity(tmp_path, want, rtol=RTOL)
+    assert_gradient_parity(tmp_path, want, grad_rtol=GRAD_RTOL)
 
 
 def test_float8_tensor_parallel_matches_single_process(
@@ -68,10 +79,11 @@ def test_float8_tensor_parallel_matches_single_process(
     sequence parallel, whose float8 all-gathers gloo cannot carry)."""
     model = ["--model.name=hf", f"--model.hf_path={folders['qwen2']}", "--float8.enable"]
     layout = [*TP2, "--parallelism.enable_sequence_parallel=false"]
-    run_train(tmp_path, *TINY_RUN, *model, *layout, nproc=2)
+    train(tmp_path, None, *model, *layout, nproc=2)
     log = (tmp_path / "logs" / "rank1.jsonl").read_text()
     assert "float8 tensorwise: 14 linears converted" in log
-    assert_float8_parity(read_metrics(tmp_path), reference(tmp_path_factory, 1, 1, *model))
+    want = reference(tmp_path_factory, None, 1, 1, *model)
+    assert_metrics_parity(tmp_path, want, rtol=FLOAT8_RTOL, grad_norm_rtol=FLOAT8_GRAD_NORM_RTOL)
 
 
 def test_export_after_sharded_training_loads_in_transformers(

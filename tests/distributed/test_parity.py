@@ -57,25 +57,25 @@ def flavor(args: list[str] | tuple[str, ...]) -> str:
     ][-1]
 
 
-def start_args(trained_weights: Start, *args: str) -> list[str]:
-    """Start from the trained weights of the run's model flavor; checkpoint every step."""
+def start_args(trained_weights: Start | None, *args: str) -> list[str]:
+    """Start from the trained weights of the run's model flavor (None: from the model's own
+    initialisation or weights, as an HF model's folder has them); checkpoint every step."""
+    checkpoints = ["--checkpoint.enable", "--checkpoint.interval=1"]
+    if trained_weights is None:
+        return checkpoints
     initial = trained_weights(flavor([*TINY_RUN, *args]))
-    return [
-        f"--checkpoint.initial_load_path={initial}",
-        "--checkpoint.enable",
-        "--checkpoint.interval=1",
-    ]
+    return [f"--checkpoint.initial_load_path={initial}", *checkpoints]
 
 
 def reference(
     tmp_path_factory: pytest.TempPathFactory,
-    trained_weights: Start,
+    trained_weights: Start | None,
     dp: int,
     accum: int,
     *args: str,
 ) -> Path:
     """The single-process run's folder (metrics and a checkpoint per step)."""
-    key = (dp, accum, args)
+    key = (trained_weights is None, dp, accum, args)
     if key not in _reference_cache:
         folder = tmp_path_factory.mktemp("reference")
         # -m from REPO: this checkout's tetrad, not whichever one is installed.
@@ -87,7 +87,9 @@ def reference(
     return _reference_cache[key]
 
 
-def train(folder: Path, trained_weights: Start, *args: str, nproc: int, timeout: int = 300) -> Path:
+def train(
+    folder: Path, trained_weights: Start | None, *args: str, nproc: int, timeout: int = 300
+) -> Path:
     run_train(
         folder, *TINY_RUN, *args, *start_args(trained_weights, *args), nproc=nproc, timeout=timeout
     )
@@ -106,14 +108,9 @@ def assert_parity(
 ) -> None:
     """``got`` (a parallel run's folder) against ``want`` (the reference's); see the module
     docstring. ``initial``: the checkpoint both started from."""
-    got_metrics, want_metrics = read_metrics(got), read_metrics(want)
-    assert [r["step"] for r in got_metrics] == [r["step"] for r in want_metrics]
-    for g, w in zip(got_metrics, want_metrics, strict=True):
-        for key in ("loss", "grad_norm"):
-            assert g[key] == pytest.approx(w[key], rel=rtol), f"step {g['step']} {key}"
-    grads = rel_errors(exp_avgs(step_dir(got, 1)), exp_avgs(step_dir(want, 1)))
+    got_metrics = assert_metrics_parity(got, want, rtol=rtol)
+    grads = assert_gradient_parity(got, want, grad_rtol=grad_rtol)
     worst = max(grads, key=grads.__getitem__)
-    assert grads[worst] <= grad_rtol, f"step-1 gradient of {worst}: {grads[worst]:.2e}"
     last = got_metrics[-1]["step"]
     start = model_weights(initial)
     got_w, want_w = model_weights(step_dir(got, last)), model_weights(step_dir(want, last))
@@ -125,6 +122,29 @@ def assert_parity(
     n_layers = 1 + max(int(m[1]) for k in start if (m := re.match(r"^layers\.(\d+)\.", k)))
     assert check_sharding(step_dir(got, 1), layout, n_layers) == 3 * len(start)
     print(f"worst: grad {grads[worst]:.2e} ({worst}), update {updates[worst_u]:.2e} ({worst_u})")
+
+
+def assert_metrics_parity(
+    got: Path, want: Path, *, rtol: float, grad_norm_rtol: float | None = None
+) -> list[dict[str, float]]:
+    """The loss (``rtol``) and gradient norm (``grad_norm_rtol``, default ``rtol``) of every
+    step of the run in ``got`` against the reference's in ``want``; returns ``got``'s records."""
+    got_metrics, want_metrics = read_metrics(got), read_metrics(want)
+    assert [r["step"] for r in got_metrics] == [r["step"] for r in want_metrics]
+    for g, w in zip(got_metrics, want_metrics, strict=True):
+        assert g["loss"] == pytest.approx(w["loss"], rel=rtol), f"step {g['step']} loss"
+        norm_rtol = rtol if grad_norm_rtol is None else grad_norm_rtol
+        assert g["grad_norm"] == pytest.approx(w["grad_norm"], rel=norm_rtol), f"step {g['step']}"
+    return got_metrics
+
+
+def assert_gradient_parity(got: Path, want: Path, *, grad_rtol: float) -> dict[str, float]:
+    """Every parameter's step-1 gradient (Adam's first moment, from the step-1 checkpoints)
+    within ``grad_rtol`` relative L2 error of the reference's; returns the errors by FQN."""
+    grads = rel_errors(exp_avgs(step_dir(got, 1)), exp_avgs(step_dir(want, 1)))
+    worst = max(grads, key=grads.__getitem__)
+    assert grads[worst] <= grad_rtol, f"step-1 gradient of {worst}: {grads[worst]:.2e}"
+    return grads
 
 
 CASES = {
@@ -331,10 +351,7 @@ def test_float8_tensor_parallel_matches_single_process(
     train(tmp_path, trained_weights, *float8, *layout, nproc=2)
     converted(tmp_path, 2, recipe)
     want = reference(tmp_path_factory, trained_weights, 1, 1, *float8)
-    got_metrics, want_metrics = read_metrics(tmp_path), read_metrics(want)
-    for g, w in zip(got_metrics, want_metrics, strict=True):
-        assert g["loss"] == pytest.approx(w["loss"], rel=FLOAT8_RTOL), f"step {g['step']}"
-        assert g["grad_norm"] == pytest.approx(w["grad_norm"], rel=FLOAT8_GRAD_NORM_RTOL)
+    assert_metrics_parity(tmp_path, want, rtol=FLOAT8_RTOL, grad_norm_rtol=FLOAT8_GRAD_NORM_RTOL)
     assert_parity(
         tmp_path, want, Layout.from_args(layout), rtol=FLOAT8_GRAD_NORM_RTOL,
         grad_rtol=FLOAT8_TP_GRAD_RTOL, update_rtol=FLOAT8_TP_UPDATE_RTOL,
