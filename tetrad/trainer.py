@@ -160,8 +160,7 @@ class Trainer:
             plan = plan_pipeline(self.config, block_names, pp_mesh.get_local_rank())
             parts = split_model(model, plan, first=spec.pipeline_first, last=spec.pipeline_last)
         for part in parts:
-            if spec.parallelize_fn is not None:
-                spec.parallelize_fn(part, self.parallel_dims, self.config)
+            spec.parallelize_fn(part, self.parallel_dims, self.config)
         if will_load_model(self.config.checkpoint, self.resume_from):
             materialize_for_loading(parts, self.device)  # the checkpoint fills every weight
         elif (weights := self._hf_weights_folder(spec)) is not None:

@@ -102,13 +102,14 @@ def assert_parity(
     layout: Layout,
     *,
     rtol: float = RTOL,
+    grad_norm_rtol: float | None = None,
     grad_rtol: float = GRAD_RTOL,
     update_rtol: float = UPDATE_RTOL,
     initial: Path,
 ) -> None:
     """``got`` (a parallel run's folder) against ``want`` (the reference's); see the module
     docstring. ``initial``: the checkpoint both started from."""
-    got_metrics = assert_metrics_parity(got, want, rtol=rtol)
+    got_metrics = assert_metrics_parity(got, want, rtol=rtol, grad_norm_rtol=grad_norm_rtol)
     grads = assert_gradient_parity(got, want, grad_rtol=grad_rtol)
     worst = max(grads, key=grads.__getitem__)
     last = got_metrics[-1]["step"]
@@ -351,10 +352,10 @@ def test_float8_tensor_parallel_matches_single_process(
     train(tmp_path, trained_weights, *float8, *layout, nproc=2)
     converted(tmp_path, 2, recipe)
     want = reference(tmp_path_factory, trained_weights, 1, 1, *float8)
-    assert_metrics_parity(tmp_path, want, rtol=FLOAT8_RTOL, grad_norm_rtol=FLOAT8_GRAD_NORM_RTOL)
     assert_parity(
-        tmp_path, want, Layout.from_args(layout), rtol=FLOAT8_GRAD_NORM_RTOL,
-        grad_rtol=FLOAT8_TP_GRAD_RTOL, update_rtol=FLOAT8_TP_UPDATE_RTOL,
+        tmp_path, want, Layout.from_args(layout), rtol=FLOAT8_RTOL,
+        grad_norm_rtol=FLOAT8_GRAD_NORM_RTOL, grad_rtol=FLOAT8_TP_GRAD_RTOL,
+        update_rtol=FLOAT8_TP_UPDATE_RTOL,
         initial=trained_weights("tiny"),
     )  # fmt: skip
     assert_low_precision(

@@ -125,7 +125,7 @@ class ModelSpec(Generic[C]):
     num_flops_per_token: Callable[[C, int], int]
     """(config, seq_len) → training FLOPs per token, for MFU."""
 
-    parallelize_fn: ParallelizeFn | None = None
+    parallelize_fn: ParallelizeFn
     """Applies float8, TP/SP, activation checkpointing, compile and FSDP to a model in place:
     the one place where a family's module structure meets the device mesh."""
 
