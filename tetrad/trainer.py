@@ -24,12 +24,12 @@ from tetrad.components.checkpoint import CheckpointManager
 from tetrad.components.checkpoint_folder import resume_source, will_load_model
 from tetrad.components.checkpoint_states import TrainState, merged_view
 from tetrad.components.hf_checkpoint import load_hf_weights
-from tetrad.components.loss import IGNORE_INDEX, cross_entropy_sum
+from tetrad.components.loss import cross_entropy_sum
 from tetrad.components.lr_scheduler import build_lr_scheduler
 from tetrad.components.metrics import MetricsLogger, host_memory_gib, memory_gib, peak_tflops
 from tetrad.components.optimizer import build_optimizer
 from tetrad.config import Config, ConfigError, save_config, validate_device
-from tetrad.data import TextDataLoader, build_dataloader, build_tokenizer
+from tetrad.data import Batch, TextDataLoader, build_dataloader, build_tokenizer
 from tetrad.distributed.context_parallel import ContextParallel
 from tetrad.distributed.init import (
     device_capability,
@@ -48,8 +48,6 @@ from tetrad.models.spec import DecoderModel, ModelSpec
 from tetrad.tools.logging import init_logging
 
 logger = logging.getLogger(__name__)
-
-Batch = tuple[torch.Tensor, torch.Tensor]
 
 
 class Trainer:
@@ -251,11 +249,8 @@ class Trainer:
     def forward_backward(self, micro_batches: list[Batch]) -> torch.Tensor:
         """Accumulate gradients over the micro-batches; return the global mean loss."""
         if self.context_parallel is not None:
-            cp = self.context_parallel
-            micro_batches = [
-                (cp.shard(inputs), cp.shard(labels)) for inputs, labels in micro_batches
-            ]
-        num_tokens = sum(int((labels != IGNORE_INDEX).sum()) for _, labels in micro_batches)
+            micro_batches = [batch.map(self.context_parallel.shard) for batch in micro_batches]
+        num_tokens = sum(batch.num_targets for batch in micro_batches)
         loss_mesh = self.parallel_dims.meshes["dp_cp"]
         global_tokens = reduce_sum(torch.tensor(float(num_tokens), device=self.device), loss_mesh)
         # Data-parallel gradient reduction averages over dp×cp ranks; scaling by that degree
@@ -265,15 +260,15 @@ class Trainer:
         if self.pipeline is not None:
             # Only the rank with the last stage sees losses: sum them over the pipeline too.
             self._loss_scale = scale
-            for inputs, labels in micro_batches:
-                inputs, labels = inputs.to(self.device), labels.to(self.device)
+            for batch in micro_batches:
+                inputs, labels = batch.inputs.to(self.device), batch.labels.to(self.device)
                 with self._train_context():
                     loss_sum += self.pipeline.step(inputs, labels, self._positions(inputs))
             loss_sum = reduce_sum(loss_sum / scale, self.parallel_dims.meshes["pp"])
             return reduce_sum(loss_sum, loss_mesh) / global_tokens
         (model,) = self.model_parts
-        for i, (inputs, labels) in enumerate(micro_batches):
-            inputs, labels = inputs.to(self.device), labels.to(self.device)
+        for i, batch in enumerate(micro_batches):
+            inputs, labels = batch.inputs.to(self.device), batch.labels.to(self.device)
             self._set_gradient_sync(last=i == len(micro_batches) - 1)
             with self._train_context():
                 with self._autocast():
@@ -346,7 +341,7 @@ class Trainer:
             lr = float(self.lr_scheduler.get_last_lr()[0])
             micro_batches = [next(data_iter) for _ in range(self.grad_accum_steps)]
             loss, grad_norm = self.train_step(micro_batches)
-            batch_tokens = sum(inputs.numel() for inputs, _ in micro_batches)
+            batch_tokens = sum(batch.inputs.numel() for batch in micro_batches)
             state.tokens_seen += batch_tokens * self.parallel_dims.dp
             self.metrics.add_tokens(batch_tokens // self.parallel_dims.model_parallel_degree)
             if (

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 
 import torch
 
-from tetrad.data import build_dataloader
+from tetrad.data import Batch, build_dataloader
 from tetrad.train import parse_config
 from tetrad.trainer import Trainer
 
@@ -35,7 +35,12 @@ def merged_batches(trainer: Trainer, dp: int, accum: int, local_batch: int) -> I
     ]
     while True:
         parts = [next(loader) for loader in loaders for _ in range(accum)]
-        yield torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+        ids = [p.document_ids for p in parts]
+        yield Batch(
+            torch.cat([p.inputs for p in parts]),
+            torch.cat([p.labels for p in parts]),
+            None if ids[0] is None else torch.cat(ids),
+        )
 
 
 def main() -> None:

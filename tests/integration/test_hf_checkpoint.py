@@ -98,7 +98,8 @@ def test_hf_weights_give_transformers_logits_and_loss(tmp_path: Path) -> None:
         DataConfig(), tokenizer=build_tokenizer(None), seq_len=64, batch_size=2, dp_rank=0,
         dp_world_size=1,
     )  # fmt: skip
-    inputs, labels = next(iter(loader))
+    batch = next(iter(loader))
+    inputs, labels = batch.inputs, batch.labels
     want = F.cross_entropy(hf_logits(hf, inputs).flatten(0, 1), labels.flatten()).item()
     assert read_metrics(run)[0]["loss"] == pytest.approx(want, abs=1e-4)
 

@@ -104,11 +104,11 @@ def test_gradient_accumulation_equals_full_batch(tmp_path: Path) -> None:
     config = load_config([*TINY_RUN, f"--job.dump_folder={tmp_path}", "--training.max_norm=0"])
     trainer = Trainer(config)
     try:
-        inputs, labels = next(iter(trainer.dataloader))  # [2, T]
+        batch = next(iter(trainer.dataloader))  # [2, T]
         results = []
         for micro_batches in (
-            [(inputs, labels)],
-            [(inputs[:1], labels[:1]), (inputs[1:], labels[1:])],
+            [batch],
+            [batch.map(lambda x: x[:1]), batch.map(lambda x: x[1:])],
         ):
             trainer.model_parts[0].zero_grad(set_to_none=True)
             loss = trainer.forward_backward(micro_batches)

@@ -15,6 +15,7 @@ import torch.distributed.checkpoint as dcp
 
 from tetrad.config.job_config import DataConfig
 from tetrad.data import (
+    Batch,
     TextDataLoader,
     Tokenizer,
     TokenPacker,
@@ -25,8 +26,6 @@ from tetrad.data import (
 from tetrad.data.sources import default_corpus_files
 from tetrad.data.tokenizer import DEFAULT_TOKENIZER
 from tetrad.errors import ConfigError, DataError, NetworkError
-
-Batch = tuple[torch.Tensor, torch.Tensor]
 
 # DCP warns when it saves and loads in a single process, which is what these tests mean.
 pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled:UserWarning")
@@ -93,7 +92,9 @@ def _take(batches: Iterator[Batch], n: int) -> list[Batch]:
 
 def _rows(batches: list[Batch]) -> list[list[int]]:
     """Each batch row's own token stream: its windows (inputs + the last label) batch after batch."""
-    return torch.cat([torch.cat([x, y[:, -1:]], dim=1) for x, y in batches], dim=1).tolist()
+    return torch.cat(
+        [torch.cat([b.inputs, b.labels[:, -1:]], dim=1) for b in batches], dim=1
+    ).tolist()
 
 
 def _split_at_bos(stream: list[int], tokenizer: Tokenizer) -> list[list[int]]:
@@ -145,7 +146,9 @@ def test_batches_shapes_and_labels(
     default_source: datasets.IterableDataset, tokenizer: Tokenizer
 ) -> None:
     batches = _take(iter(_loader(default_source, tokenizer, seq_len=32, batch_size=3)), 8)
-    for inputs, labels in batches:
+    for batch in batches:
+        inputs, labels = batch.inputs, batch.labels
+        assert batch.document_ids is None
         assert inputs.shape == labels.shape == (3, 32)
         assert inputs.dtype == labels.dtype == torch.long
         assert torch.equal(labels[:, :-1], inputs[:, 1:])
@@ -185,14 +188,12 @@ def test_first_batch_rows_come_from_different_documents(
     """The default corpus opens with long files; still, row r of the first batch is the start of
     file r, not the next slice of file 0."""
     seq_len, batch_size = 64, 4
-    inputs, labels = next(
-        iter(_loader(default_source, tokenizer, seq_len=seq_len, batch_size=batch_size))
-    )
+    batch = next(iter(_loader(default_source, tokenizer, seq_len=seq_len, batch_size=batch_size)))
     files = default_corpus_files()[:batch_size]
     texts = [file.read_text(encoding="utf-8", errors="replace") for file in files]
     firsts = [ids[: seq_len + 1] for ids in tokenizer.encode_batch(texts)]
     assert all(len(ids) == seq_len + 1 for ids in firsts), "the first files should fill a window"
-    assert _rows([(inputs, labels)]) == firsts
+    assert _rows([batch]) == firsts
 
 
 def _documents_seen(loader: TextDataLoader, tokenizer: Tokenizer, min_tokens: int) -> set[str]:
@@ -200,7 +201,7 @@ def _documents_seen(loader: TextDataLoader, tokenizer: Tokenizer, min_tokens: in
     read row by row, as each row packs documents of its own."""
     batches = iter(loader)
     taken: list[Batch] = []
-    while sum(x.numel() for x, _ in taken) < min_tokens:
+    while sum(b.inputs.numel() for b in taken) < min_tokens:
         taken.append(next(batches))
     return {
         tokenizer.decode(piece[1:-1])
@@ -245,8 +246,8 @@ def _check_resume(
     expected = _take(batches, m)
     resumed = make_loader()
     dcp.load({"data": resumed}, checkpoint_id=checkpoint / str(k))
-    for (x, y), (rx, ry) in zip(expected, _take(iter(resumed), m), strict=True):
-        assert torch.equal(x, rx) and torch.equal(y, ry)
+    for batch, again in zip(expected, _take(iter(resumed), m), strict=True):
+        assert torch.equal(batch.inputs, again.inputs) and torch.equal(batch.labels, again.labels)
     assert resumed.state_dict() == loader.state_dict()
     return saved
 

@@ -10,7 +10,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-IGNORE_INDEX = -100
+from tetrad.data.batch import IGNORE_INDEX
+
+__all__ = ["IGNORE_INDEX", "cross_entropy_sum"]
 
 
 def cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -1,15 +1,19 @@
 """Text data: tokenizer, named sources, packing, and the resumable per-dp-rank loader."""
 
+from tetrad.data.batch import IGNORE_INDEX, Batch, document_positions
 from tetrad.data.loader import TextDataLoader, build_dataloader
 from tetrad.data.packing import TokenPacker
 from tetrad.data.sources import build_text_source
 from tetrad.data.tokenizer import Tokenizer, build_tokenizer
 
 __all__ = [
+    "IGNORE_INDEX",
+    "Batch",
     "TextDataLoader",
     "TokenPacker",
     "Tokenizer",
     "build_dataloader",
     "build_text_source",
     "build_tokenizer",
+    "document_positions",
 ]

@@ -11,6 +11,7 @@ import torch
 from datasets.distributed import split_dataset_by_node
 
 from tetrad.config.job_config import DataConfig
+from tetrad.data.batch import Batch
 from tetrad.data.packing import TokenPacker
 from tetrad.data.sources import build_text_source
 from tetrad.data.tokenizer import Tokenizer
@@ -24,7 +25,7 @@ _CHUNK_DOCS = 64
 
 
 class TextDataLoader:
-    """Yields `(inputs, labels)`, both `[batch_size, seq_len]` int64, forever, for one dp rank.
+    """Yields `Batch(inputs, labels)`, both `[batch_size, seq_len]` int64, forever, for one dp rank.
 
     Each dp rank reads a disjoint part of the source (`split_dataset_by_node`) and tokenizes it a
     chunk of documents at a time. Every batch row has a `TokenPacker` of its own, cutting windows
@@ -101,7 +102,7 @@ class TextDataLoader:
                 "dp rank %d: data source exhausted; epoch %d begins", self._dp_rank, self._epoch
             )
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def __iter__(self) -> Iterator[Batch]:
         documents = self._documents()
         while True:
             for packer in self._packers:
@@ -110,7 +111,7 @@ class TextDataLoader:
             windows = torch.tensor(
                 [p.pop(1)[0] for p in self._packers], dtype=torch.long
             )  # [B, S+1]
-            yield windows[:, :-1].contiguous(), windows[:, 1:].contiguous()  # [B, S] each
+            yield Batch(windows[:, :-1].contiguous(), windows[:, 1:].contiguous())  # [B, S] each
 
     def state_dict(self) -> dict[str, Any]:
         """This rank's position, under a key of its own so that DCP keeps every rank's.
