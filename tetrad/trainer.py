@@ -29,7 +29,14 @@ from tetrad.components.lr_scheduler import build_lr_scheduler
 from tetrad.components.metrics import MetricsLogger, host_memory_gib, memory_gib, peak_tflops
 from tetrad.components.optimizer import build_optimizer
 from tetrad.config import Config, ConfigError, save_config, validate_device
-from tetrad.data import Batch, TextDataLoader, build_dataloader, build_tokenizer
+from tetrad.data import (
+    IGNORE_INDEX,
+    Batch,
+    TextDataLoader,
+    build_dataloader,
+    build_tokenizer,
+    document_positions,
+)
 from tetrad.distributed.context_parallel import ContextParallel
 from tetrad.distributed.init import (
     device_capability,
@@ -41,7 +48,12 @@ from tetrad.distributed.init import (
 from tetrad.distributed.parallel_dims import ParallelDims
 from tetrad.distributed.pipeline import Pipeline, plan_pipeline, split_model
 from tetrad.distributed.utils import clip_grad_norm_, reduce_sum
-from tetrad.models.attention import AttentionFn, ContextParallelAttention, causal_sdpa
+from tetrad.models.attention import (
+    AttentionFn,
+    ContextParallelAttention,
+    FlexDocumentAttention,
+    causal_sdpa,
+)
 from tetrad.models.materialize import materialize_and_init, materialize_for_loading
 from tetrad.models.registry import get_model_spec
 from tetrad.models.spec import DecoderModel, ModelSpec
@@ -186,10 +198,13 @@ class Trainer:
         return parts
 
     def attention_fn(self) -> AttentionFn:
-        """The attention every layer computes: across the cp ranks under context parallel,
-        else plain causal attention over the local sequence."""
+        """The attention every layer computes: across the cp ranks under context parallel;
+        FlexAttention for packed documents on GPU; else SDPA over the local sequence (with a
+        dense block-causal mask for packed documents)."""
         if self.context_parallel is not None:
             return ContextParallelAttention(self.context_parallel)
+        if self.config.data.document_mask and self.device.type == "cuda":
+            return FlexDocumentAttention()
         return causal_sdpa
 
     def _hf_weights_folder(self, spec: ModelSpec[Any]) -> Path | None:
@@ -248,9 +263,8 @@ class Trainer:
 
     def forward_backward(self, micro_batches: list[Batch]) -> torch.Tensor:
         """Accumulate gradients over the micro-batches; return the global mean loss."""
-        if self.context_parallel is not None:
-            micro_batches = [batch.map(self.context_parallel.shard) for batch in micro_batches]
-        num_tokens = sum(batch.num_targets for batch in micro_batches)
+        prepared = [self._prepare(batch) for batch in micro_batches]
+        num_tokens = sum(int((labels != IGNORE_INDEX).sum()) for _, labels, _ in prepared)
         loss_mesh = self.parallel_dims.meshes["dp_cp"]
         global_tokens = reduce_sum(torch.tensor(float(num_tokens), device=self.device), loss_mesh)
         # Data-parallel gradient reduction averages over dp×cp ranks; scaling by that degree
@@ -260,36 +274,47 @@ class Trainer:
         if self.pipeline is not None:
             # Only the rank with the last stage sees losses: sum them over the pipeline too.
             self._loss_scale = scale
-            for batch in micro_batches:
-                inputs, labels = batch.inputs.to(self.device), batch.labels.to(self.device)
+            for inputs, labels, kwargs in prepared:
                 with self._train_context():
-                    loss_sum += self.pipeline.step(inputs, labels, self._positions(inputs))
+                    loss_sum += self.pipeline.step(inputs, labels, kwargs)
             loss_sum = reduce_sum(loss_sum / scale, self.parallel_dims.meshes["pp"])
             return reduce_sum(loss_sum, loss_mesh) / global_tokens
         (model,) = self.model_parts
-        for i, batch in enumerate(micro_batches):
-            inputs, labels = batch.inputs.to(self.device), batch.labels.to(self.device)
-            self._set_gradient_sync(last=i == len(micro_batches) - 1)
+        for i, (inputs, labels, kwargs) in enumerate(prepared):
+            self._set_gradient_sync(last=i == len(prepared) - 1)
             with self._train_context():
                 with self._autocast():
-                    logits = model(inputs, positions=self._positions(inputs))
+                    logits = model(inputs, **kwargs)
                 loss = cross_entropy_sum(logits, labels)
                 (loss * scale).backward()
             loss_sum += loss.full_tensor() if isinstance(loss, DTensor) else loss.detach()
         return reduce_sum(loss_sum, loss_mesh) / global_tokens
 
-    def _positions(self, inputs: torch.Tensor) -> torch.Tensor | None:
-        """Rotary-table rows of the tokens in ``inputs`` [B, T], where they are not simply
-        0..T-1 or the model cannot see T: context parallel holds two non-contiguous chunks of
-        each sequence, and a later pipeline stage receives hidden states that sequence parallel
-        has cut along T. [B, T], so pipeline micro-batching splits it with the batch."""
+    def _prepare(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        """This rank's inputs and labels [B, T] of ``batch`` on the device, and the model's
+        keyword arguments: ``positions`` [B, T], rotary-table rows where they are not simply
+        0..T-1 or the model cannot see T (packed documents restart them; context parallel
+        holds two non-contiguous chunks of each sequence; a later pipeline stage receives
+        hidden states that sequence parallel has cut along T), and the whole sequence's
+        ``document_ids`` [B, T] for block-causal attention. All [B, ...], so pipeline
+        micro-batching splits them with the batch."""
+        batch = batch.to(self.device)
+        kwargs: dict[str, torch.Tensor] = {}
+        positions = None
+        if batch.document_ids is not None:
+            kwargs["document_ids"] = batch.document_ids
+            positions = document_positions(batch.document_ids)
+        elif self.context_parallel is not None or self.pipeline is not None:
+            positions = torch.arange(batch.inputs.shape[1], device=self.device)
+            positions = positions.expand_as(batch.inputs)
+        inputs, labels = batch.inputs, batch.labels
         if self.context_parallel is not None:
-            positions = self.context_parallel.positions
-        elif self.pipeline is not None:
-            positions = torch.arange(inputs.shape[1])
-        else:
-            return None
-        return positions.to(inputs.device).expand(inputs.shape[0], -1)
+            shard = self.context_parallel.shard
+            assert positions is not None
+            inputs, labels, positions = shard(inputs), shard(labels), shard(positions)
+        if positions is not None:
+            kwargs["positions"] = positions
+        return inputs, labels, kwargs
 
     def _pipeline_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """The last stage's loss per pipeline micro-batch, scaled as in forward_backward."""

@@ -23,6 +23,7 @@ from tetrad.data import (
     build_text_source,
     build_tokenizer,
 )
+from tetrad.data.loader import TextEncoder
 from tetrad.data.sources import default_corpus_files
 from tetrad.data.tokenizer import DEFAULT_TOKENIZER
 from tetrad.errors import ConfigError, DataError, NetworkError
@@ -77,8 +78,7 @@ def _loader(
 ) -> TextDataLoader:
     return TextDataLoader(
         source,
-        "text",
-        tokenizer,
+        TextEncoder(tokenizer, "text"),
         seq_len=seq_len,
         batch_size=batch_size,
         dp_rank=dp_rank,
@@ -133,11 +133,11 @@ def test_packer_loses_and_duplicates_nothing() -> None:
     windows: list[list[int]] = []
     for document in documents:
         packer.add(document)
-        windows += packer.pop(rng.randint(0, packer.num_windows))
+        windows += [window.tokens for window in packer.pop(rng.randint(0, packer.num_windows))]
     stream = [t for document in documents for t in document]
     assert all(len(window) == 7 for window in windows)
     assert [t for window in windows for t in window] == stream[: 7 * len(windows)]
-    assert packer.state_dict()["carry"] == stream[7 * len(windows) :]
+    assert packer.state_dict()["carry"]["tokens"] == stream[7 * len(windows) :]
     with pytest.raises(ValueError, match="only"):
         packer.pop(packer.num_windows + 1)
 
@@ -171,7 +171,10 @@ def test_rows_pack_whole_documents_in_stream_order(tokenizer: Tokenizer, tmp_pat
     packers = pickle.loads(loader.state_dict()["dp_rank_0"]["packers"])
     assert len(packers) == 3
     held = [
-        [documents[tuple(piece)] for piece in _split_at_bos(row + packer["carry"], tokenizer)]
+        [
+            documents[tuple(piece)]
+            for piece in _split_at_bos(row + packer["carry"]["tokens"], tokenizer)
+        ]
         for row, packer in zip(_rows(batches), packers, strict=True)
     ]  # held[r]: the indices of the documents row r was given, in order
     for indices in held:
@@ -273,7 +276,7 @@ def test_resume_default_corpus(
     state = _check_resume(make_loader, tmp_path, k=100, m=5)
     assert state["source"] is not None, "the save point should lie past the first chunk"
     packers = pickle.loads(state["packers"])
-    assert len(packers) == 8 and any(packer["carry"] for packer in packers)
+    assert len(packers) == 8 and any(packer["carry"]["tokens"] for packer in packers)
 
 
 @pytest.mark.parametrize("suffix", [".jsonl", ".parquet", ".txt"])

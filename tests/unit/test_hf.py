@@ -95,6 +95,23 @@ def test_loss_matches_transformers(family: str, folders: dict[str, Path]) -> Non
     torch.testing.assert_close(model(tokens, positions=positions), model(tokens))
 
 
+@pytest.mark.parametrize("family", NATIVE)
+def test_packed_documents_give_transformers_logits_of_each_alone(
+    family: str, folders: dict[str, Path]
+) -> None:
+    """Document ids reach every HF attention layer through the decoder layers' keyword
+    arguments: three packed documents, each against transformers' model run on it alone."""
+    model, hf = load_pair(folders[family])
+    torch.manual_seed(0)
+    lengths = (20, 30, 14)
+    tokens = torch.randint(0, model.config.vocab_size, (1, sum(lengths)))
+    ids = torch.cat([torch.full((n,), i) for i, n in enumerate(lengths)]).unsqueeze(0)
+    with torch.no_grad():
+        packed = model(tokens, document_ids=ids)
+        alone = [hf(input_ids=piece).logits for piece in tokens.split(lengths, dim=1)]
+    torch.testing.assert_close(packed, torch.cat(alone, dim=1), rtol=1e-5, atol=1e-5)
+
+
 def test_export_keys_are_the_safetensors_keys(folders: dict[str, Path]) -> None:
     from safetensors import safe_open
 

@@ -278,6 +278,11 @@ class DataConfig:
     tokenizer: str | None = None
     """tokenizer.json path, a folder holding one, or a hub id; default: the embedded tokenizer."""
 
+    document_mask: bool = False
+    """Pack documents with block-causal attention: a token attends only to its own document
+    and rotary positions restart at each document (conversations are always packed so).
+    Off: each packed row is one causal stream, the classic pretraining setup."""
+
 
 @dataclass(kw_only=True)
 class MetricsConfig:

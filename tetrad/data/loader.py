@@ -2,17 +2,16 @@
 
 import logging
 import pickle
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from itertools import islice
-from typing import Any
+from typing import Any, Protocol
 
 import datasets
-import torch
 from datasets.distributed import split_dataset_by_node
 
 from tetrad.config.job_config import DataConfig
 from tetrad.data.batch import Batch
-from tetrad.data.packing import TokenPacker
+from tetrad.data.packing import TokenPacker, window_batch
 from tetrad.data.sources import build_text_source
 from tetrad.data.tokenizer import Tokenizer
 from tetrad.errors import DataError
@@ -23,9 +22,36 @@ logger = logging.getLogger(__name__)
 # enough that the first batch comes at once.
 _CHUNK_DOCS = 64
 
+Encoded = tuple[list[int], list[bool] | None]
+"""One document's tokens and, per token, whether it is a target (None: all are)."""
+
+
+class DocumentEncoder(Protocol):
+    """Source rows → documents to pack."""
+
+    whole_documents: bool
+    """Pack each document whole into one window (conversations), or cut the stream (text)."""
+
+    def encode_rows(self, rows: Sequence[dict[str, Any]]) -> list[Encoded | None]:
+        """One entry per row, None where a row yields no document (dropped)."""
+        ...
+
+
+class TextEncoder:
+    """Pretraining text: each row's text column as BOS + text + EOS, every token a target."""
+
+    whole_documents = False
+
+    def __init__(self, tokenizer: Tokenizer, text_field: str) -> None:
+        self.tokenizer, self.text_field = tokenizer, text_field
+
+    def encode_rows(self, rows: Sequence[dict[str, Any]]) -> list[Encoded | None]:
+        texts = [row[self.text_field] for row in rows]
+        return [(tokens, None) for tokens in self.tokenizer.encode_batch(texts)]
+
 
 class TextDataLoader:
-    """Yields `Batch(inputs, labels)`, both `[batch_size, seq_len]` int64, forever, for one dp rank.
+    """Yields `Batch`es of `[batch_size, seq_len]` int64, forever, for one dp rank.
 
     Each dp rank reads a disjoint part of the source (`split_dataset_by_node`) and tokenizes it a
     chunk of documents at a time. Every batch row has a `TokenPacker` of its own, cutting windows
@@ -33,7 +59,9 @@ class TextDataLoader:
     turn take the rank's next documents, whole, until their packer holds a full window; then one
     window is popped from each row. So consecutive documents go to different rows and a batch
     mixes several documents, while row r over successive batches is one contiguous token stream.
-    Labels are the inputs shifted by one. An exhausted source starts a new epoch over the same
+    Labels are the inputs shifted by one, where the next token is a target; with
+    `document_mask` (always for whole-document packing) rows carry document ids
+    (`tetrad.data.packing.window_batch`). An exhausted source starts a new epoch over the same
     documents of this rank, in the same order.
 
     `state_dict()` between batches, loaded into a loader built the same way (same batch size
@@ -47,33 +75,38 @@ class TextDataLoader:
     def __init__(
         self,
         source: datasets.IterableDataset,
-        text_field: str,
-        tokenizer: Tokenizer,
+        encoder: DocumentEncoder,
         *,
         seq_len: int,
         batch_size: int,
         dp_rank: int,
         dp_world_size: int,
+        document_mask: bool = False,
+        pad_id: int = 0,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
         if not 0 <= dp_rank < dp_world_size:
             raise ValueError(f"dp rank {dp_rank} is not in [0, dp world size {dp_world_size})")
         self._source = source
-        self._text_field = text_field
-        self._tokenizer = tokenizer
+        self._encoder = encoder
+        self._document_mask = document_mask or encoder.whole_documents
         self._batch_size = batch_size
         self._dp_rank = dp_rank
         self._dp_world_size = dp_world_size
         # One packer per batch row: consecutive documents go to different rows, so a batch mixes
         # several documents instead of holding consecutive slices of one long file.
-        self._packers = [TokenPacker(seq_len + 1) for _ in range(batch_size)]
+        self._packers = [
+            TokenPacker(seq_len + 1, whole_documents=encoder.whole_documents, pad_id=pad_id)
+            for _ in range(batch_size)
+        ]
         self._epoch = 0
         self._chunk_state: dict[str, Any] | None = None  # source state before the current chunk
         self._chunk_consumed = 0  # documents after `_chunk_state` already in the packers
 
-    def _documents(self) -> Iterator[list[int]]:
-        """This rank's tokenized documents from the saved position on, forever."""
+    def _documents(self) -> Iterator[Encoded | None]:
+        """This rank's encoded documents (None: a dropped row) from the saved position on,
+        forever."""
         while True:
             # A fresh split per pass, so no state loaded into an earlier one lingers. No
             # `set_epoch`: it would deal the shards out anew each epoch, and as ranks do not end
@@ -86,10 +119,9 @@ class TextDataLoader:
             rows = iter(dataset)
             next(islice(rows, self._chunk_consumed, self._chunk_consumed), None)  # skip packed ones
             while chunk := list(islice(rows, _CHUNK_DOCS)):
-                texts = [row[self._text_field] for row in chunk]
-                for tokens in self._tokenizer.encode_batch(texts):
+                for document in self._encoder.encode_rows(chunk):
                     self._chunk_consumed += 1
-                    yield tokens
+                    yield document
                 self._chunk_state, self._chunk_consumed = dataset.state_dict(), 0
             if self._chunk_state is None and self._chunk_consumed == 0:
                 raise DataError(
@@ -107,18 +139,17 @@ class TextDataLoader:
         while True:
             for packer in self._packers:
                 while packer.num_windows == 0:
-                    packer.add(next(documents))
-            windows = torch.tensor(
-                [p.pop(1)[0] for p in self._packers], dtype=torch.long
-            )  # [B, S+1]
-            yield Batch(windows[:, :-1].contiguous(), windows[:, 1:].contiguous())  # [B, S] each
+                    if (document := next(documents)) is not None:
+                        packer.add(*document)
+            windows = [packer.pop(1)[0] for packer in self._packers]
+            yield window_batch(windows, document_mask=self._document_mask)
 
     def state_dict(self) -> dict[str, Any]:
         """This rank's position, under a key of its own so that DCP keeps every rank's.
 
         Under `dp_rank_<rank>`: the epoch, the source's state before the current chunk, how many of
-        that chunk's documents are already in the packers, and `packers`, one `{"carry": [...]}`
-        per batch row, in row order. The source's state is pickled: its nesting changes as it is
+        that chunk's documents are already in the packers, and `packers`, one packer state
+        (tokens given to that row but not yet yielded) per batch row, in row order. The source's state is pickled: its nesting changes as it is
         read, and DCP loads into the structure of a fresh loader's state.
         """
         source = None if self._chunk_state is None else pickle.dumps(self._chunk_state)
@@ -171,10 +202,11 @@ def build_dataloader(
     source, text_field = build_text_source(data)
     return TextDataLoader(
         source,
-        text_field,
-        tokenizer,
+        TextEncoder(tokenizer, text_field),
         seq_len=seq_len,
         batch_size=batch_size,
         dp_rank=dp_rank,
         dp_world_size=dp_world_size,
+        document_mask=data.document_mask,
+        pad_id=tokenizer.eos_id if tokenizer.pad_id is None else tokenizer.pad_id,
     )

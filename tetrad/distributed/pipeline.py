@@ -178,16 +178,15 @@ class Pipeline:
         )  # fmt: skip
 
     def step(
-        self, inputs: torch.Tensor, labels: torch.Tensor, positions: torch.Tensor | None
+        self, inputs: torch.Tensor, labels: torch.Tensor, kwargs: dict[str, torch.Tensor]
     ) -> torch.Tensor:
         """Forward and backward one local batch through every stage; return the sum of the
         micro-batch losses on the rank that runs the last stage (zero elsewhere).
-        ``positions`` [B, T] reach every stage's forward (keyword arguments are split into
-        micro-batches like the inputs, and passed to all stages)."""
+        ``kwargs`` (positions, document ids: [B, ...]) reach every stage's forward (keyword
+        arguments are split into micro-batches like the inputs, and passed to all stages)."""
         losses: list[torch.Tensor] = []
         target = labels if self.has_last else None
         args = (inputs,) if self.has_first else ()
-        kwargs = {} if positions is None else {"positions": positions}
         self.schedule.step(*args, target=target, losses=losses, return_outputs=False, **kwargs)
         if not losses:
             return torch.zeros((), device=inputs.device)

@@ -83,10 +83,17 @@ class DecoderModel(nn.Module, ABC):
     keeps its whole-model FQN."""
 
     @abstractmethod
-    def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        positions: torch.Tensor | None = None,
+        document_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """tokens [B, T] (or hidden states [B, T, dim] on a later pipeline stage); positions
-        [T] or [B, T] rows of the position table, default 0..T-1 (context parallel's chunks
-        and pipeline stages pass theirs). Returns logits [B, T, vocab] (or hidden states)."""
+        [T] or [B, T] rows of the position table, default 0..T-1, or each token's index in its
+        document (context parallel's chunks and pipeline stages pass theirs); document_ids
+        [B, T] of the whole sequence: packed documents attend only within themselves. Returns
+        logits [B, T, vocab] (or hidden states)."""
 
     @abstractmethod
     def blocks(self) -> nn.ModuleDict | nn.ModuleList:

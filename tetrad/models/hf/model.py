@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from tetrad.data.batch import document_positions
 from tetrad.errors import ConfigError
 from tetrad.models.attention import AttentionFn, causal_sdpa
 from tetrad.models.dense import DenseDecoderShape, training_flops_per_token
@@ -47,13 +48,15 @@ def _hf_attention(
     attention_mask: torch.Tensor | None,
     dropout: float = 0.0,
     scaling: float | None = None,
+    document_ids: torch.Tensor | None = None,
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
-    """transformers' attention-function signature → the ``AttentionFn`` set on ``module``."""
+    """transformers' attention-function signature → the ``AttentionFn`` set on ``module``;
+    ``document_ids`` come from tetrad's decoder loop, through the layer's keyword arguments."""
     if attention_mask is not None:
         raise RuntimeError("tetrad's decoder loop passes no attention mask; attention is causal")
     attention: AttentionFn = getattr(module, _ATTENTION_ATTR)
-    out = attention(query, key, value, scale=scaling, dropout_p=dropout)
+    out = attention(query, key, value, scale=scaling, dropout_p=dropout, document_ids=document_ids)
     return out.transpose(1, 2).contiguous(), None  # [B, T, H, head_dim], as HF's own return
 
 
@@ -155,12 +158,21 @@ class HFCausalLM(_HFBase):
         for layer in self.layers.values():
             setattr(layer.get_submodule("self_attn"), _ATTENTION_ATTR, attention)
 
-    def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        positions: torch.Tensor | None = None,
+        document_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """tokens: [B, T] ids (or [B, T, dim] hidden states without embed_tokens).
-        positions: [B, T] (or [T]) rotary positions; default 0..T-1. Returns logits
-        [B, T, vocab] (or hidden states [B, T, dim] without lm_head)."""
+        positions: [B, T] (or [T]) rotary positions; default 0..T-1, or each token's index in
+        its document with ``document_ids`` [B, T] (packed documents, attending only within
+        themselves). Returns logits [B, T, vocab] (or hidden states [B, T, dim] without
+        lm_head)."""
         # Read T before embedding: under sequence parallel the embedding's output holds only
         # this rank's slice of the sequence, while attention sees all of it.
+        if positions is None and document_ids is not None:
+            positions = document_positions(document_ids)
         if positions is None:
             positions = torch.arange(tokens.shape[1], device=tokens.device).unsqueeze(0)
         elif positions.dim() == 1:
@@ -168,8 +180,13 @@ class HFCausalLM(_HFBase):
         h = self.embed_tokens(tokens) if self.embed_tokens is not None else tokens
         position_embeddings = self.rotary_emb(h, position_ids=positions)  # cos, sin [B, T, hd]
         for layer in self.layers.values():
-            # No mask: tetrad's attention is causal.
-            h = layer(h, attention_mask=None, position_embeddings=position_embeddings)
+            # No mask: tetrad's attention is causal (within documents, given document_ids).
+            h = layer(
+                h,
+                attention_mask=None,
+                position_embeddings=position_embeddings,
+                document_ids=document_ids,
+            )
         if self.norm is not None:
             h = self.norm(h)
         return self.lm_head(h) if self.lm_head is not None else h
@@ -233,7 +250,17 @@ class HFGenericCausalLM(_HFBase):
                 f"{getattr(attention, '__qualname__', attention)} needs a Llama-like family"
             )
 
-    def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        positions: torch.Tensor | None = None,
+        document_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        if document_ids is not None:
+            raise ConfigError(
+                f"{self.config.architecture} runs transformers' own attention, which cannot "
+                "keep packed documents apart; use a Llama-like family or --data.document_mask=false"
+            )
         out = self.base(input_ids=tokens, position_ids=positions, use_cache=False)
         return self._head()(out.last_hidden_state)
 

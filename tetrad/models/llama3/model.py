@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tetrad.data.batch import document_positions
 from tetrad.models.attention import AttentionFn, causal_sdpa
 from tetrad.models.dense import DenseDecoderShape
 from tetrad.models.spec import DecoderModel
@@ -164,7 +165,13 @@ class Attention(nn.Module):
         self.wo = nn.Linear(q_dim, config.dim, bias=False)
         self.attend: AttentionFn = causal_sdpa  # the run's choice: DecoderModel.set_attention
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        document_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         bsz, seq_len, _ = x.shape
         # Head counts come from the projections' sizes, so a column-sharded wq/wk/wv (tensor
         # parallel) simply yields fewer local heads.
@@ -172,7 +179,9 @@ class Attention(nn.Module):
         k = self.wk(x).view(bsz, seq_len, -1, self.head_dim)  # [B, T, Hkv, head_dim]
         v = self.wv(x).view(bsz, seq_len, -1, self.head_dim)  # [B, T, Hkv, head_dim]
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        out = self.attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))  # [B, Hq, T, hd]
+        out = self.attend(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), document_ids=document_ids
+        )  # [B, Hq, T, hd]
         return self.wo(out.transpose(1, 2).reshape(bsz, seq_len, -1))
 
 
@@ -199,9 +208,16 @@ class TransformerBlock(nn.Module):
         self.attention_norm = nn.RMSNorm(config.dim, eps=config.norm_eps)
         self.ffn_norm = nn.RMSNorm(config.dim, eps=config.norm_eps)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        # cos, sin by keyword: tensor parallel gathers attention's one positional input.
-        h = x + self.attention(self.attention_norm(x), cos=cos, sin=sin)
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        document_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        # By keyword: tensor parallel gathers attention's one positional input.
+        attention_input = self.attention_norm(x)
+        h = x + self.attention(attention_input, cos=cos, sin=sin, document_ids=document_ids)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -274,21 +290,30 @@ class Transformer(DecoderModel):
         else:  # the token embedding and the other projections
             _trunc_normal_(weight, _INIT_STD)
 
-    def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        positions: torch.Tensor | None = None,
+        document_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """tokens: [B, T] ids (or [B, T, dim] hidden states without tok_embeddings).
-        positions: [T] or [B, T] rows of the rotary table, default arange(T); context parallel
-        passes the positions of the (non-contiguous) chunks a rank holds.
+        positions: [T] or [B, T] rows of the rotary table, default arange(T), or each token's
+        index in its document with ``document_ids``; context parallel passes the positions of
+        the (non-contiguous) chunks a rank holds. document_ids: [B, T] of the whole sequence,
+        for packed documents that must not attend to each other.
         Returns logits [B, T, vocab_size] (or hidden states [B, T, dim] without output)."""
         # Read the length before embedding: under sequence parallel the embedding's output holds
         # only this rank's slice of the sequence, while attention sees all of it.
         seq_len = tokens.shape[1]
         h = self.tok_embeddings(tokens) if self.tok_embeddings is not None else tokens
+        if positions is None and document_ids is not None:
+            positions = document_positions(document_ids)
         if positions is None:
             cos, sin = self.rope_cos[:seq_len], self.rope_sin[:seq_len]
         else:
             cos, sin = self.rope_cos[positions], self.rope_sin[positions]
         for layer in self.layers.values():
-            h = layer(h, cos, sin)  # [B, T, dim]
+            h = layer(h, cos, sin, document_ids)  # [B, T, dim]
         if self.norm is not None:
             h = self.norm(h)
         return self.output(h) if self.output is not None else h
