@@ -28,6 +28,7 @@ from tetrad.components.loss import cross_entropy_sum
 from tetrad.components.lr_scheduler import build_lr_scheduler
 from tetrad.components.metrics import MetricsLogger, host_memory_gib, memory_gib, peak_tflops
 from tetrad.components.optimizer import build_optimizer
+from tetrad.components.validation import Validator
 from tetrad.config import Config, ConfigError, save_config, validate_device
 from tetrad.data import (
     IGNORE_INDEX,
@@ -37,6 +38,7 @@ from tetrad.data import (
     build_tokenizer,
     document_positions,
 )
+from tetrad.data.holdout import training_holdout, validation_data
 from tetrad.distributed.context_parallel import ContextParallel
 from tetrad.distributed.init import (
     device_capability,
@@ -95,6 +97,7 @@ class Trainer:
         schedule_steps = config.lr_scheduler.total_steps or config.training.steps
         self.lr_scheduler = build_lr_scheduler(self.optimizer, config.lr_scheduler, schedule_steps)
         self.dataloader = self.build_dataloader()
+        self.validator = self.build_validator()
         self.metrics = self.build_metrics()
         self.train_state = TrainState()
         self.checkpointer = CheckpointManager(
@@ -240,6 +243,38 @@ class Trainer:
             batch_size=self.config.training.local_batch_size,
             dp_rank=dp_mesh.get_local_rank(),
             dp_world_size=dp_mesh.size(),
+            holdout=training_holdout(self.config.validation),
+        )
+
+    def build_validator(self) -> Validator | None:
+        """Every dp rank reads the whole global validation batch and evaluates its rows
+        (``tetrad.components.validation``)."""
+        if not self.config.validation.enable:
+            return None
+        data, holdout = validation_data(self.config.data, self.config.validation)
+        local_batch, dp_mesh = (
+            self.config.training.local_batch_size,
+            self.parallel_dims.meshes["dp"],
+        )
+
+        def build_loader() -> TextDataLoader:
+            return build_dataloader(
+                data,
+                tokenizer=self.tokenizer,
+                seq_len=self.config.training.seq_len,
+                batch_size=local_batch * dp_mesh.size(),
+                dp_rank=0,
+                dp_world_size=1,
+                holdout=holdout,
+            )
+
+        return Validator(
+            self.config.validation,
+            build_loader,
+            dp_rank=dp_mesh.get_local_rank(),
+            local_batch_size=local_batch,
+            loss_mesh=self.parallel_dims.meshes["dp_cp"],
+            device=self.device,
         )
 
     def build_metrics(self) -> MetricsLogger:
@@ -289,6 +324,28 @@ class Trainer:
                 (loss * scale).backward()
             loss_sum += loss.full_tensor() if isinstance(loss, DTensor) else loss.detach()
         return reduce_sum(loss_sum, loss_mesh) / global_tokens
+
+    def validation_loss_sum(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """This rank's summed token loss on ``batch`` and its target-token count, forward only:
+        the pipeline's eval schedule, or each model part in eval mode (no dropout)."""
+        inputs, labels, kwargs = self._prepare(batch)
+        tokens = (labels != IGNORE_INDEX).sum().to(torch.float32)
+        for part in self.model_parts:
+            part.eval()
+        try:
+            with torch.no_grad(), self._train_context():
+                if self.pipeline is not None:
+                    self._loss_scale = torch.ones((), device=self.device)
+                    loss = self.pipeline.evaluate(inputs, labels, kwargs)
+                    return reduce_sum(loss, self.parallel_dims.meshes["pp"]), tokens
+                (model,) = self.model_parts
+                with self._autocast():
+                    logits = model(inputs, **kwargs)
+                loss = cross_entropy_sum(logits, labels)
+                return (loss.full_tensor() if isinstance(loss, DTensor) else loss), tokens
+        finally:
+            for part in self.model_parts:
+                part.train()
 
     def _prepare(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
         """This rank's inputs and labels [B, T] of ``batch`` on the device, and the model's
@@ -374,6 +431,11 @@ class Trainer:
                 or state.step % self.config.metrics.log_freq == 0
             ):
                 self.metrics.log(state.step, loss=loss.item(), grad_norm=grad_norm.item(), lr=lr)
+            if self.validator is not None and self.validator.due(state.step, t.steps):
+                begin = time.perf_counter()
+                record = self.validator.evaluate(self.validation_loss_sum)
+                seconds = time.perf_counter() - begin
+                self.metrics.log_validation(state.step, record, seconds=seconds)
             self.checkpointer.maybe_save(state.step)
         self.checkpointer.wait()
         self.metrics.close()

@@ -125,13 +125,28 @@ class MetricsLogger:
                 step, loss, grad_norm, lr, tokens_per_sec, tflops, record["mfu"],
                 record["memory_gib"],
             )  # fmt: skip
-            with self.jsonl_path.open("a") as f:
-                f.write(json.dumps(record) + "\n")
-            if self.tb_writer is not None:
-                for key, value in record.items():
-                    if key != "step":
-                        self.tb_writer.add_scalar(key, value, step)
+            self._write(record, step)
         return record
+
+    def log_validation(self, step: int, record: dict[str, float], *, seconds: float) -> None:
+        """A validation result, as its own line of the console, metrics.jsonl and TensorBoard.
+        The ``seconds`` it took are left out of the training throughput."""
+        self._last_time += seconds
+        if not self.write:
+            return
+        logger.info(
+            "step %5d  val_loss %7.4f  val_perplexity %9.2f  (%.1f s)",
+            step, record["val_loss"], record["val_perplexity"], seconds,
+        )  # fmt: skip
+        self._write({"step": step, **record}, step)
+
+    def _write(self, record: dict[str, Any], step: int) -> None:
+        with self.jsonl_path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.tb_writer is not None:
+            for key, value in record.items():
+                if key != "step":
+                    self.tb_writer.add_scalar(key, value, step)
 
     def close(self) -> None:
         if self.tb_writer is not None:

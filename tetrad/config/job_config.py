@@ -285,6 +285,36 @@ class DataConfig:
 
 
 @dataclass(kw_only=True)
+class ValidationConfig:
+    enable: bool = False
+    """Evaluate a held-out loss (val_loss, val_perplexity) every --validation.freq steps and at
+    the last step: no gradients, no optimizer, training data or RNG state touched."""
+
+    freq: int = 100
+    """Evaluate every this many steps."""
+
+    steps: int = 10
+    """Batches per evaluation per data-parallel rank (of --training.local_batch_size
+    sequences): the same batches every time, so evaluations compare."""
+
+    dataset: str | None = None
+    """Validation source, named as --data.dataset; with --validation.path and --validation.split
+    unset too, a held-out slice of the training source (--validation.holdout_fraction of its
+    documents, which training then never reads)."""
+
+    path: str | None = None
+    """Local validation file or folder (as --data.path)."""
+
+    split: str | None = None
+    """Split of the validation source (e.g. validation); default: --data.split."""
+
+    holdout_fraction: float = 0.01
+    """Share of the training source's documents held out for validation (chosen by a hash of
+    each document, so the same ones under any layout and on resume) when no validation source
+    is given."""
+
+
+@dataclass(kw_only=True)
 class MetricsConfig:
     log_freq: int = 5
     """Log a metrics line every this many steps (and at the first and last)."""
@@ -360,6 +390,7 @@ class Config:
     comm: CommConfig = field(default_factory=CommConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     debug: DebugConfig = field(default_factory=DebugConfig)
     activation_checkpoint: ActivationCheckpointConfig = field(

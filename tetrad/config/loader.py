@@ -109,10 +109,17 @@ def validate_config(config: Config) -> None:
         "training.local_batch_size": t.local_batch_size,
         "metrics.log_freq": config.metrics.log_freq,
         "checkpoint.interval": config.checkpoint.interval,
+        "validation.freq": config.validation.freq,
+        "validation.steps": config.validation.steps,
     }
     for key, value in positive.items():
         if value <= 0:
             raise ConfigError(f"--{key} must be positive, got {value}")
+    if not 0 < config.validation.holdout_fraction < 1:
+        raise ConfigError(
+            "--validation.holdout_fraction must be within (0, 1), got "
+            f"{config.validation.holdout_fraction}"
+        )
     if t.global_batch_size != -1 and t.global_batch_size <= 0:
         raise ConfigError(
             f"--training.global_batch_size must be positive or -1, got {t.global_batch_size}"

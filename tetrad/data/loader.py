@@ -11,6 +11,7 @@ from datasets.distributed import split_dataset_by_node
 
 from tetrad.config.job_config import DataConfig
 from tetrad.data.batch import Batch
+from tetrad.data.holdout import Holdout
 from tetrad.data.packing import TokenPacker, window_batch
 from tetrad.data.sources import build_text_source
 from tetrad.data.tokenizer import Tokenizer
@@ -197,9 +198,13 @@ def build_dataloader(
     batch_size: int,
     dp_rank: int,
     dp_world_size: int,
+    holdout: Holdout | None = None,
 ) -> TextDataLoader:
-    """The loader for one dp rank over the source named by the data config."""
+    """The loader for one dp rank over the source named by the data config, or one side of its
+    validation hold-out."""
     source, text_field = build_text_source(data)
+    if holdout is not None:
+        source = holdout.apply(source)
     return TextDataLoader(
         source,
         TextEncoder(tokenizer, text_field),

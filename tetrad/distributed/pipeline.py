@@ -188,7 +188,22 @@ class Pipeline:
         target = labels if self.has_last else None
         args = (inputs,) if self.has_first else ()
         self.schedule.step(*args, target=target, losses=losses, return_outputs=False, **kwargs)
-        if not losses:
-            return torch.zeros((), device=inputs.device)
-        losses = [loss.full_tensor() if isinstance(loss, DTensor) else loss for loss in losses]
-        return torch.stack([loss.detach() for loss in losses]).sum()
+        return _sum(losses, inputs.device)
+
+    def evaluate(
+        self, inputs: torch.Tensor, labels: torch.Tensor, kwargs: dict[str, torch.Tensor]
+    ) -> torch.Tensor:
+        """Like ``step``, forward only (the schedule's eval pass): no gradients."""
+        losses: list[torch.Tensor] = []
+        target = labels if self.has_last else None
+        args = (inputs,) if self.has_first else ()
+        self.schedule.eval(*args, target=target, losses=losses, **kwargs)
+        return _sum(losses, inputs.device)
+
+
+def _sum(losses: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """The sum of the micro-batch losses (zero on a rank without the last stage)."""
+    if not losses:
+        return torch.zeros((), device=device)
+    losses = [loss.full_tensor() if isinstance(loss, DTensor) else loss for loss in losses]
+    return torch.stack([loss.detach() for loss in losses]).sum()
