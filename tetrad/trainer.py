@@ -29,7 +29,7 @@ from tetrad.components.lr_scheduler import build_lr_scheduler
 from tetrad.components.metrics import MetricsLogger, host_memory_gib, memory_gib, peak_tflops
 from tetrad.components.optimizer import build_optimizer
 from tetrad.config import Config, ConfigError, save_config, validate_device
-from tetrad.data import Batch, TextDataLoader, build_dataloader, build_tokenizer
+from tetrad.data import Batch, TextDataLoader, build_dataloader, build_tokenizer, format_shares
 from tetrad.distributed.context_parallel import ContextParallel
 from tetrad.distributed.init import (
     device_capability,
@@ -225,6 +225,7 @@ class Trainer:
             batch_size=self.config.training.local_batch_size,
             dp_rank=dp_mesh.get_local_rank(),
             dp_world_size=dp_mesh.size(),
+            seed=self.config.debug.seed,
         )
 
     def build_metrics(self) -> MetricsLogger:
@@ -349,6 +350,8 @@ class Trainer:
                 or state.step % self.config.metrics.log_freq == 0
             ):
                 self.metrics.log(state.step, loss=loss.item(), grad_norm=grad_norm.item(), lr=lr)
+                if counts := self.dataloader.source_counts():
+                    logger.info("data mix, documents read on this rank: %s", format_shares(counts))
             self.checkpointer.maybe_save(state.step)
         self.checkpointer.wait()
         self.metrics.close()

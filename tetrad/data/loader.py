@@ -12,6 +12,7 @@ from datasets.distributed import split_dataset_by_node
 
 from tetrad.config.job_config import DataConfig
 from tetrad.data.batch import Batch
+from tetrad.data.mixture import SOURCE_COLUMN, source_names
 from tetrad.data.packing import TokenPacker
 from tetrad.data.sources import build_text_source
 from tetrad.data.tokenizer import Tokenizer
@@ -71,6 +72,9 @@ class TextDataLoader:
         self._epoch = 0
         self._chunk_state: dict[str, Any] | None = None  # source state before the current chunk
         self._chunk_consumed = 0  # documents after `_chunk_state` already in the packers
+        # Mixture sources only: the documents each source gave the packers.
+        self._source_names = source_names(source)
+        self._source_counts = dict.fromkeys(self._source_names, 0)
 
     def _documents(self) -> Iterator[list[int]]:
         """This rank's tokenized documents from the saved position on, forever."""
@@ -87,8 +91,10 @@ class TextDataLoader:
             next(islice(rows, self._chunk_consumed, self._chunk_consumed), None)  # skip packed ones
             while chunk := list(islice(rows, _CHUNK_DOCS)):
                 texts = [row[self._text_field] for row in chunk]
-                for tokens in self._tokenizer.encode_batch(texts):
+                for row, tokens in zip(chunk, self._tokenizer.encode_batch(texts), strict=True):
                     self._chunk_consumed += 1
+                    if self._source_counts:
+                        self._source_counts[self._source_names[row[SOURCE_COLUMN]]] += 1
                     yield tokens
                 self._chunk_state, self._chunk_consumed = dataset.state_dict(), 0
             if self._chunk_state is None and self._chunk_consumed == 0:
@@ -117,9 +123,10 @@ class TextDataLoader:
         """This rank's position, under a key of its own so that DCP keeps every rank's.
 
         Under `dp_rank_<rank>`: the epoch, the source's state before the current chunk, how many of
-        that chunk's documents are already in the packers, and `packers`, one `{"carry": [...]}`
-        per batch row, in row order. The source's state is pickled: its nesting changes as it is
-        read, and DCP loads into the structure of a fresh loader's state.
+        that chunk's documents are already in the packers, `packers`, one `{"carry": [...]}` per
+        batch row, in row order, and `source_counts`, the documents read per mixture source. The
+        source's state is pickled: its nesting changes as it is read, and DCP loads into the
+        structure of a fresh loader's state.
         """
         source = None if self._chunk_state is None else pickle.dumps(self._chunk_state)
         return {
@@ -131,6 +138,7 @@ class TextDataLoader:
                 # Pickled like the source state: DCP would flatten a list into one key per row and
                 # silently load a shorter one into a loader with more rows.
                 "packers": pickle.dumps([packer.state_dict() for packer in self._packers]),
+                "source_counts": pickle.dumps(self._source_counts),
             },
         }
 
@@ -156,6 +164,18 @@ class TextDataLoader:
             )
         for packer, packer_state in zip(self._packers, packer_states, strict=True):
             packer.load_state_dict(packer_state)
+        source_counts = pickle.loads(mine["source_counts"])
+        if list(source_counts) != self._source_names:
+            raise DataError(
+                f"dataloader state was saved with mixture sources {list(source_counts)} but this "
+                f"run has {self._source_names}; resume with the same --data.mix"
+            )
+        self._source_counts = source_counts
+
+    def source_counts(self) -> dict[str, int]:
+        """Documents this rank has read from each mixture source so far, resumed exactly with the
+        state; {} unless the source is a mixture (`tetrad.data.mixture`)."""
+        return dict(self._source_counts)
 
 
 def build_dataloader(
@@ -166,9 +186,11 @@ def build_dataloader(
     batch_size: int,
     dp_rank: int,
     dp_world_size: int,
+    seed: int = 0,
 ) -> TextDataLoader:
-    """The loader for one dp rank over the source named by the data config."""
-    source, text_field = build_text_source(data)
+    """The loader for one dp rank over the source named by the data config (a mixture drawn
+    with `seed`)."""
+    source, text_field = build_text_source(data, seed=seed)
     return TextDataLoader(
         source,
         text_field,
