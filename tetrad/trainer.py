@@ -37,6 +37,7 @@ from tetrad.data import (
     build_dataloader,
     build_tokenizer,
     document_positions,
+    format_shares,
 )
 from tetrad.data.holdout import training_holdout, validation_data
 from tetrad.distributed.context_parallel import ContextParallel
@@ -243,6 +244,7 @@ class Trainer:
             batch_size=self.config.training.local_batch_size,
             dp_rank=dp_mesh.get_local_rank(),
             dp_world_size=dp_mesh.size(),
+            seed=self.config.debug.seed,
             holdout=training_holdout(self.config.validation),
         )
 
@@ -265,6 +267,7 @@ class Trainer:
                 batch_size=local_batch * dp_mesh.size(),
                 dp_rank=0,
                 dp_world_size=1,
+                seed=self.config.debug.seed,
                 holdout=holdout,
             )
 
@@ -431,6 +434,8 @@ class Trainer:
                 or state.step % self.config.metrics.log_freq == 0
             ):
                 self.metrics.log(state.step, loss=loss.item(), grad_norm=grad_norm.item(), lr=lr)
+                if counts := self.dataloader.source_counts():
+                    logger.info("data mix, documents read on this rank: %s", format_shares(counts))
             if self.validator is not None and self.validator.due(state.step, t.steps):
                 begin = time.perf_counter()
                 record = self.validator.evaluate(self.validation_loss_sum)

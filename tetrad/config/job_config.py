@@ -275,6 +275,13 @@ class DataConfig:
     text_field: str = "text"
     """Column holding the text."""
 
+    mix: str | None = None
+    """A weighted mixture instead of dataset/path: "source:weight,...", each source default, c4,
+    a local file or folder, or a hub name; weights are relative. Each document comes from a source
+    drawn by weight, seeded by --debug.seed; a source that runs out restarts so the weights hold,
+    and an epoch ends once every source has run out. text_field, dataset_config and split apply to
+    every source."""
+
     tokenizer: str | None = None
     """tokenizer.json path, a folder holding one, or a hub id; default: the embedded tokenizer."""
 

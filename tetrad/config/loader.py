@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import tomllib
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -25,7 +26,12 @@ from tetrad.config.args import (
     sections,
     unknown_key,
 )
-from tetrad.config.job_config import SPLIT_BACKWARD_SCHEDULES, CheckpointConfig, Config
+from tetrad.config.job_config import (
+    SPLIT_BACKWARD_SCHEDULES,
+    CheckpointConfig,
+    Config,
+    DataConfig,
+)
 from tetrad.errors import ConfigError
 
 
@@ -170,6 +176,7 @@ def validate_config(config: Config) -> None:
         raise ConfigError("--parallelism.enable_async_tp needs --parallelism.tp > 1")
     _validate_float8(config)
     _validate_checkpoint(config.checkpoint)
+    mix_weights(config.data)
     _resolve_fsdp_reshard(config)
 
 
@@ -244,3 +251,36 @@ def _validate_checkpoint(c: CheckpointConfig) -> None:
         )
     if c.initial_load_in_hf and not c.initial_load_path:
         raise ConfigError("--checkpoint.initial_load_in_hf needs --checkpoint.initial_load_path")
+
+
+def mix_weights(data: DataConfig) -> dict[str, float]:
+    """--data.mix as {source: weight} in the order given ({} without one); whether each source
+    exists is for the data layer to find out."""
+    if data.mix is None:
+        return {}
+    if data.path is not None or data.dataset != "default":
+        raise ConfigError(
+            "--data.mix names its own sources; drop --data.path and --data.dataset (put a file, "
+            "folder or hub name in the mix)"
+        )
+    weights: dict[str, float] = {}
+    for item in filter(None, (item.strip() for item in data.mix.split(","))):
+        name, colon, raw = (part.strip() for part in item.rpartition(":"))
+        if not colon or not name:
+            raise ConfigError(f"--data.mix item {item!r} is not source:weight")
+        if name == "local":
+            raise ConfigError("--data.mix: name the local file or folder itself, not 'local'")
+        try:
+            weight = float(raw)
+        except ValueError:
+            weight = math.nan
+        if not (math.isfinite(weight) and weight > 0):
+            raise ConfigError(
+                f"--data.mix weight of {name!r} must be a positive number, got {raw!r}"
+            )
+        if name in weights:
+            raise ConfigError(f"--data.mix names {name!r} twice")
+        weights[name] = weight
+    if not weights:
+        raise ConfigError('--data.mix is empty; give "source:weight,source:weight"')
+    return weights

@@ -2,6 +2,7 @@
 
 from tetrad.data.batch import IGNORE_INDEX, Batch, document_positions
 from tetrad.data.loader import TextDataLoader, build_dataloader
+from tetrad.data.mixture import format_shares
 from tetrad.data.packing import TokenPacker
 from tetrad.data.sources import build_text_source
 from tetrad.data.tokenizer import Tokenizer, build_tokenizer
@@ -16,4 +17,5 @@ __all__ = [
     "build_text_source",
     "build_tokenizer",
     "document_positions",
+    "format_shares",
 ]

@@ -50,6 +50,7 @@ def validation_data(
         data,
         dataset=v.dataset or data.dataset,
         path=v.path if own_source else data.path,
+        mix=None if own_source else data.mix,
         split=v.split or data.split,
     )
     return named, None

@@ -12,6 +12,7 @@ from datasets.distributed import split_dataset_by_node
 from tetrad.config.job_config import DataConfig
 from tetrad.data.batch import Batch
 from tetrad.data.holdout import Holdout
+from tetrad.data.mixture import SOURCE_COLUMN, source_names
 from tetrad.data.packing import TokenPacker, window_batch
 from tetrad.data.sources import build_text_source
 from tetrad.data.tokenizer import Tokenizer
@@ -104,6 +105,9 @@ class TextDataLoader:
         self._epoch = 0
         self._chunk_state: dict[str, Any] | None = None  # source state before the current chunk
         self._chunk_consumed = 0  # documents after `_chunk_state` already in the packers
+        # Mixture sources only: the documents each source gave the packers.
+        self._source_names = source_names(source)
+        self._source_counts = dict.fromkeys(self._source_names, 0)
 
     def _documents(self) -> Iterator[Encoded | None]:
         """This rank's encoded documents (None: a dropped row) from the saved position on,
@@ -120,8 +124,10 @@ class TextDataLoader:
             rows = iter(dataset)
             next(islice(rows, self._chunk_consumed, self._chunk_consumed), None)  # skip packed ones
             while chunk := list(islice(rows, _CHUNK_DOCS)):
-                for document in self._encoder.encode_rows(chunk):
+                for row, document in zip(chunk, self._encoder.encode_rows(chunk), strict=True):
                     self._chunk_consumed += 1
+                    if self._source_counts:
+                        self._source_counts[self._source_names[row[SOURCE_COLUMN]]] += 1
                     yield document
                 self._chunk_state, self._chunk_consumed = dataset.state_dict(), 0
             if self._chunk_state is None and self._chunk_consumed == 0:
@@ -149,9 +155,11 @@ class TextDataLoader:
         """This rank's position, under a key of its own so that DCP keeps every rank's.
 
         Under `dp_rank_<rank>`: the epoch, the source's state before the current chunk, how many of
-        that chunk's documents are already in the packers, and `packers`, one packer state
-        (tokens given to that row but not yet yielded) per batch row, in row order. The source's state is pickled: its nesting changes as it is
-        read, and DCP loads into the structure of a fresh loader's state.
+        that chunk's documents are already in the packers, `packers`, one packer state (tokens
+        given to that row but not yet yielded) per batch row, in row order, and
+        `source_counts`, the documents read per mixture source. The source's state is pickled:
+        its nesting changes as it is read, and DCP loads into the structure of a fresh loader's
+        state.
         """
         source = None if self._chunk_state is None else pickle.dumps(self._chunk_state)
         return {
@@ -163,6 +171,7 @@ class TextDataLoader:
                 # Pickled like the source state: DCP would flatten a list into one key per row and
                 # silently load a shorter one into a loader with more rows.
                 "packers": pickle.dumps([packer.state_dict() for packer in self._packers]),
+                "source_counts": pickle.dumps(self._source_counts),
             },
         }
 
@@ -188,6 +197,18 @@ class TextDataLoader:
             )
         for packer, packer_state in zip(self._packers, packer_states, strict=True):
             packer.load_state_dict(packer_state)
+        source_counts = pickle.loads(mine["source_counts"])
+        if list(source_counts) != self._source_names:
+            raise DataError(
+                f"dataloader state was saved with mixture sources {list(source_counts)} but this "
+                f"run has {self._source_names}; resume with the same --data.mix"
+            )
+        self._source_counts = source_counts
+
+    def source_counts(self) -> dict[str, int]:
+        """Documents this rank has read from each mixture source so far, resumed exactly with the
+        state; {} unless the source is a mixture (`tetrad.data.mixture`)."""
+        return dict(self._source_counts)
 
 
 def build_dataloader(
@@ -198,11 +219,12 @@ def build_dataloader(
     batch_size: int,
     dp_rank: int,
     dp_world_size: int,
+    seed: int = 0,
     holdout: Holdout | None = None,
 ) -> TextDataLoader:
-    """The loader for one dp rank over the source named by the data config, or one side of its
-    validation hold-out."""
-    source, text_field = build_text_source(data)
+    """The loader for one dp rank over the source named by the data config (a mixture drawn
+    with `seed`), or one side of its validation hold-out."""
+    source, text_field = build_text_source(data, seed=seed)
     if holdout is not None:
         source = holdout.apply(source)
     return TextDataLoader(

@@ -13,7 +13,13 @@ import datasets
 from datasets import IterableDataset as Dataset
 
 from tetrad.config.job_config import DataConfig
+from tetrad.config.loader import mix_weights
+from tetrad.data.mixture import TEXT_COLUMN, mix_sources
 from tetrad.errors import ConfigError, DataError, NetworkError
+
+# `load_dataset` pings the hub to count downloads, local files included: an offline machine waits
+# out a DNS timeout (5 s measured here) per local source opened.
+datasets.config.HF_UPDATE_DOWNLOAD_COUNTS = False
 
 # Local file suffixes and the `datasets` builder that reads them.
 _LOCAL_BUILDERS = {
@@ -117,13 +123,8 @@ def _column_names(ds: Dataset) -> list[str]:
     return [] if first is None else list(first)
 
 
-def build_text_source(data: DataConfig) -> tuple[Dataset, str]:
-    """The streaming dataset named by the data config, and the name of its text column.
-
-    A `path` means a local source whatever `dataset` says.
-    """
-    path = data.path
-    name = "local" if path is not None else data.dataset
+def _open(name: str, path: str | None, data: DataConfig) -> tuple[Dataset, str]:
+    """One source and its text column; `path` goes with the name "local"."""
     if name in SOURCES:
         ds = SOURCES[name](path, data.dataset_config, data.split)
     else:
@@ -136,3 +137,33 @@ def build_text_source(data: DataConfig) -> tuple[Dataset, str]:
             f"pick one with --data.text_field"
         )
     return ds, text_field
+
+
+def _resolve_in_mix(source: str) -> tuple[str, str | None]:
+    """A --data.mix source as (name, path): a built-in name, an existing file or folder, else a hub
+    name."""
+    if source in SOURCES:
+        return source, None
+    if Path(source).exists():
+        return "local", source
+    if source.startswith(("/", ".", "~")) or Path(source).suffix in _LOCAL_BUILDERS:
+        raise DataError(
+            f"--data.mix source {source!r} is neither a built-in source "
+            f"({', '.join(name for name in SOURCES if name != 'local')}) nor an existing file or "
+            "folder"
+        )
+    return source, None
+
+
+def build_text_source(data: DataConfig, *, seed: int = 0) -> tuple[Dataset, str]:
+    """The streaming dataset named by the data config, and the name of its text column.
+
+    A `path` means a local source whatever `dataset` says; a `mix` means the weighted mixture of
+    its sources, drawn with `seed`.
+    """
+    if data.mix is None:
+        return _open("local" if data.path is not None else data.dataset, data.path, data)
+    weights = mix_weights(data)
+    resolved = {source: _resolve_in_mix(source) for source in weights}  # fail before opening any
+    sources = [(source, *_open(*resolved[source], data)) for source in weights]
+    return mix_sources(sources, list(weights.values()), seed=seed), TEXT_COLUMN
