@@ -30,6 +30,7 @@ from tetrad.components.metrics import MetricsLogger, host_memory_gib, memory_gib
 from tetrad.components.optimizer import build_optimizer
 from tetrad.config import Config, ConfigError, save_config, validate_device
 from tetrad.data import Batch, TextDataLoader, build_dataloader, build_tokenizer
+from tetrad.data.chat import chat_template_for
 from tetrad.distributed.context_parallel import ContextParallel
 from tetrad.distributed.init import (
     device_capability,
@@ -95,6 +96,8 @@ class Trainer:
             train_state=self.train_state,
             total_steps=config.training.steps,
             hf_adapter=self.hf_adapter,
+            tokenizer=self.tokenizer,
+            chat_template=chat_template_for(config.data, self.tokenizer),
         )
         self.checkpointer.load(self.resume_from)
         set_collective_timeout(
