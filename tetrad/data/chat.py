@@ -56,7 +56,7 @@ def chat_template_for(data: DataConfig, tokenizer: Tokenizer) -> str | None:
     return encoder_template(data, tokenizer) if data.format == "chat" else tokenizer.chat_template
 
 
-def conversation(record: Mapping[str, Any]) -> list[dict[str, str]]:
+def conversation(record: Mapping[str, Any]) -> list[dict[str, Any]]:
     """A record's messages: its `messages` (after its top-level `system`, if any), or its
     `prompt`/`completion` as a user and an assistant message."""
     system = record.get("system")
@@ -74,7 +74,7 @@ def conversation(record: Mapping[str, Any]) -> list[dict[str, str]]:
                 raise DataError(
                     f"chat record: every message needs string 'role' and 'content', got {message!r}"
                 )
-        return head + [{"role": m["role"], "content": m["content"]} for m in messages]
+        return head + [dict(m) for m in messages]  # other keys too, as transformers passes them
     prompt, completion = record.get("prompt"), record.get("completion")
     if isinstance(prompt, str) and isinstance(completion, str):
         return [
@@ -124,7 +124,7 @@ class ChatEncoder:
         self.truncated = 0
         """Conversations cut to max_tokens."""
 
-    def render(self, messages: list[dict[str, str]], *, generation_prompt: bool = False) -> str:
+    def render(self, messages: list[dict[str, Any]], *, generation_prompt: bool = False) -> str:
         """The template's text for `messages`, exactly as transformers renders it."""
         try:
             text = self._hf.apply_chat_template(
@@ -135,7 +135,7 @@ class ChatEncoder:
             raise DataError(f"the chat template cannot render a conversation: {reason}") from err
         return str(text)
 
-    def assistant_spans(self, messages: list[dict[str, str]], text: str) -> list[tuple[int, int]]:
+    def assistant_spans(self, messages: list[dict[str, Any]], text: str) -> list[tuple[int, int]]:
         """[start, end) characters of each assistant turn in `text`, the whole rendering."""
         spans = []
         for i, message in enumerate(messages):

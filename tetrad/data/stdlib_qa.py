@@ -48,9 +48,7 @@ def _documented(module_name: str) -> Iterator[tuple[str, str, str | None]]:
     documented functions and classes it defines, then of each class's public methods."""
     module = importlib.import_module(module_name)
     for attr in sorted(dir(module)):
-        with warnings.catch_warnings():  # typing.io and the like warn when looked up
-            warnings.simplefilter("ignore", DeprecationWarning)
-            obj = getattr(module, attr)
+        obj = getattr(module, attr)
         if attr.startswith("_") or not callable(obj):
             continue
         if getattr(obj, "__module__", None) != module.__name__ and not inspect.isbuiltin(obj):
@@ -70,7 +68,10 @@ def conversations(modules: list[str]) -> Iterator[dict[str, Any]]:
     """The dataset's records (`system`, `messages`) for these modules, in order."""
     index = 0
     for module_name in modules:
-        for name, answer, signature in _documented(module_name):
+        with warnings.catch_warnings():  # looking up typing.io and the like warns
+            warnings.simplefilter("ignore", DeprecationWarning)
+            documented = list(_documented(module_name))
+        for name, answer, signature in documented:
             messages = [
                 {"role": "user", "content": _ASK[index % len(_ASK)].format(name)},
                 {"role": "assistant", "content": answer},
