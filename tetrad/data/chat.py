@@ -17,6 +17,8 @@ from collections.abc import Mapping, Sequence
 from types import ModuleType
 from typing import Any
 
+import tokenizers
+
 from tetrad.config.job_config import DataConfig
 from tetrad.data.tokenizer import Tokenizer
 from tetrad.errors import ConfigError, DataError
@@ -97,8 +99,9 @@ def _hf_tokenizer(tokenizer: Tokenizer, template: str) -> Any:
         raise ConfigError(
             "--data.format chat renders chat templates with transformers: pip install 'tetrad[hf]'"
         ) from err
+    backend = tokenizers.Tokenizer.from_str(tokenizer.backend.to_str())  # theirs may change it
     return transformers.PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer.backend, chat_template=template, **tokenizer.special_tokens
+        tokenizer_object=backend, chat_template=template, **tokenizer.special_tokens
     )
 
 
