@@ -5,8 +5,10 @@ A DCP source (a ``step-N`` folder) becomes safetensors + ``config.json`` that
 ``transformers.AutoModelForCausalLM.from_pretrained`` reads; a Hugging Face source becomes a
 model-only DCP checkpoint that ``--checkpoint.initial_load_path`` starts a run from. The model
 is the run's: ``--model.*`` and ``--data.tokenizer`` (its vocabulary size) as for ``tetrad
-train``, taken by default from the ``config.toml`` of the run a DCP source belongs to. One
-process, no process group; nothing is written when the input is wrong.
+train``, taken by default from the ``config.toml`` of the run a DCP source belongs to. The Hugging
+Face folder also gets that tokenizer, with the chat template the run used (``--data.format``,
+``--data.chat_template``; see ``chat_template_for``), so ``AutoTokenizer`` loads it. One process,
+no process group; nothing is written when the input is wrong.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from tetrad.components.checkpoint_states import ModelState
 from tetrad.components.hf_checkpoint import load_hf_weights, save_hf_weights
 from tetrad.config import config_from_args
 from tetrad.data import build_tokenizer
+from tetrad.data.chat import chat_template_for
 from tetrad.errors import CheckpointError, ConfigError, reported
 from tetrad.models.materialize import materialize_for_loading
 from tetrad.models.registry import get_model_spec
@@ -54,8 +57,8 @@ def convert(args: argparse.Namespace) -> None:
     spec = get_model_spec(config.model.name)
     if spec.state_dict_adapter is None:
         raise ConfigError(f"model family {spec.name} has no Hugging Face state-dict adapter")
-    vocab_size = build_tokenizer(spec.tokenizer_for(config)).vocab_size
-    model_config = spec.model_config(config, vocab_size=vocab_size)
+    tokenizer = build_tokenizer(spec.tokenizer_for(config))
+    model_config = spec.model_config(config, vocab_size=tokenizer.vocab_size)
     adapter = spec.state_dict_adapter(model_config)
     with torch.device("meta"):
         model = spec.build_model(model_config)
@@ -68,7 +71,15 @@ def convert(args: argparse.Namespace) -> None:
         model_state = state.state_dict()
         check_model_matches(model_state, read_metadata(src), src, set(model_state))
         dcp.load({"model": state}, checkpoint_id=str(src), no_dist=True)
-        save_hf_weights(model, dst, adapter, dtype=getattr(torch, dtype))
+        chat_template = chat_template_for(config.data, tokenizer)
+        save_hf_weights(
+            model,
+            dst,
+            adapter,
+            dtype=getattr(torch, dtype),
+            tokenizer=tokenizer,
+            chat_template=chat_template,
+        )
     else:
         load_hf_weights(model, src, adapter)
         tmp = dst.with_name(dst.name + ".tmp")

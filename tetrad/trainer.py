@@ -39,7 +39,9 @@ from tetrad.data import (
     document_positions,
     format_shares,
 )
+from tetrad.data.chat import chat_template_for
 from tetrad.data.holdout import training_holdout, validation_data
+from tetrad.data.loader import document_masked
 from tetrad.distributed.context_parallel import ContextParallel
 from tetrad.distributed.init import (
     device_capability,
@@ -111,6 +113,8 @@ class Trainer:
             train_state=self.train_state,
             total_steps=config.training.steps,
             hf_adapter=self.hf_adapter,
+            tokenizer=self.tokenizer,
+            chat_template=chat_template_for(config.data, self.tokenizer),
         )
         self.checkpointer.load(self.resume_from)
         set_collective_timeout(
@@ -207,7 +211,7 @@ class Trainer:
         dense block-causal mask for packed documents)."""
         if self.context_parallel is not None:
             return ContextParallelAttention(self.context_parallel)
-        if self.config.data.document_mask and self.device.type == "cuda":
+        if document_masked(self.config.data) and self.device.type == "cuda":
             return FlexDocumentAttention()
         return causal_sdpa
 
@@ -436,6 +440,12 @@ class Trainer:
                 self.metrics.log(state.step, loss=loss.item(), grad_norm=grad_norm.item(), lr=lr)
                 if counts := self.dataloader.source_counts():
                     logger.info("data mix, documents read on this rank: %s", format_shares(counts))
+                if overlong := self.dataloader.overlong_counts():
+                    logger.info(
+                        "chat data on this rank: %d conversations truncated, %d dropped "
+                        "(longer than seq_len + 1 = %d tokens, --data.overlong %s)",
+                        *overlong, t.seq_len + 1, self.config.data.overlong,
+                    )  # fmt: skip
             if self.validator is not None and self.validator.due(state.step, t.steps):
                 begin = time.perf_counter()
                 record = self.validator.evaluate(self.validation_loss_sum)

@@ -16,9 +16,25 @@ from tetrad.train import parse_config
 from tetrad.trainer import Trainer
 
 
-def merged_batches(trainer: Trainer, dp: int, accum: int, local_batch: int) -> Iterator:
+class MergedBatches:
     """Per step: every micro-batch of every dp rank (built exactly as those ranks build theirs),
-    concatenated along the batch dimension."""
+    concatenated along the batch dimension (no per-source or overlong counts to log)."""
+
+    def __init__(self, trainer: Trainer, dp: int, accum: int, local_batch: int) -> None:
+        self.args = trainer, dp, accum, local_batch
+
+    def __iter__(self) -> Iterator[Batch]:
+        return merged_batches(*self.args)
+
+    def source_counts(self) -> dict[str, int]:
+        return {}
+
+    def overlong_counts(self) -> None:
+        return None
+
+
+def merged_batches(trainer: Trainer, dp: int, accum: int, local_batch: int) -> Iterator[Batch]:
+    """The batches of ``MergedBatches``."""
     config = trainer.config
     loaders = [
         iter(
@@ -55,7 +71,7 @@ def main() -> None:
     p = config.parallelism
     p.dp_shard = p.dp_replicate = p.tp = p.pp = p.cp = 1
     trainer = Trainer(config)
-    trainer.dataloader = merged_batches(trainer, args.dp, args.accum, local_batch)
+    trainer.dataloader = MergedBatches(trainer, args.dp, args.accum, local_batch)  # type: ignore[assignment]
     try:
         trainer.train()
     finally:

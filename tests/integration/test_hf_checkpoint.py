@@ -18,7 +18,8 @@ from tests.integration.test_checkpoint import load_model_state, tiny_model
 from tetrad.cli import main as tetrad
 from tetrad.components.hf_checkpoint import load_hf_weights
 from tetrad.config.job_config import DataConfig
-from tetrad.data import build_dataloader, build_tokenizer
+from tetrad.data import build_chat_encoder, build_dataloader, build_tokenizer
+from tetrad.data.chat import conversation
 from tetrad.models.llama3 import Llama3StateDictAdapter
 
 transformers = pytest.importorskip("transformers")
@@ -57,9 +58,24 @@ def test_trained_model_exports_to_transformers_and_converts_both_ways(tmp_path: 
     diff = (tetrad_logits(trained, tokens) - hf_logits(hf, tokens)).abs().max().item()
     assert diff <= LOGITS_ATOL
 
+    # The export carries the run's tokenizer: same ids as tetrad's; a text run's default
+    # tokenizer has no chat template of its own.
+    tokenizer, text = build_tokenizer(None), "def f(x):\n    return ζ + 1  # 🐍"
+    hf_tokenizer = transformers.AutoTokenizer.from_pretrained(exported)
+    assert hf_tokenizer(text).input_ids == tokenizer.encode(text, bos=False, eos=False)
+    assert hf_tokenizer.eos_token_id == tokenizer.eos_id and hf_tokenizer.chat_template is None
+
     # tetrad convert, DCP → HF: the run's config.toml gives the model; same tensors as the export.
+    # --data.format chat: the export carries the template a chat run renders with (ChatML here).
     converted = tmp_path / "converted-hf"
-    tetrad(["convert", str(step3), str(converted)])
+    tetrad(["convert", str(step3), str(converted), "--data.format=chat"])
+    record = {"prompt": "What does json.dumps do?", "completion": "Serializes an object."}
+    encoded = build_chat_encoder(DataConfig(format="chat"), tokenizer, max_tokens=512).encode(
+        record
+    )
+    hf_chat = transformers.AutoTokenizer.from_pretrained(converted)
+    assert encoded is not None
+    assert hf_chat.apply_chat_template(conversation(record), return_dict=False) == encoded[0]
     want = load_file(exported / "model.safetensors")
     got = load_file(converted / "model.safetensors")
     assert want.keys() == got.keys() and all(torch.equal(got[k], want[k]) for k in want)

@@ -48,6 +48,7 @@ from tetrad.components.checkpoint_states import (
 )
 from tetrad.components.hf_checkpoint import save_hf_weights
 from tetrad.config.job_config import CheckpointConfig
+from tetrad.data.tokenizer import Tokenizer
 from tetrad.errors import CheckpointError, ConfigError
 from tetrad.models.spec import StateDictAdapter
 
@@ -83,9 +84,12 @@ class CheckpointManager:
         train_state: TrainState,
         total_steps: int,
         hf_adapter: StateDictAdapter | None = None,
+        tokenizer: Tokenizer | None = None,
+        chat_template: str | None = None,
     ) -> None:
         self.config = config
         self.hf_adapter = hf_adapter
+        self.tokenizer, self.chat_template = tokenizer, chat_template  # for Hugging Face exports
         if config.last_save_in_hf and hf_adapter is None:
             raise ConfigError(
                 "this model family has no Hugging Face state-dict adapter: "
@@ -224,7 +228,14 @@ class CheckpointManager:
         dist.barrier()
         begin = time.perf_counter()
         dtype = getattr(torch, self.config.export_dtype)
-        save_hf_weights(self.model, folder, self.hf_adapter, dtype=dtype)
+        save_hf_weights(
+            self.model,
+            folder,
+            self.hf_adapter,
+            dtype=dtype,
+            tokenizer=self.tokenizer,
+            chat_template=self.chat_template,
+        )
         logger.info("exported %s in %.2f s", folder, time.perf_counter() - begin)
 
     def save_seed(self) -> None:

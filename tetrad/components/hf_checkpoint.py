@@ -4,8 +4,9 @@ Loading reads one tensor at a time and only the keys this rank holds, then keeps
 slice of each (``distribute_tensor`` with ``src_data_rank=None`` slices locally, no
 communication). Saving gathers each tensor once per group of ranks that hold the same
 parameters (a pipeline stage), and that group's first rank writes them, so no rank ever holds
-the whole model; rank 0 then names the files as ``transformers`` expects and writes the index
-and ``config.json``. Everything is written under ``<folder>.tmp`` and renamed at the end.
+the whole model; rank 0 then names the files as ``transformers`` expects and writes the index,
+``config.json`` and the run's tokenizer (tokenizer.json, tokenizer_config.json with the chat
+template and special tokens), so ``AutoTokenizer`` and ``apply_chat_template`` work on it. Everything is written under ``<folder>.tmp`` and renamed at the end.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 from tqdm import tqdm
 
+from tetrad.data.tokenizer import Tokenizer, save_tokenizer
 from tetrad.distributed.utils import all_gather_objects, barrier, copy_full_, process_rank
 from tetrad.errors import CheckpointError
 from tetrad.models.spec import StateDictAdapter
@@ -129,8 +131,11 @@ def save_hf_weights(
     *,
     dtype: torch.dtype | None = None,
     max_shard_size_mb: float = 5000,
+    tokenizer: Tokenizer | None = None,
+    chat_template: str | None = None,
 ) -> None:
-    """Write ``model``'s weights as a Hugging Face folder; a collective when distributed."""
+    """Write ``model``'s weights as a Hugging Face folder, with ``tokenizer`` and
+    ``chat_template`` (see ``save_tokenizer``) when given; a collective when distributed."""
     folder = Path(folder)
     tmp = folder.with_name(folder.name + ".tmp")
     if folder.exists():
@@ -172,6 +177,8 @@ def save_hf_weights(
     written = all_gather_objects((writer_index, files) if is_writer else None)
     files_by_writer = [f for _, f in sorted(w for w in written if w is not None)]
     if process_rank() == 0:
+        if tokenizer is not None:
+            save_tokenizer(tokenizer, tmp, chat_template)
         _finish(tmp, folder, files_by_writer, adapter, dtype)
     barrier()
     logger.info("exported Hugging Face checkpoint %s", folder)

@@ -290,6 +290,28 @@ class DataConfig:
     and rotary positions restart at each document (conversations are always packed so).
     Off: each packed row is one causal stream, the classic pretraining setup."""
 
+    # ---- chat data (supervised fine-tuning) ----
+
+    format: Literal["text", "chat"] = "text"
+    """text: documents from --data.text_field, every token a target (pretraining). chat:
+    conversations, records with `messages` ([{role, content}, ...], optional top-level `system`)
+    or `prompt`/`completion` strings, rendered with a chat template; only assistant tokens are
+    targets."""
+
+    chat_template: Literal["auto", "chatml", "llama3"] = "auto"
+    """With --data.format chat: auto = the tokenizer's own (the chat_template of the
+    tokenizer_config.json beside its tokenizer.json), else the built-in chatml; chatml or llama3
+    = that built-in template, whatever the tokenizer has."""
+
+    train_on_prompt: bool = False
+    """With --data.format chat: every token of a conversation is a target, not only the
+    assistant's."""
+
+    overlong: Literal["truncate", "drop"] = "truncate"
+    """With --data.format chat: a conversation longer than --training.seq_len + 1 tokens is cut
+    to that length (truncate; dropped if no assistant token is left) or skipped (drop); both
+    counted in the log."""
+
 
 @dataclass(kw_only=True)
 class ValidationConfig:

@@ -11,6 +11,7 @@ from datasets.distributed import split_dataset_by_node
 
 from tetrad.config.job_config import DataConfig
 from tetrad.data.batch import Batch
+from tetrad.data.chat import ChatEncoder, build_chat_encoder
 from tetrad.data.holdout import Holdout
 from tetrad.data.mixture import SOURCE_COLUMN, source_names
 from tetrad.data.packing import TokenPacker, window_batch
@@ -151,6 +152,12 @@ class TextDataLoader:
             windows = [packer.pop(1)[0] for packer in self._packers]
             yield window_batch(windows, document_mask=self._document_mask)
 
+    def overlong_counts(self) -> tuple[int, int] | None:
+        """Conversations this rank truncated and dropped as longer than a window (None: not
+        chat data)."""
+        encoder = self._encoder
+        return (encoder.truncated, encoder.dropped) if isinstance(encoder, ChatEncoder) else None
+
     def state_dict(self) -> dict[str, Any]:
         """This rank's position, under a key of its own so that DCP keeps every rank's.
 
@@ -211,6 +218,11 @@ class TextDataLoader:
         return dict(self._source_counts)
 
 
+def document_masked(data: DataConfig) -> bool:
+    """Whether batches carry document ids: conversations always, text with --data.document_mask."""
+    return data.document_mask or data.format == "chat"
+
+
 def build_dataloader(
     data: DataConfig,
     *,
@@ -227,13 +239,16 @@ def build_dataloader(
     source, text_field = build_text_source(data, seed=seed)
     if holdout is not None:
         source = holdout.apply(source)
+    encoder: DocumentEncoder = TextEncoder(tokenizer, text_field)
+    if data.format == "chat":
+        encoder = build_chat_encoder(data, tokenizer, max_tokens=seq_len + 1)
     return TextDataLoader(
         source,
-        TextEncoder(tokenizer, text_field),
+        encoder,
         seq_len=seq_len,
         batch_size=batch_size,
         dp_rank=dp_rank,
         dp_world_size=dp_world_size,
-        document_mask=data.document_mask,
+        document_mask=document_masked(data),
         pad_id=tokenizer.eos_id if tokenizer.pad_id is None else tokenizer.pad_id,
     )

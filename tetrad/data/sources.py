@@ -14,6 +14,8 @@ from datasets import IterableDataset as Dataset
 
 from tetrad.config.job_config import DataConfig
 from tetrad.config.loader import mix_weights
+from tetrad.data import stdlib_qa
+from tetrad.data.chat import CHAT_COLUMNS
 from tetrad.data.mixture import TEXT_COLUMN, mix_sources
 from tetrad.errors import ConfigError, DataError, NetworkError
 
@@ -57,6 +59,16 @@ def _default_source(path: str | None, dataset_config: str | None, split: str) ->
         _read_files,
         features=datasets.Features({"text": datasets.Value("string")}),
         gen_kwargs={"files": [str(file) for file in default_corpus_files()]},
+    )
+
+
+def _stdlib_qa_source(path: str | None, dataset_config: str | None, split: str) -> Dataset:
+    # One shard per module, so ranks split the conversations by modules.
+    message = {"role": datasets.Value("string"), "content": datasets.Value("string")}
+    return datasets.IterableDataset.from_generator(
+        stdlib_qa.conversations,
+        features=datasets.Features({"system": datasets.Value("string"), "messages": [message]}),
+        gen_kwargs={"modules": list(stdlib_qa.MODULES)},
     )
 
 
@@ -109,8 +121,10 @@ SOURCES: dict[str, Callable[[str | None, str | None, str], Dataset]] = {
     "default": _default_source,
     "c4": _c4_source,
     "local": _local_source,
+    "stdlib_qa": _stdlib_qa_source,
 }
-"""Built-in sources by name; any other name is opened on the hub."""
+"""Built-in sources by name; any other name is opened on the hub. stdlib_qa: chat records
+(--data.format chat) about the Python standard library, see stdlib_qa.py."""
 
 # Built-in sources whose text column is fixed, whatever --data.text_field says.
 _FIXED_TEXT_FIELDS = {"default": "text", "c4": "text"}
@@ -123,14 +137,28 @@ def _column_names(ds: Dataset) -> list[str]:
     return [] if first is None else list(first)
 
 
+def _check_chat_columns(name: str, columns: list[str]) -> str:
+    """The first chat column of a --data.format chat source (whose records ChatEncoder reads)."""
+    for fields in CHAT_COLUMNS:
+        if set(fields) <= set(columns):
+            return fields[0]
+    raise DataError(
+        f"dataset {name!r} has no chat columns (columns: {columns}); --data.format chat needs "
+        "'messages' ([{role, content}, ...], optional 'system') or 'prompt' and 'completion'"
+    )
+
+
 def _open(name: str, path: str | None, data: DataConfig) -> tuple[Dataset, str]:
-    """One source and its text column; `path` goes with the name "local"."""
+    """One source and its text column (under --data.format chat: 'messages' or 'prompt', the
+    records' shape); `path` goes with the name "local"."""
     if name in SOURCES:
         ds = SOURCES[name](path, data.dataset_config, data.split)
     else:
         ds = _hub_source(name, data.dataset_config, data.split)
-    text_field = _FIXED_TEXT_FIELDS.get(name, data.text_field)
     columns = _column_names(ds)
+    if data.format == "chat":
+        return ds, _check_chat_columns(path or name, columns)
+    text_field = _FIXED_TEXT_FIELDS.get(name, data.text_field)
     if text_field not in columns:
         raise DataError(
             f"dataset {path or name!r} has no column {text_field!r} (columns: {columns}); "

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +20,7 @@ from huggingface_hub import snapshot_download
 from huggingface_hub.errors import StrictDataclassError
 
 from tetrad.config import Config
+from tetrad.data.tokenizer import read_tokenizer_config
 from tetrad.errors import ConfigError, NetworkError
 
 logger = logging.getLogger(__name__)
@@ -196,14 +196,8 @@ def has_weights(folder: Path) -> bool:
 
 
 def _chat_template(folder: Path) -> str | None:
-    jinja = folder / "chat_template.jinja"
-    if jinja.is_file():
-        return jinja.read_text()
-    tokenizer_config = folder / "tokenizer_config.json"
-    if tokenizer_config.is_file():
-        template = json.loads(tokenizer_config.read_text()).get("chat_template")
-        return template if isinstance(template, str) else None
-    return None
+    template = read_tokenizer_config(folder).get("chat_template")
+    return template if isinstance(template, str) else None
 
 
 def _architecture(hf_config: Any, source: str) -> str:

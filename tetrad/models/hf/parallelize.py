@@ -5,6 +5,7 @@ own forward, which tetrad cannot split by layer, so they take data parallelism o
 from __future__ import annotations
 
 from tetrad.config import Config
+from tetrad.data.loader import document_masked
 from tetrad.distributed.parallel_dims import ParallelDims
 from tetrad.distributed.tensor_parallel import DecoderRoles
 from tetrad.errors import ConfigError
@@ -53,6 +54,12 @@ def check_parallelism(model_config: HFModelConfig, config: Config) -> None:
         raise ConfigError(
             f"{model_config.architecture} has attention_dropout {dropout}, which context "
             "parallel does not support; pass --model.hf_overrides attention_dropout=0"
+        )
+    if not model_config.native and document_masked(config.data):
+        raise ConfigError(
+            f"{model_config.architecture} runs transformers' own attention, which cannot keep "
+            "packed documents apart (--data.format chat, --data.document_mask); supported: "
+            f"{', '.join(NATIVE_FAMILIES.values())}"
         )
     if not model_config.native:
         supported = ", ".join(NATIVE_FAMILIES.values())
