@@ -1,7 +1,8 @@
-"""LoRA under FSDP 2 with activation checkpointing against the single-process run of the same
-global batch, from pre-trained weights (``trained_weights``, a base-only checkpoint): the same
-losses and gradient norms, the same adapter gradients and updates, the frozen base untouched
-in both, and every tensor (frozen ones too) sharded over the two ranks."""
+"""LoRA under FSDP 2 with activation checkpointing, and under pipeline parallel 2, against the
+single-process run of the same global batch, from pre-trained weights (``trained_weights``, a
+base-only checkpoint): the same losses and gradient norms, the same adapter gradients and
+updates, the frozen base untouched in both, and every tensor (frozen ones too) sharded as the
+layout implies (FSDP: in two; PP: written by its stage only)."""
 
 from __future__ import annotations
 
@@ -34,12 +35,19 @@ pytestmark = pytest.mark.slow
 LORA = ["--lora.rank=4", "--lora.targets=q,k,v,o,gate,up,down"]
 
 
-def test_lora_fsdp2_with_activation_checkpointing_matches_one_process(
-    tmp_path: Path, tmp_path_factory: pytest.TempPathFactory, trained_weights: Start
+CASES = {
+    "fsdp2_ac_full": (2, ["--parallelism.dp_shard=2", "--activation_checkpoint.mode=full"]),
+    "pp2": (1, ["--parallelism.pp=2", "--parallelism.dp_shard=1"]),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_lora_layout_matches_one_process(
+    case: str, tmp_path: Path, tmp_path_factory: pytest.TempPathFactory, trained_weights: Start
 ) -> None:
-    layout = ["--parallelism.dp_shard=2", "--activation_checkpoint.mode=full"]
+    dp, layout = CASES[case]
     got = train(tmp_path, trained_weights, *LORA, *layout, nproc=2)
-    want = reference(tmp_path_factory, trained_weights, 2, 1, *LORA)
+    want = reference(tmp_path_factory, trained_weights, dp, 1, *LORA)
     assert_metrics_parity(got, want, rtol=RTOL)
 
     initial = model_weights(trained_weights("tiny"))
@@ -62,9 +70,9 @@ def test_lora_fsdp2_with_activation_checkpointing_matches_one_process(
         {k: want_last[k] - want_first[k] for k in adapters},
     )
     assert max(updates.values()) <= UPDATE_RTOL, updates
-    # Every weight sharded in two (frozen ones too), moments for the adapters only.
+    # Every weight (frozen ones too) sharded by the layout, moments for the adapters only.
     n_layers = 2
-    checked = check_sharding(step_dir(got, 1), Layout(dp_shard=2), n_layers)
+    checked = check_sharding(step_dir(got, 1), Layout.from_args(layout), n_layers)
     assert checked == len(last) + 2 * len(adapters)
     worst_g, worst_u = max(b_grads, key=b_grads.__getitem__), max(updates, key=updates.__getitem__)
     print(
