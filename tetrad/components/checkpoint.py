@@ -138,14 +138,15 @@ class CheckpointManager:
         metadata = read_metadata(path)
         held = {key.split(".", 1)[0] for key in metadata.state_dict_metadata}
         names = [name for name in CHECKPOINT_STATES if name in held and name not in self.exclude]
-        states = {name: self.states[name] for name in names}
-        if "model" in names:
-            states["model"] = model = self._model_to_load(metadata, path, names)
+        model = self._model_to_load(metadata, path, names) if "model" in names else None
+        if model is not None:
             self._check_model(model, metadata, path)
         if "dataloader" in names:
             self._check_dp_degree(metadata, path)
         begin = time.perf_counter()
-        states = {name: states[name] for name in names}
+        states = {name: self.states[name] for name in names}
+        if model is not None:
+            states["model"] = model
         if "train_state" in states:
             states["train_state"] = LoadableTrainState(self.train_state, metadata)
         dcp.load(states, checkpoint_id=str(path))
@@ -162,9 +163,10 @@ class CheckpointManager:
         self, metadata: Metadata, path: Path, names: list[CheckpointState]
     ) -> ModelState:
         """The part of the model ``path`` fills. A LoRA model takes from a checkpoint of the
-        base alone (pre-training) the base, its adapters and optimizer starting fresh; from one
-        of its adapters alone (--lora.save_adapters_only) those, after the base from
-        ``base_source`` (or with the seed's or Hugging Face base the trainer filled)."""
+        base alone (pre-training) the base, its adapters and optimizer starting fresh (the
+        optimizer leaves ``names``); from one of its adapters alone (--lora.save_adapters_only)
+        those, after the base from ``base_source`` (or over the seed's or Hugging Face base the
+        trainer filled)."""
         held = model_keys(metadata)
         adapters, base = any(map(is_adapter, held)), not all(map(is_adapter, held))
         if not self.lora or (adapters and base):

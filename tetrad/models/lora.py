@@ -83,16 +83,15 @@ def init_adapters_(lora_a: torch.Tensor, lora_b: torch.Tensor) -> None:
 
 def apply_lora(
     model: DecoderModel, roles: DecoderRoles | None, config: LoRAConfig, *, model_name: str
-) -> int:
+) -> None:
     """Adapt the ``config.targets`` projections of every block of ``model`` (on meta) in place
-    and freeze every other parameter; returns the number of adapted linears. ``roles``: the
-    family's module names (None: a model whose projections tetrad does not know)."""
+    and freeze every other parameter. ``roles``: the family's module names (None: a model
+    whose projections tetrad does not know)."""
     if roles is None:
         raise ConfigError(
             f"--lora.rank > 0: tetrad does not know the projections of {model_name}; LoRA "
             "needs llama3 or a Llama-like Hugging Face family (Llama, Mistral, Qwen2, Qwen3)"
         )
-    adapted = 0
     for block in model.blocks().children():
         for target in config.targets:
             parent = block.get_submodule(
@@ -106,10 +105,8 @@ def apply_lora(
                     "LoRA adapts nn.Linear projections only"
                 )
             parent.register_module(name, LoRALinear.from_linear(linear, config))
-            adapted += 1
     for fqn, param in model.named_parameters():
         param.requires_grad_(is_adapter(fqn))
-    return adapted
 
 
 def adapted_linears(model: nn.Module) -> dict[str, LoRALinear]:
