@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 
 from tests.conftest import TINY_RUN, read_metrics
 from tests.distributed.dcp_checks import metadata, model_weights, step_dir
+from tests.integration.test_checkpoint import tiny_model
 from tests.unit.test_hf_trainer import RUN as HF_RUN
 from tests.unit.test_hf_trainer import make_tiny
 from tetrad.cli import main as tetrad
@@ -44,6 +45,30 @@ def logits(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
         out = model.eval()(tokens)
     return out.logits if hasattr(out, "logits") else out
+
+
+def test_fresh_start_is_the_base_model(tmp_path: Path) -> None:
+    """Initialised from the seed: the base exactly as without LoRA, B zero, so the same logits;
+    A drawn within nn.Linear's default bound 1/sqrt(in)."""
+    config = load_config([*TINY_RUN, f"--job.dump_folder={tmp_path}", "--lora.rank=4", ALL_TARGETS])
+    trainer = Trainer(config)
+    tokens = torch.randint(0, 8192, (2, 64), generator=torch.Generator().manual_seed(0))
+    try:
+        (model,) = trainer.model_parts
+        got = logits(model, tokens)
+        state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    finally:
+        trainer.close()
+    base = tiny_model(seed=0)
+    assert state.keys() - base.state_dict().keys() == {k for k in state if is_adapter(k)}
+    assert all(torch.equal(state[k], v) for k, v in base.state_dict().items())
+    assert torch.equal(got, logits(base, tokens))
+    for fqn, a in state.items():
+        if fqn.endswith("lora_a"):
+            bound = a.shape[1] ** -0.5
+            assert 0.9 * bound < a.abs().max() <= bound, fqn
+        elif fqn.endswith("lora_b"):
+            assert not a.any(), fqn
 
 
 def test_hf_lora_keeps_base_and_exports_merged(tmp_path: Path) -> None:
