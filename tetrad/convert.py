@@ -2,7 +2,8 @@
 checkpoint and a Hugging Face folder, in the direction the source's format implies.
 
 A DCP source (a ``step-N`` folder) becomes safetensors + ``config.json`` that
-``transformers.AutoModelForCausalLM.from_pretrained`` reads; a Hugging Face source becomes a
+``transformers.AutoModelForCausalLM.from_pretrained`` reads (a LoRA run's adapters merged into
+the weights they adapt); a Hugging Face source becomes a
 model-only DCP checkpoint that ``--checkpoint.initial_load_path`` starts a run from. The model
 is the run's: ``--model.*`` and ``--data.tokenizer`` (its vocabulary size) as for ``tetrad
 train``, taken by default from the ``config.toml`` of the run a DCP source belongs to. The Hugging
@@ -24,6 +25,7 @@ import torch.distributed.checkpoint as dcp
 from tetrad.components.checkpoint_folder import (
     check_model_matches,
     checkpoint_problem,
+    model_keys,
     read_metadata,
     write_complete,
 )
@@ -33,6 +35,7 @@ from tetrad.config import config_from_args
 from tetrad.data import build_tokenizer
 from tetrad.data.chat import chat_template_for
 from tetrad.errors import CheckpointError, ConfigError, reported
+from tetrad.models.lora import apply_lora, is_adapter
 from tetrad.models.materialize import materialize_for_loading
 from tetrad.models.registry import get_model_spec
 
@@ -62,14 +65,23 @@ def convert(args: argparse.Namespace) -> None:
     adapter = spec.state_dict_adapter(model_config)
     with torch.device("meta"):
         model = spec.build_model(model_config)
+    if to_hf and config.lora.rank > 0:  # a LoRA run's checkpoint: merged into the export
+        roles = spec.decoder_roles(model_config) if spec.decoder_roles else None
+        apply_lora(model, roles, config.lora, model_name=spec.name)
     materialize_for_loading([model], torch.device("cpu"))  # the load fills every weight
     begin = time.perf_counter()
     if to_hf:
         if problem := checkpoint_problem(src, need_marker=False):
             raise ConfigError(f"{src}: {problem}")
+        metadata = read_metadata(src)
+        if (held := model_keys(metadata)) and all(map(is_adapter, held)):
+            raise CheckpointError(
+                f"{src} holds LoRA adapters only (--lora.save_adapters_only), no base weights "
+                "to merge them into: export with --checkpoint.last_save_in_hf during the run"
+            )
         state = ModelState(model)
         model_state = state.state_dict()
-        check_model_matches(model_state, read_metadata(src), src, set(model_state))
+        check_model_matches(model_state, metadata, src, set(model_state))
         dcp.load({"model": state}, checkpoint_id=str(src), no_dist=True)
         chat_template = chat_template_for(config.data, tokenizer)
         save_hf_weights(

@@ -59,7 +59,8 @@ from tetrad.models.attention import (
     FlexDocumentAttention,
     causal_sdpa,
 )
-from tetrad.models.materialize import materialize_and_init, materialize_for_loading
+from tetrad.models.lora import apply_lora, lora_flops_per_token
+from tetrad.models.materialize import init_adapters, materialize_and_init, materialize_for_loading
 from tetrad.models.registry import get_model_spec
 from tetrad.models.spec import DecoderModel, ModelSpec
 from tetrad.tools.logging import init_logging
@@ -115,6 +116,7 @@ class Trainer:
             hf_adapter=self.hf_adapter,
             tokenizer=self.tokenizer,
             chat_template=chat_template_for(config.data, self.tokenizer),
+            adapters_only=config.lora.save_adapters_only,
         )
         self.checkpointer.load(self.resume_from)
         set_collective_timeout(
@@ -167,9 +169,14 @@ class Trainer:
         with torch.device("meta"):
             model = spec.build_model(self.model_config)
         model.set_attention(self.attention_fn())
+        if self.config.lora.rank > 0:
+            roles = spec.decoder_roles(self.model_config) if spec.decoder_roles else None
+            apply_lora(model, roles, self.config.lora, model_name=model_name)
         self.flops_per_token = spec.num_flops_per_token(
             self.model_config, self.config.training.seq_len
         )
+        if self.config.lora.rank > 0:
+            self.flops_per_token = lora_flops_per_token(model, self.flops_per_token)
         parts: list[DecoderModel] = [model]
         plan = None
         if self.parallel_dims.pp > 1:
@@ -187,6 +194,8 @@ class Trainer:
             with torch.device("meta"):
                 reference = spec.build_model(self.model_config)
             materialize_and_init(parts, reference, device=self.device, seed=self.config.debug.seed)
+        if self.config.lora.rank > 0:  # whatever filled the base; a checkpoint may overwrite them
+            init_adapters(parts, device=self.device, seed=self.config.debug.seed)
         for part in parts:
             part.train()
         if plan is not None:
@@ -194,6 +203,15 @@ class Trainer:
                 parts, plan, self.parallel_dims.meshes["pp"], self.device, self._pipeline_loss
             )
         num_params = sum(p.numel() for part in parts for p in part.parameters())
+        if self.config.lora.rank > 0:
+            trainable = sum(
+                p.numel() for part in parts for p in part.parameters() if p.requires_grad
+            )
+            logger.info(
+                "LoRA rank %d on %s: %d trainable parameters of %d (%.2f%%, this rank)",
+                self.config.lora.rank, ",".join(self.config.lora.targets), trainable, num_params,
+                100 * trainable / num_params,
+            )  # fmt: skip
         device_peak = (
             f", device {memory_gib(self.device):.2f} GiB" if self.device.type == "cuda" else ""
         )

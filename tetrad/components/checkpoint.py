@@ -31,8 +31,10 @@ from torch.distributed.checkpoint.metadata import Metadata
 from torch.distributed.checkpoint.stateful import Stateful
 
 from tetrad.components.checkpoint_folder import (
+    base_source,
     check_model_matches,
     complete_steps,
+    model_keys,
     read_metadata,
     step_folder,
     write_complete,
@@ -47,9 +49,10 @@ from tetrad.components.checkpoint_states import (
     merged_view,
 )
 from tetrad.components.hf_checkpoint import save_hf_weights
-from tetrad.config.job_config import CheckpointConfig
+from tetrad.config.job_config import CheckpointConfig, CheckpointState
 from tetrad.data.tokenizer import Tokenizer
 from tetrad.errors import CheckpointError, ConfigError
+from tetrad.models.lora import is_adapter
 from tetrad.models.spec import StateDictAdapter
 
 logger = logging.getLogger(__name__)
@@ -86,7 +89,9 @@ class CheckpointManager:
         hf_adapter: StateDictAdapter | None = None,
         tokenizer: Tokenizer | None = None,
         chat_template: str | None = None,
+        adapters_only: bool = False,
     ) -> None:
+        """``adapters_only``: the model's part of every save is its LoRA adapters alone."""
         self.config = config
         self.hf_adapter = hf_adapter
         self.tokenizer, self.chat_template = tokenizer, chat_template  # for Hugging Face exports
@@ -101,8 +106,10 @@ class CheckpointManager:
         self.exclude = set(config.exclude_from_loading)
         self.enabled = config.enable or config.create_seed_checkpoint
         self.model = merged_view(model_parts)
+        self.lora = any(is_adapter(fqn) for fqn, _ in self.model.named_parameters())
+        self.select_saved = is_adapter if adapters_only else None
         self.states: dict[str, Stateful] = {
-            "model": ModelState(self.model),
+            "model": ModelState(self.model, select=self.select_saved),
             "optimizer": OptimizerState(self.model, optimizer),
             "lr_scheduler": lr_scheduler,
             "dataloader": DataState(dataloader),
@@ -135,15 +142,15 @@ class CheckpointManager:
         metadata = read_metadata(path)
         held = {key.split(".", 1)[0] for key in metadata.state_dict_metadata}
         names = [name for name in CHECKPOINT_STATES if name in held and name not in self.exclude]
-        if "model" in names:
-            model_state = self.states["model"].state_dict()
-            all_keys: list[set[str]] = [set()] * dist.get_world_size()
-            dist.all_gather_object(all_keys, set(model_state))
-            check_model_matches(model_state, metadata, path, set().union(*all_keys))
+        model = self._model_to_load(metadata, path, names) if "model" in names else None
+        if model is not None:
+            self._check_model(model, metadata, path)
         if "dataloader" in names:
             self._check_dp_degree(metadata, path)
         begin = time.perf_counter()
         states = {name: self.states[name] for name in names}
+        if model is not None:
+            states["model"] = model
         if "train_state" in states:
             states["train_state"] = LoadableTrainState(self.train_state, metadata)
         dcp.load(states, checkpoint_id=str(path))
@@ -155,6 +162,35 @@ class CheckpointManager:
             path, time.perf_counter() - begin, self.train_state.step, self.train_state.tokens_seen,
             f"; not loaded, starting fresh: {', '.join(fresh)}" if fresh else "",
         )  # fmt: skip
+
+    def _model_to_load(
+        self, metadata: Metadata, path: Path, names: list[CheckpointState]
+    ) -> ModelState:
+        """The part of the model ``path`` fills. A LoRA model takes from a checkpoint of the
+        base alone (pre-training) the base, its adapters and optimizer starting fresh (the
+        optimizer leaves ``names``); from one of its adapters alone (--lora.save_adapters_only)
+        those, after the base from ``base_source`` (or over the seed's or Hugging Face base the
+        trainer filled)."""
+        held = model_keys(metadata)
+        adapters, base = any(map(is_adapter, held)), not all(map(is_adapter, held))
+        if not self.lora or (adapters and base):
+            return ModelState(self.model)
+        if base:
+            if "optimizer" in names:  # the state of other parameters (or none)
+                names.remove("optimizer")
+            return ModelState(self.model, select=_is_base)
+        if (source := base_source(self.config, path)) is not None:
+            base_state = ModelState(self.model, select=_is_base)
+            self._check_model(base_state, read_metadata(source), source)
+            dcp.load({"model": base_state}, checkpoint_id=str(source))
+            logger.info("loaded the frozen base from %s", source)
+        return ModelState(self.model, select=is_adapter)
+
+    def _check_model(self, state: ModelState, metadata: Metadata, path: Path) -> None:
+        model_state = state.state_dict()
+        all_keys: list[set[str]] = [set()] * dist.get_world_size()
+        dist.all_gather_object(all_keys, set(model_state))
+        check_model_matches(model_state, metadata, path, set().union(*all_keys))
 
     def _sync_lr(self) -> None:
         """A loaded optimizer brings the learning rate it was saved with; the scheduler, loaded
@@ -256,7 +292,8 @@ class CheckpointManager:
         if self.rank == 0 and tmp.exists():  # left by a save that did not finish
             shutil.rmtree(tmp)
         dist.barrier()
-        states = {"model": ModelState(self.model, dtype)} if model_only else self.states
+        model_state = ModelState(self.model, dtype, self.select_saved)
+        states: dict[str, Stateful] = {"model": model_state} if model_only else self.states
         begin = time.perf_counter()
         names = sorted(states)
         if self.group is None:
@@ -322,6 +359,10 @@ class CheckpointManager:
         pending.future.result()
         pending.finalized.wait()
         _raise_on_every_rank(pending.error, pending.step, group=self.group)
+
+
+def _is_base(fqn: str) -> bool:
+    return not is_adapter(fqn)
 
 
 def _raise_on_every_rank(

@@ -25,6 +25,7 @@ from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadat
 
 from tetrad.config.job_config import CheckpointConfig
 from tetrad.errors import CheckpointError
+from tetrad.models.lora import is_adapter
 
 logger = logging.getLogger(__name__)
 
@@ -83,14 +84,35 @@ def resume_source(config: CheckpointConfig, folder: Path) -> Path | None:
 
 
 def will_load_model(config: CheckpointConfig, source: Path | None) -> bool:
-    """Whether ``CheckpointManager.load`` will load the model's weights from ``source`` (from
-    ``resume_source``), so the trainer need not initialise or load them otherwise. A seed
-    checkpoint run never loads."""
+    """Whether ``CheckpointManager.load`` will load the model's (base) weights from ``source``
+    (from ``resume_source``), or from ``base_source`` when ``source`` holds LoRA adapters only,
+    so the trainer need not initialise or load them otherwise. A seed checkpoint run never
+    loads."""
     if source is None or config.create_seed_checkpoint:
         return False
     if "model" in config.exclude_from_loading:
         return False
-    return any(key.startswith("model.") for key in read_metadata(source).state_dict_metadata)
+    held = model_keys(read_metadata(source))
+    if any(not is_adapter(fqn) for fqn in held):
+        return True
+    return bool(held) and base_source(config, source) is not None
+
+
+def model_keys(metadata: Metadata) -> list[str]:
+    """The FQNs of the model's tensors a checkpoint holds."""
+    return [
+        k.removeprefix("model.") for k in metadata.state_dict_metadata if k.startswith("model.")
+    ]
+
+
+def base_source(config: CheckpointConfig, source: Path) -> Path | None:
+    """Where the frozen base of a LoRA run comes from when ``source`` holds its adapters only
+    (--lora.save_adapters_only): the DCP --checkpoint.initial_load_path the run started from;
+    None = the run's other start (seed initialisation or Hugging Face weights)."""
+    initial = config.initial_load_path
+    if initial is None or config.initial_load_in_hf or Path(initial).resolve() == source.resolve():
+        return None
+    return Path(initial)
 
 
 def checkpoint_problem(path: Path, *, need_marker: bool = True) -> str | None:

@@ -5,7 +5,7 @@ that saves and loads them, so the trainer can build and use them (``merged_view`
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, get_args
 
 import torch
@@ -34,19 +34,28 @@ _OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True)
 
 class ModelState(Stateful):
     """The model's parameters under FQNs that do not depend on the parallel layout (DTensors
-    when sharded). ``dtype`` casts floating tensors on save (an export in bfloat16)."""
+    when sharded). ``dtype`` casts floating tensors on save (an export in bfloat16); ``select``
+    keeps the FQNs it accepts (LoRA: the adapters, or the frozen base), None = all."""
 
-    def __init__(self, model: nn.Module, dtype: torch.dtype | None = None) -> None:
-        self.model, self.dtype = model, dtype
+    def __init__(
+        self,
+        model: nn.Module,
+        dtype: torch.dtype | None = None,
+        select: Callable[[str], bool] | None = None,
+    ) -> None:
+        self.model, self.dtype, self.select = model, dtype, select
 
     def state_dict(self) -> dict[str, Any]:
         state: dict[str, Any] = get_model_state_dict(self.model)  # tensors, by FQN
+        if self.select is not None:
+            state = {k: v for k, v in state.items() if self.select(k)}
         if self.dtype is None:
             return state
         return {k: v.to(self.dtype) if v.is_floating_point() else v for k, v in state.items()}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        set_model_state_dict(self.model, state_dict)
+        options = StateDictOptions(strict=self.select is None)
+        set_model_state_dict(self.model, state_dict, options=options)
 
 
 class OptimizerState(Stateful):

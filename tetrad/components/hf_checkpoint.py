@@ -26,6 +26,7 @@ from tqdm import tqdm
 from tetrad.data.tokenizer import Tokenizer, save_tokenizer
 from tetrad.distributed.utils import all_gather_objects, barrier, copy_full_, process_rank
 from tetrad.errors import CheckpointError
+from tetrad.models.lora import adapted_linears, is_adapter, merged_weight
 from tetrad.models.spec import StateDictAdapter
 
 logger = logging.getLogger(__name__)
@@ -53,6 +54,16 @@ def _model_keys(local: set[str]) -> set[str]:
     """The HF keys the whole model needs: under pipeline parallel each rank holds only its
     stage's, so the union over ranks (a collective when distributed)."""
     return set().union(*all_gather_objects(local))
+
+
+def _hf_tensors(model: nn.Module, adapter: StateDictAdapter) -> dict[str, tuple[str, torch.Tensor]]:
+    """tetrad FQN → (HF key, the model's tensor) for every tensor the HF format stores: not a
+    tied copy, not a LoRA adapter (an export merges the adapters into the base weights)."""
+    return {
+        fqn: (key, tensor)
+        for fqn, tensor in model.state_dict().items()
+        if not is_adapter(fqn) and (key := adapter.hf_key(fqn)) is not None
+    }
 
 
 def _check_keys(
@@ -87,11 +98,7 @@ def load_hf_weights(model: nn.Module, folder: Path, adapter: StateDictAdapter) -
     differ in name or shape."""
     folder = Path(folder)
     weight_map = hf_weight_map(folder)
-    targets = {
-        fqn: (key, tensor)
-        for fqn, tensor in model.state_dict().items()
-        if (key := adapter.hf_key(fqn)) is not None
-    }
+    targets = _hf_tensors(model, adapter)
     needed = _model_keys({key for key, _ in targets.values()})
     # Adapters of tied models name the output's HF key(s); the protocol does not require it.
     _check_keys(folder, weight_map, needed, adapter.tied_keys)
@@ -134,8 +141,9 @@ def save_hf_weights(
     tokenizer: Tokenizer | None = None,
     chat_template: str | None = None,
 ) -> None:
-    """Write ``model``'s weights as a Hugging Face folder, with ``tokenizer`` and
-    ``chat_template`` (see ``save_tokenizer``) when given; a collective when distributed."""
+    """Write ``model``'s weights as a Hugging Face folder, LoRA adapters merged into the
+    weights they adapt, with ``tokenizer`` and ``chat_template`` (see ``save_tokenizer``) when
+    given; a collective when distributed."""
     folder = Path(folder)
     tmp = folder.with_name(folder.name + ".tmp")
     if folder.exists():
@@ -143,11 +151,8 @@ def save_hf_weights(
     if process_rank() == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-    state = {
-        fqn: (key, tensor)
-        for fqn, tensor in model.state_dict().items()
-        if (key := adapter.hf_key(fqn)) is not None
-    }
+    state = _hf_tensors(model, adapter)
+    lora_linears = adapted_linears(model)
     dtype = dtype or next(iter(state.values()))[1].dtype
     is_writer, writer_index = _writer_group(sorted(state))
     max_bytes = int(max_shard_size_mb * 2**20)
@@ -165,6 +170,8 @@ def save_hf_weights(
     barrier()  # the temporary folder exists
     for fqn, (key, tensor) in state.items():
         full = tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+        # W + alpha/r·B·A where adapted; a gathered copy may take the sum in place.
+        full = merged_weight(lora_linears, fqn, full, in_place=full is not tensor)
         if not is_writer:
             continue
         full = adapter.to_hf(fqn, full.detach().to("cpu", dtype)).contiguous()

@@ -406,6 +406,31 @@ class Float8Config:
     device: slow, for checking numerics only."""
 
 
+LoRATarget = Literal["q", "k", "v", "o", "gate", "up", "down"]
+"""Projections LoRA can adapt, by their role in a Llama-like block (attention q/k/v/o, MLP
+gate/up/down)."""
+
+
+@dataclass(kw_only=True)
+class LoRAConfig:
+    rank: int = 0
+    """LoRA rank r of the adapters (Hu et al. 2021); 0 = LoRA off, train every weight."""
+
+    alpha: float = 16.0
+    """Scale of the adapters' output: y = W·x + alpha/rank · B·A·x."""
+
+    dropout: float = 0.0
+    """Dropout on the adapters' input, in [0, 1)."""
+
+    targets: list[LoRATarget] = field(default_factory=lambda: ["q", "k", "v", "o"])
+    """Projections of every block to adapt: q, k, v, o, gate, up, down (in TOML an array)."""
+
+    save_adapters_only: bool = False
+    """Checkpoints hold the adapters (and their optimizer state) only; the frozen base comes
+    from where the run started (seed, Hugging Face weights or --checkpoint.initial_load_path)
+    on resume."""
+
+
 @dataclass(kw_only=True)
 class Config:
     """The whole job. Section names are the CLI prefixes: --training.steps=10."""
@@ -427,3 +452,4 @@ class Config:
     )
     compile: CompileConfig = field(default_factory=CompileConfig)
     float8: Float8Config = field(default_factory=Float8Config)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)

@@ -177,6 +177,7 @@ def validate_config(config: Config) -> None:
     _validate_float8(config)
     _validate_checkpoint(config.checkpoint)
     mix_weights(config.data)
+    _validate_lora(config)
     _resolve_fsdp_reshard(config)
 
 
@@ -214,6 +215,38 @@ def _validate_float8(config: Config) -> None:
         raise ConfigError(
             f"--float8.recipe mxfp8 scales blocks of 32 tokens: --training.seq_len "
             f"{config.training.seq_len} must be divisible by 32 × cp = {32 * p.cp}"
+        )
+
+
+def _validate_lora(config: Config) -> None:
+    """LoRA's own ranges, and the layouts its adapters cannot take yet: tensor parallel would
+    shard the rank dimension of A like W's rows; float8 swaps the adapted linears out."""
+    lora = config.lora
+    if lora.rank < 0:
+        raise ConfigError(f"--lora.rank must be >= 0 (0 = off), got {lora.rank}")
+    if lora.rank == 0:
+        if lora.save_adapters_only:
+            raise ConfigError("--lora.save_adapters_only needs LoRA: set --lora.rank > 0")
+        return
+    if lora.alpha <= 0:
+        raise ConfigError(f"--lora.alpha must be positive, got {lora.alpha}")
+    if not 0.0 <= lora.dropout < 1.0:
+        raise ConfigError(f"--lora.dropout must be within [0, 1), got {lora.dropout}")
+    if not lora.targets or len(set(lora.targets)) != len(lora.targets):
+        raise ConfigError(
+            f"--lora.targets must name each projection once, got {','.join(lora.targets) or '[]'}"
+        )
+    if config.parallelism.tp > 1:
+        raise ConfigError(
+            "--lora.rank > 0 does not support --parallelism.tp > 1 yet; use FSDP "
+            "(--parallelism.dp_shard), which shards the frozen base as well"
+        )
+    if config.float8.enable:
+        raise ConfigError("--lora.rank > 0 does not support --float8.enable yet; drop one of them")
+    if lora.dropout > 0 and config.activation_checkpoint.mode != "none":
+        raise ConfigError(
+            "--lora.dropout > 0 with activation checkpointing would recompute with other dropout "
+            "masks: use --lora.dropout 0 or --activation_checkpoint.mode none"
         )
 
 

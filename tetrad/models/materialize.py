@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from tetrad.distributed.utils import copy_full_
+from tetrad.models.lora import adapted_linears, init_adapters_, is_adapter
 from tetrad.models.spec import DecoderModel
 
 
@@ -63,7 +64,8 @@ def materialize_and_init(
 ) -> None:
     """Allocate ``parts`` (the whole model, or this rank's pipeline stages, each the full model
     minus what it does not hold, so FQNs are the full model's) on ``device`` and initialise them
-    from ``reference``, the same model built on meta without parallelism.
+    from ``reference``, the same model built on meta without parallelism (and without LoRA: the
+    adapters are ``init_adapters``' to initialise, in every start path).
 
     Extra memory: one module's own parameters in full (the largest is the embedding or an FFN
     projection), on the device.
@@ -98,8 +100,24 @@ def materialize_and_init(
                         filled.add(target_fqn)
             finally:
                 module._parameters.update(meta)  # frees the stand-ins, keeps the reference tied
-    if missing := sorted(set(targets) - filled):
+    if missing := sorted(k for k in set(targets) - filled if not is_adapter(k)):
         raise RuntimeError(f"no initialiser reached {missing[0]} ({len(missing)} tensors)")
+
+
+@torch.no_grad()
+def init_adapters(parts: Sequence[DecoderModel], *, device: torch.device, seed: int) -> None:
+    """Initialise the LoRA adapters of materialised ``parts`` (plain or sharded), whatever
+    filled their base weights: each linear's drawn in full on ``device`` from a seed of its
+    FQN, so every layout gets the same values, holding one linear's adapters at a time."""
+    with _forked_rng(device):
+        for part in parts:
+            for fqn, module in adapted_linears(part).items():
+                params = (module.lora_a, module.lora_b)
+                a, b = (torch.empty(p.shape, dtype=p.dtype, device=device) for p in params)
+                torch.manual_seed(module_seed(seed, f"{fqn}.lora"))
+                init_adapters_(a, b)
+                copy_full_(module.lora_a, a)
+                copy_full_(module.lora_b, b)
 
 
 def _forked_rng(device: torch.device) -> contextlib.AbstractContextManager[None]:

@@ -19,6 +19,7 @@ from tetrad.models.attention import AttentionFn
 
 if TYPE_CHECKING:
     from tetrad.distributed.parallel_dims import ParallelDims
+    from tetrad.distributed.tensor_parallel import DecoderRoles
 
 
 def did_you_mean(name: str, choices: Iterable[str]) -> str:
@@ -139,6 +140,10 @@ class ModelSpec(Generic[C]):
     check_parallelism: Callable[[C, Config], None] | None = None
     """Rejects, with one line, a layout this model cannot take (heads that tp does not divide,
     an architecture tetrad cannot split); called before anything is built."""
+
+    decoder_roles: Callable[[C], DecoderRoles | None] | None = None
+    """config → the family's module names by role (LoRA's targets); None (or returning None)
+    = a model whose projections tetrad does not know."""
 
     state_dict_adapter: Callable[[C], StateDictAdapter] | None = None
     """config → adapter for Hugging Face import/export; None = no HF format for this family."""

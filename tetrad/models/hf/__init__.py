@@ -19,7 +19,7 @@ from tetrad.models.hf.model import (
     count_params,
     num_flops_per_token,
 )
-from tetrad.models.hf.parallelize import check_parallelism, parallelize_hf
+from tetrad.models.hf.parallelize import check_parallelism, hf_roles, parallelize_hf
 from tetrad.models.hf.state_dict_adapter import HFStateDictAdapter
 from tetrad.models.spec import ModelSpec
 
@@ -39,6 +39,7 @@ hf_spec = ModelSpec(
     num_flops_per_token=num_flops_per_token,
     parallelize_fn=parallelize_hf,
     check_parallelism=check_parallelism,
+    decoder_roles=hf_roles,
     state_dict_adapter=HFStateDictAdapter,
     resolve_config=resolve_hf_config,
     default_tokenizer=_default_tokenizer,
