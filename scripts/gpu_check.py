@@ -21,8 +21,11 @@ OUT_DIR/gpu_check.json and exits 1 if a check failed. bf16 throughout (the GPU d
                             norm equal bit for bit
   hf_tiny_learns            scripts/make_tiny_hf_model.py's 2-layer Llama through --model.name=hf,
                             20 steps: the loss falls by ≥ 1.0 nat (9.0 → 7.4 on a CPU)
+  sft_flex_learns           configs/sft_debug.toml for 40 steps: packed conversations under
+                            FlexAttention's block mask (compiled; the CPU runs a dense mask), the
+                            loss falls by ≥ 1.0 nat and the held-out val_loss falls
 
-Cost, estimated (no GPU has run it yet): ~6.5 minutes on one H100 into an empty OUT_DIR, most
+Cost, estimated (no GPU has run it yet): ~7.5 minutes on one H100 into an empty OUT_DIR, most
 of it the three cold compiles of the 1B model; less on a rerun into the same OUT_DIR, whose
 Inductor cache they reuse. --dry-run: the same checks on the CPU with the tiny preset, fp32 and
 3 steps (a fall of ≥ 0.1 nat; memory saved reported only), skipping the CUDA-only ones; about a
@@ -61,6 +64,20 @@ def hf_loss_falls(check: Check, ctx: Context, args: list[str]) -> Verdict:
     make = [sys.executable, str(REPO / "scripts/make_tiny_hf_model.py")]
     ctx.execute([*make, option(args, "model.hf_path")], ctx.out / check.name / "make_model.log")
     return loss_falls(check, ctx, args)
+
+
+def sft_learns(check: Check, ctx: Context, args: list[str]) -> Verdict:
+    """Chat fine-tuning with validation: the training loss falls, and so does the held-out one
+    (judged where there are two evaluations or more)."""
+    records = ctx.train(check.name, args)
+    train = [r for r in records if "loss" in r]
+    val = [r["val_loss"] for r in records if "val_loss" in r]
+    first, last, drop = train[0]["loss"], train[-1]["loss"], ctx.mode.min_loss_drop
+    val_falls = bool(val) and (len(val) < 2 or val[-1] < val[0])
+    passed = finite_losses(train) and last <= first - drop and val_falls
+    trend = " → ".join(f"{v:.3f}" for v in val)
+    reason = f"loss {first:.3f} → {last:.3f} (must fall by ≥ {drop}); val_loss {trend} (must fall)"
+    return Verdict(passed, reason, train, {"val_loss": val})
 
 
 def runs_within_peak(check: Check, ctx: Context, args: list[str]) -> Verdict:
@@ -137,6 +154,11 @@ CHECKS = (
         "hf_tiny_learns",
         hf_loss_falls,
         ("--model.name=hf", "--model.hf_path={out}/tiny_hf_model", "--training.steps=20"),
+    ),
+    Check(
+        "sft_flex_learns",
+        sft_learns,
+        ("--config=configs/sft_debug.toml", "--training.steps=40", "--validation.freq=20"),
     ),
 )
 

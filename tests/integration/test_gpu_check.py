@@ -26,6 +26,7 @@ SUITES = {
             "1b_bf16_optimizer_states": "PASS",
             "resume_exact": "PASS",
             "hf_tiny_learns": "PASS",
+            "sft_flex_learns": "PASS",
         },
     ),
     "multi_gpu_check": (

@@ -79,6 +79,7 @@ def test_sft_debug_config_learns(tmp_path: Path) -> None:
         tmp_path,
         "--config=configs/sft_debug.toml",
         "--training.steps=20",
+        "--training.local_batch_size=4",
         "--validation.freq=10",
         "--metrics.log_freq=10",
     )
