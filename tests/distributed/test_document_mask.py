@@ -1,7 +1,8 @@
 """Packing without cross-talk: a conversation packed among others under block-causal masks has
-the loss and gradients it has alone, in one process, under FSDP 2 and under context parallel 2
-(whose load-balanced chunks cut the packed row at other places than the documents) and under
-pipeline parallel 2 (the ids reach the second stage)."""
+the loss and gradients it has alone, in one process, under context parallel 2 × tensor parallel 2
+(the load-balanced chunks cut the packed row at other places than the documents; the ids reach
+attention through the TP plan) and under FSDP 2 × pipeline parallel 2 (the ids reach the second
+stage)."""
 
 from __future__ import annotations
 
@@ -21,9 +22,8 @@ RTOL = 1e-5
 """fp32: the same sums in another order (masked-out keys add exact zeros)."""
 
 LAYOUTS = {
-    "fsdp2": ["--parallelism.dp_shard=2"],
-    "cp2": ["--parallelism.cp=2"],
-    "pp2": ["--parallelism.pp=2"],
+    "cp2_tp2": ["--parallelism.cp=2", "--parallelism.tp=2"],
+    "fsdp2_pp2": ["--parallelism.dp_shard=2", "--parallelism.pp=2"],
 }
 
 
@@ -59,13 +59,14 @@ def test_packed_conversation_matches_alone(
 
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     for name, layout in LAYOUTS.items():
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=4"]
         cmd += ["tests/distributed/document_mask_worker.py", str(tmp_path), name, *args]
         cmd += [*layout, f"--job.dump_folder={tmp_path / name}"]
         result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
         assert result.returncode == 0, result.stderr[-5000:]
         parallel = torch.load(tmp_path / f"{name}_rank0.pt")
-        for case, result in torch.load(tmp_path / f"{name}_rank1.pt").items():
-            parallel[case]["grads"].update(result["grads"])  # a pipeline's second stage
+        for rank in (1, 2, 3):  # a pipeline's second stage is on ranks 2 and 3
+            for case, result in torch.load(tmp_path / f"{name}_rank{rank}.pt").items():
+                parallel[case]["grads"].update(result["grads"])
         for case in ("packed", "alone"):
             _assert_same(parallel[case], single["plain"], f"{name} {case} vs 1 process alone")

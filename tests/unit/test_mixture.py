@@ -1,6 +1,7 @@
 """Dataset mixtures (--data.mix): shares follow the weights, draws follow the seed, resume is exact,
 dp ranks read disjoint documents, bad mix strings give one line."""
 
+import json
 import pickle
 from collections import Counter
 from itertools import islice
@@ -25,7 +26,7 @@ from tetrad.data import (
     build_text_source,
     build_tokenizer,
 )
-from tetrad.data.mixture import SOURCE_COLUMN
+from tetrad.data.mixture import SOURCE_COLUMN, source_names
 from tetrad.errors import ConfigError, DataError
 
 # DCP warns when it saves and loads in a single process, which is what these tests mean.
@@ -174,3 +175,41 @@ def test_bad_mix_fails_config_validation() -> None:
     """Before any process group starts: the check runs in `validate_config`."""
     with pytest.raises(ConfigError, match="must be a positive number"):
         validate_config(load_config(["--data.mix=default:1,c4:x"]))
+
+
+def test_chat_sources_of_either_shape_mix(tokenizer: Tokenizer, tmp_path: Path) -> None:
+    """A `messages` source and a `prompt`/`completion` source mix as conversations: each draw
+    is its source's record as a conversation, and the chat loader packs them."""
+    with (tmp_path / "messages.jsonl").open("w") as f:
+        for i in range(50):
+            messages = [
+                {"role": "user", "content": f"m{i}?"},
+                {"role": "assistant", "content": "m"},
+            ]
+            f.write(json.dumps({"messages": messages, "system": "be brief"}) + "\n")
+    with (tmp_path / "pairs.jsonl").open("w") as f:
+        for i in range(50):
+            f.write(json.dumps({"prompt": f"p{i}?", "completion": "p"}) + "\n")
+    mix = f"{tmp_path / 'messages.jsonl'}:1,{tmp_path / 'pairs.jsonl'}:1"
+    data = DataConfig(mix=mix, format="chat")
+    source, field = build_text_source(data, seed=0)
+    rows = list(islice(source, 40))
+    names = source_names(source)
+    for row in rows:
+        want = {
+            "messages.jsonl": [
+                {"role": "system", "content": "be brief"},
+                {"role": "user", "content": row["messages"][1]["content"]},
+                {"role": "assistant", "content": "m"},
+            ],
+            "pairs.jsonl": [
+                {"role": "user", "content": row["messages"][0]["content"]},
+                {"role": "assistant", "content": "p"},
+            ],
+        }[Path(names[row[SOURCE_COLUMN]]).name]
+        assert field == "messages" and row["messages"] == want
+    loader = build_dataloader(
+        data, tokenizer=tokenizer, seq_len=64, batch_size=2, dp_rank=0, dp_world_size=1
+    )
+    batch = next(iter(loader))
+    assert batch.document_ids is not None and sum(loader.source_counts().values()) > 2

@@ -17,35 +17,57 @@ from typing import Any
 import datasets
 from datasets import IterableDataset as Dataset
 
+from tetrad.data.chat import conversation
+
 SOURCE_COLUMN = "source"
 """The mixture's column of source indices, a `ClassLabel` whose names are the sources' names."""
 
 TEXT_COLUMN = "text"
 """The mixture's text column: each source's own text column, renamed."""
 
+MESSAGES_COLUMN = "messages"
+"""A chat mixture's column: each record's conversation (``tetrad.data.chat.conversation``), so
+that sources of `messages` and of `prompt`/`completion` records mix."""
+
+_MESSAGES = [{"role": datasets.Value("string"), "content": datasets.Value("string")}]
+
 
 def _tag(row: dict[str, Any], *, field: str, index: int) -> dict[str, Any]:
     return {TEXT_COLUMN: row[field], SOURCE_COLUMN: index}
 
 
+def _tag_chat(row: dict[str, Any], *, index: int) -> dict[str, Any]:
+    messages = [{"role": m["role"], "content": m["content"]} for m in conversation(row)]
+    return {MESSAGES_COLUMN: messages, SOURCE_COLUMN: index}
+
+
 def mix_sources(
-    sources: Sequence[tuple[str, Dataset, str]], weights: Sequence[float], *, seed: int
+    sources: Sequence[tuple[str, Dataset, list[str]]],
+    weights: Sequence[float],
+    *,
+    seed: int,
+    chat: bool = False,
 ) -> Dataset:
-    """The mixture of `(name, dataset, text column)` sources, drawn with probabilities
-    proportional to `weights` from a generator seeded with `seed`.
+    """The mixture of `(name, dataset, columns)` sources (text: its text column; chat: its
+    record's columns), drawn with probabilities proportional to `weights` from a generator
+    seeded with `seed`.
 
     A source that runs out restarts, so the weights hold; the mixture ends once every source has
     run out at least once (the loader then starts its next epoch, the same draws again).
     """
     names = [name for name, _, _ in sources]
-    features = datasets.Features(
-        {TEXT_COLUMN: datasets.Value("string"), SOURCE_COLUMN: datasets.ClassLabel(names=names)}
-    )
+    column = MESSAGES_COLUMN if chat else TEXT_COLUMN
+    value = _MESSAGES if chat else datasets.Value("string")
+    features = datasets.Features({column: value, SOURCE_COLUMN: datasets.ClassLabel(names=names)})
     tagged = [
-        ds.select_columns([field]).map(
-            partial(_tag, field=field, index=index), remove_columns=[field], features=features
+        ds.select_columns(columns).map(
+            partial(_tag_chat, index=index)
+            if chat
+            else partial(_tag, field=columns[0], index=index),
+            remove_columns=columns,
+            features=features,
         )
-        for index, (_, ds, field) in enumerate(sources)
+        for index, (_, ds, columns) in enumerate(sources)
     ]
     total = sum(weights)
     return datasets.interleave_datasets(

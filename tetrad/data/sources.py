@@ -16,7 +16,7 @@ from tetrad.config.job_config import DataConfig
 from tetrad.config.loader import mix_weights
 from tetrad.data import stdlib_qa
 from tetrad.data.chat import CHAT_COLUMNS
-from tetrad.data.mixture import TEXT_COLUMN, mix_sources
+from tetrad.data.mixture import MESSAGES_COLUMN, TEXT_COLUMN, mix_sources
 from tetrad.errors import ConfigError, DataError, NetworkError
 
 # `load_dataset` pings the hub to count downloads, local files included: an offline machine waits
@@ -193,5 +193,18 @@ def build_text_source(data: DataConfig, *, seed: int = 0) -> tuple[Dataset, str]
         return _open("local" if data.path is not None else data.dataset, data.path, data)
     weights = mix_weights(data)
     resolved = {source: _resolve_in_mix(source) for source in weights}  # fail before opening any
-    sources = [(source, *_open(*resolved[source], data)) for source in weights]
-    return mix_sources(sources, list(weights.values()), seed=seed), TEXT_COLUMN
+    sources = []
+    for source in weights:
+        ds, field = _open(*resolved[source], data)
+        sources.append(
+            (source, ds, _record_columns(ds, field) if data.format == "chat" else [field])
+        )
+    chat = data.format == "chat"
+    mixture = mix_sources(sources, list(weights.values()), seed=seed, chat=chat)
+    return mixture, MESSAGES_COLUMN if chat else TEXT_COLUMN
+
+
+def _record_columns(ds: Dataset, field: str) -> list[str]:
+    """The columns a chat record is made of: its conversation's, and `system` where present."""
+    fields = next(fields for fields in CHAT_COLUMNS if fields[0] == field)
+    return [*fields, *(["system"] if "system" in _column_names(ds) else [])]
