@@ -12,11 +12,12 @@ import torch
 from tests.conftest import TINY_RUN, read_metrics, run_train
 from tests.integration.test_checkpoint import load_model_state, tiny_model
 from tetrad.components.loss import cross_entropy_sum
-from tetrad.config import load_config
+from tetrad.config import ConfigError, load_config
 from tetrad.config.job_config import DataConfig
 from tetrad.data import IGNORE_INDEX, build_dataloader, build_tokenizer
 from tetrad.data.holdout import Holdout
 from tetrad.data.sources import build_text_source
+from tetrad.distributed.pipeline import plan_pipeline
 from tetrad.trainer import Trainer
 
 VALIDATION = [
@@ -112,3 +113,16 @@ def test_validation_touches_no_training_state(tmp_path: Path) -> None:
         assert model.training
     finally:
         trainer.close()
+
+
+@pytest.mark.parametrize("schedule", ["ZBVZeroBubble", "DualPipeV"])
+def test_v_schedules_refuse_validation_in_one_line(schedule: str) -> None:
+    """torch's pipeline eval cannot run them; every other schedule evaluates (1F1B tested above,
+    Interleaved1F1B by hand: the one-process val_loss to 1e-6)."""
+    config = load_config(
+        [*VALIDATION, "--parallelism.pp=2", f"--parallelism.pp_schedule={schedule}"]
+    )
+    with pytest.raises(
+        ConfigError, match=f"cannot evaluate under --parallelism.pp_schedule {schedule}"
+    ):
+        plan_pipeline(config, [str(i) for i in range(4)], pp_rank=0)
