@@ -41,7 +41,6 @@ from tetrad.data import (
 )
 from tetrad.data.chat import chat_template_for
 from tetrad.data.holdout import training_holdout, validation_data
-from tetrad.data.loader import document_masked
 from tetrad.distributed.context_parallel import ContextParallel
 from tetrad.distributed.init import (
     device_capability,
@@ -229,7 +228,7 @@ class Trainer:
         dense block-causal mask for packed documents)."""
         if self.context_parallel is not None:
             return ContextParallelAttention(self.context_parallel)
-        if document_masked(self.config.data) and self.device.type == "cuda":
+        if self.config.data.document_masked and self.device.type == "cuda":
             return FlexDocumentAttention()
         return causal_sdpa
 
@@ -271,8 +270,8 @@ class Trainer:
         )
 
     def build_validator(self) -> Validator | None:
-        """Every dp rank reads the whole global validation batch and evaluates its rows
-        (``tetrad.components.validation``)."""
+        """Every dp rank reads the whole global validation batch and evaluates its rows, in
+        micro-batches as in training (``tetrad.components.validation``)."""
         if not self.config.validation.enable:
             return None
         data, holdout = validation_data(self.config.data, self.config.validation)
@@ -286,7 +285,7 @@ class Trainer:
                 data,
                 tokenizer=self.tokenizer,
                 seq_len=self.config.training.seq_len,
-                batch_size=local_batch * dp_mesh.size(),
+                batch_size=local_batch * dp_mesh.size() * self.grad_accum_steps,
                 dp_rank=0,
                 dp_world_size=1,
                 seed=self.config.debug.seed,
@@ -298,6 +297,7 @@ class Trainer:
             build_loader,
             dp_rank=dp_mesh.get_local_rank(),
             local_batch_size=local_batch,
+            micro_batches=self.grad_accum_steps,
             loss_mesh=self.parallel_dims.meshes["dp_cp"],
             device=self.device,
         )

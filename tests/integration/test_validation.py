@@ -12,12 +12,12 @@ import torch
 from tests.conftest import TINY_RUN, read_metrics, run_train
 from tests.integration.test_checkpoint import load_model_state, tiny_model
 from tetrad.components.loss import cross_entropy_sum
-from tetrad.config import ConfigError, load_config
-from tetrad.config.job_config import DataConfig
-from tetrad.data import IGNORE_INDEX, build_dataloader, build_tokenizer
-from tetrad.data.holdout import Holdout
+from tetrad.config import ConfigError, load_config, validate_config
+from tetrad.config.job_config import DataConfig, ValidationConfig
+from tetrad.data import IGNORE_INDEX, TextDataLoader, build_dataloader, build_tokenizer
+from tetrad.data.holdout import Holdout, validation_data
 from tetrad.data.sources import build_text_source
-from tetrad.distributed.pipeline import plan_pipeline
+from tetrad.errors import DataError
 from tetrad.trainer import Trainer
 
 VALIDATION = [
@@ -40,7 +40,9 @@ def _val_losses(folder: Path) -> dict[int, float]:
 @pytest.mark.slow
 def test_validation_loss_is_the_checkpoints_loss_under_every_layout(tmp_path: Path) -> None:
     single = tmp_path / "single"
-    run_train(single, *VALIDATION, "--checkpoint.enable", "--checkpoint.interval=4")
+    # Two micro-batches of one sequence: the global batch of the layouts below.
+    accumulate = ["--training.local_batch_size=1", "--training.global_batch_size=2"]
+    run_train(single, *VALIDATION, *accumulate, "--checkpoint.enable", "--checkpoint.interval=4")
     val = _val_losses(single)
     assert sorted(val) == [2, 4]
     assert read_metrics(single)[-1]["val_perplexity"] == pytest.approx(math.exp(val[4]))
@@ -118,11 +120,32 @@ def test_validation_touches_no_training_state(tmp_path: Path) -> None:
 @pytest.mark.parametrize("schedule", ["ZBVZeroBubble", "DualPipeV"])
 def test_v_schedules_refuse_validation_in_one_line(schedule: str) -> None:
     """torch's pipeline eval cannot run them; every other schedule evaluates (1F1B tested above,
-    Interleaved1F1B by hand: the one-process val_loss to 1e-6)."""
-    config = load_config(
-        [*VALIDATION, "--parallelism.pp=2", f"--parallelism.pp_schedule={schedule}"]
-    )
+    Interleaved1F1B by hand: the one-process val_loss to 1e-6). Refused before any process
+    group starts."""
+    args = [*VALIDATION, "--parallelism.pp=2", f"--parallelism.pp_schedule={schedule}"]
     with pytest.raises(
         ConfigError, match=f"cannot evaluate under --parallelism.pp_schedule {schedule}"
     ):
-        plan_pipeline(config, [str(i) for i in range(4)], pp_rank=0)
+        validate_config(load_config(args))
+
+
+def test_resume_reads_the_same_side_of_the_hold_out() -> None:
+    """A loader state saved reading all but the held-out slice does not load into one reading
+    the whole source (its position would fall on other documents)."""
+
+    def make(holdout: Holdout | None) -> TextDataLoader:
+        return build_dataloader(
+            DataConfig(), tokenizer=build_tokenizer(None), seq_len=16, batch_size=1, dp_rank=0,
+            dp_world_size=1, holdout=holdout,
+        )  # fmt: skip
+
+    loader = make(Holdout(0.01, held_out=False))
+    next(iter(loader))
+    with pytest.raises(DataError, match=r"all but the held-out 0\.01 of the source but this run"):
+        make(None).load_state_dict(loader.state_dict())
+
+
+def test_a_split_of_a_source_without_splits_is_refused() -> None:
+    validation = ValidationConfig(enable=True, split="validation")
+    with pytest.raises(ConfigError, match="has no splits"):
+        validation_data(DataConfig(), validation)

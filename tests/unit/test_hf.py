@@ -134,7 +134,7 @@ def test_config_json_is_the_truth_and_overrides_are_explicit(folders: dict[str, 
     assert resolve(folders["llama"]).init == "pretrained"  # the folder holds weights
     assert model_config.hf_config._attn_implementation == "sdpa"
     assert model_config.hf_config.use_cache is False
-    assert model_config.chat_template == make_tiny.CHAT_TEMPLATE
+    assert build_tokenizer(str(folders["llama"])).chat_template == make_tiny.CHAT_TEMPLATE
     # Pretrained weights for two layers do not silently lose one.
     with pytest.raises(
         CheckpointError,
@@ -300,10 +300,14 @@ def test_missing_tensors_are_one_line_error(folders: dict[str, Path], tmp_path: 
         load_weights(folder)
 
 
-def test_context_parallel_rejects_attention_dropout(folders: dict[str, Path]) -> None:
+def test_context_parallel_and_document_masks_reject_attention_dropout(
+    folders: dict[str, Path],
+) -> None:
     dropout = "--model.hf_overrides=attention_dropout=0.1"
     with pytest.raises(ConfigError, match=r"pass --model.hf_overrides attention_dropout=0$"):
         check_layout(folders["llama"], dropout, "--parallelism.cp=2")
+    with pytest.raises(ConfigError, match="which packed documents' block-causal attention"):
+        check_layout(folders["llama"], dropout, "--data.format=chat")
     assert resolve(folders["llama"], dropout).hf_config.attention_dropout == 0.1
 
 

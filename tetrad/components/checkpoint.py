@@ -167,17 +167,20 @@ class CheckpointManager:
         self, metadata: Metadata, path: Path, names: list[CheckpointState]
     ) -> ModelState:
         """The part of the model ``path`` fills. A LoRA model takes from a checkpoint of the
-        base alone (pre-training) the base, its adapters and optimizer starting fresh (the
-        optimizer leaves ``names``); from one of its adapters alone (--lora.save_adapters_only)
-        those, after the base from ``base_source`` (or over the seed's or Hugging Face base the
-        trainer filled)."""
+        base alone (pre-training) the base only, its adapters, optimizer, schedule, data and
+        step starting fresh (those leave ``names``); from one of its adapters alone
+        (--lora.save_adapters_only) those, after the base from ``base_source`` (or over the
+        seed's or Hugging Face base the trainer filled)."""
         held = model_keys(metadata)
         adapters, base = any(map(is_adapter, held)), not all(map(is_adapter, held))
         if not self.lora or (adapters and base):
             return ModelState(self.model)
         if base:
-            if "optimizer" in names:  # the state of other parameters (or none)
-                names.remove("optimizer")
+            # A new run on a pre-trained base: its optimizer (other parameters), schedule,
+            # data position and step belong to the pre-training.
+            for name in ("optimizer", "lr_scheduler", "dataloader", "train_state"):
+                if name in names:
+                    names.remove(name)
             return ModelState(self.model, select=_is_base)
         if (source := base_source(self.config, path)) is not None:
             base_state = ModelState(self.model, select=_is_base)

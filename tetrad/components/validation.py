@@ -1,15 +1,17 @@
 """Validation: the mean token loss on held-out batches, every few steps.
 
 Every evaluation reads the same batches from the start of the validation source, a global batch
-(``local_batch_size`` × dp sequences) at a time, and each dp rank evaluates its rows of it: the
-validation set depends on the global batch only, not on the layout, so runs that differ only in
-their parallelism report the same ``val_loss``.
+(``local_batch_size`` × dp × gradient-accumulation sequences) at a time, and each dp rank
+evaluates its rows of it, a micro-batch at a time: the validation set depends on the global
+batch only, not on the layout, so runs that differ only in their parallelism report the same
+``val_loss``.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable
+from functools import partial
 
 import torch
 from torch.distributed.device_mesh import DeviceMesh
@@ -22,6 +24,10 @@ LossSum = Callable[[Batch], tuple[torch.Tensor, torch.Tensor]]
 """A batch → this rank's summed token loss and its number of target tokens (on the device)."""
 
 
+def _rows(tensor: torch.Tensor, *, rows: slice) -> torch.Tensor:
+    return tensor[rows]
+
+
 class Validator:
     def __init__(
         self,
@@ -30,12 +36,17 @@ class Validator:
         *,
         dp_rank: int,
         local_batch_size: int,
+        micro_batches: int,
         loss_mesh: DeviceMesh,
         device: torch.device,
     ) -> None:
         self.config = config
         self.build_loader = build_loader
-        self.rows = slice(dp_rank * local_batch_size, (dp_rank + 1) * local_batch_size)
+        rows = local_batch_size * micro_batches
+        self.micro_batches = [
+            slice(start, start + local_batch_size)
+            for start in range(dp_rank * rows, (dp_rank + 1) * rows, local_batch_size)
+        ]  # this rank's rows of a global batch
         self.loss_mesh, self.device = loss_mesh, device
 
     def due(self, step: int, last_step: int) -> bool:
@@ -49,9 +60,10 @@ class Validator:
         tokens = torch.zeros((), device=self.device)
         batches = iter(self.build_loader())
         for _ in range(self.config.steps):
-            batch = next(batches).map(lambda x: x[self.rows])
-            batch_loss, batch_tokens = loss_sum(batch)
-            total += batch_loss
-            tokens += batch_tokens
+            batch = next(batches)
+            for rows in self.micro_batches:
+                batch_loss, batch_tokens = loss_sum(batch.map(partial(_rows, rows=rows)))
+                total += batch_loss
+                tokens += batch_tokens
         loss = float(reduce_sum(total, self.loss_mesh) / reduce_sum(tokens, self.loss_mesh))
         return {"val_loss": loss, "val_perplexity": math.exp(loss)}

@@ -189,6 +189,9 @@ class ParallelismConfig:
 SPLIT_BACKWARD_SCHEDULES = frozenset({"InterleavedZeroBubble", "ZBVZeroBubble", "DualPipeV"})
 """Schedules that split backward into input- and weight-gradient passes."""
 
+V_SCHEDULES = frozenset({"ZBVZeroBubble", "DualPipeV"})
+"""Exactly two stages per rank, placed in V order: rank r holds stages r and 2·pp − 1 − r."""
+
 
 @dataclass(kw_only=True)
 class CommConfig:
@@ -312,6 +315,11 @@ class DataConfig:
     to that length (truncate; dropped if no assistant token is left) or skipped (drop); both
     counted in the log."""
 
+    @property
+    def document_masked(self) -> bool:
+        """Whether batches carry document ids: conversations always, text with document_mask."""
+        return self.document_mask or self.format == "chat"
+
 
 @dataclass(kw_only=True)
 class ValidationConfig:
@@ -323,8 +331,8 @@ class ValidationConfig:
     """Evaluate every this many steps."""
 
     steps: int = 10
-    """Batches per evaluation per data-parallel rank (of --training.local_batch_size
-    sequences): the same batches every time, so evaluations compare."""
+    """Global batches per evaluation (local_batch_size × dp × accumulation sequences, each rank
+    evaluating its rows): the same batches every time and under every layout."""
 
     dataset: str | None = None
     """Validation source, named as --data.dataset; with --validation.path and --validation.split

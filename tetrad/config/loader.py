@@ -28,6 +28,7 @@ from tetrad.config.args import (
 )
 from tetrad.config.job_config import (
     SPLIT_BACKWARD_SCHEDULES,
+    V_SCHEDULES,
     CheckpointConfig,
     Config,
     DataConfig,
@@ -121,6 +122,15 @@ def validate_config(config: Config) -> None:
     for key, value in positive.items():
         if value <= 0:
             raise ConfigError(f"--{key} must be positive, got {value}")
+    schedule = config.parallelism.pp_schedule
+    if config.validation.enable and config.parallelism.pp > 1 and schedule in V_SCHEDULES:
+        # torch 2.13's forward-only `eval` still runs the V schedules' local backward hand-offs
+        # ("can't steal_bwd_input if this stage doesn't have backward").
+        raise ConfigError(
+            f"--validation.enable cannot evaluate under --parallelism.pp_schedule {schedule}: "
+            "torch's pipeline eval does not run V-shaped schedules; use Interleaved1F1B or "
+            "1F1B for runs with validation"
+        )
     if not 0 < config.validation.holdout_fraction < 1:
         raise ConfigError(
             "--validation.holdout_fraction must be within (0, 1), got "

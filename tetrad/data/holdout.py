@@ -13,6 +13,10 @@ from typing import Any
 import datasets
 
 from tetrad.config.job_config import DataConfig, ValidationConfig
+from tetrad.errors import ConfigError
+
+_SPLITLESS = frozenset({"default", "stdlib_qa", "local"})
+"""Built-in sources that read the same documents whatever --data.split says."""
 
 
 @dataclass(frozen=True)
@@ -46,6 +50,17 @@ def validation_data(
     if _holds_out(v):
         return data, Holdout(v.holdout_fraction, held_out=True)
     own_source = v.dataset is not None or v.path is not None
+    if (
+        not own_source
+        and data.mix is None
+        and (data.path is not None or data.dataset in _SPLITLESS)
+    ):
+        raise ConfigError(
+            f"--validation.split {v.split!r}: the training source "
+            f"{data.path or data.dataset!r} has no splits (every split name reads the same "
+            "documents); name a validation source with --validation.path or --validation.dataset, "
+            "or leave all three unset for a held-out slice"
+        )
     named = dataclasses.replace(
         data,
         dataset=v.dataset or data.dataset,

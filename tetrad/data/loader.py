@@ -86,12 +86,14 @@ class TextDataLoader:
         dp_world_size: int,
         document_mask: bool = False,
         pad_id: int = 0,
+        holdout: Holdout | None = None,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
         if not 0 <= dp_rank < dp_world_size:
             raise ValueError(f"dp rank {dp_rank} is not in [0, dp world size {dp_world_size})")
-        self._source = source
+        self._source = source if holdout is None else holdout.apply(source)
+        self._holdout = None if holdout is None else [holdout.fraction, holdout.held_out]
         self._encoder = encoder
         self._document_mask = document_mask or encoder.whole_documents
         self._batch_size = batch_size
@@ -154,7 +156,7 @@ class TextDataLoader:
 
     def overlong_counts(self) -> tuple[int, int] | None:
         """Conversations this rank truncated and dropped as longer than a window (None: not
-        chat data)."""
+        chat data); counted as they are encoded, up to one chunk of documents ahead."""
         encoder = self._encoder
         return (encoder.truncated, encoder.dropped) if isinstance(encoder, ChatEncoder) else None
 
@@ -164,8 +166,10 @@ class TextDataLoader:
         Under `dp_rank_<rank>`: the epoch, the source's state before the current chunk, how many of
         that chunk's documents are already in the packers, `packers`, one packer state (tokens
         given to that row but not yet yielded) per batch row, in row order, and
-        `source_counts`, the documents read per mixture source. The source's state is pickled:
-        its nesting changes as it is read, and DCP loads into the structure of a fresh loader's
+        `source_counts`, the documents read per mixture source, `overlong`, the conversations
+        truncated and dropped, and `holdout`, the side of validation's hash split read (a
+        differently filtered stream would resume elsewhere). The source's state is pickled: its
+        nesting changes as it is read, and DCP loads into the structure of a fresh loader's
         state.
         """
         source = None if self._chunk_state is None else pickle.dumps(self._chunk_state)
@@ -179,6 +183,8 @@ class TextDataLoader:
                 # silently load a shorter one into a loader with more rows.
                 "packers": pickle.dumps([packer.state_dict() for packer in self._packers]),
                 "source_counts": pickle.dumps(self._source_counts),
+                "overlong": pickle.dumps(self.overlong_counts()),
+                "holdout": pickle.dumps(self._holdout),
             },
         }
 
@@ -211,6 +217,16 @@ class TextDataLoader:
                 f"run has {self._source_names}; resume with the same --data.mix"
             )
         self._source_counts = source_counts
+        holdout = pickle.loads(mine["holdout"])
+        if holdout != self._holdout:
+            raise DataError(
+                f"dataloader state was saved reading {_describe(holdout)} but this run reads "
+                f"{_describe(self._holdout)}; resume with the same --validation.enable and "
+                "--validation.holdout_fraction"
+            )
+        if (overlong := pickle.loads(mine["overlong"])) is not None:
+            assert isinstance(self._encoder, ChatEncoder)
+            self._encoder.truncated, self._encoder.dropped = overlong
 
     def source_counts(self) -> dict[str, int]:
         """Documents this rank has read from each mixture source so far, resumed exactly with the
@@ -218,9 +234,11 @@ class TextDataLoader:
         return dict(self._source_counts)
 
 
-def document_masked(data: DataConfig) -> bool:
-    """Whether batches carry document ids: conversations always, text with --data.document_mask."""
-    return data.document_mask or data.format == "chat"
+def _describe(holdout: list[Any] | None) -> str:
+    if holdout is None:
+        return "the whole source"
+    fraction, held_out = holdout
+    return f"{'the held-out' if held_out else 'all but the held-out'} {fraction:g} of the source"
 
 
 def build_dataloader(
@@ -237,8 +255,6 @@ def build_dataloader(
     """The loader for one dp rank over the source named by the data config (a mixture drawn
     with `seed`), or one side of its validation hold-out."""
     source, text_field = build_text_source(data, seed=seed)
-    if holdout is not None:
-        source = holdout.apply(source)
     encoder: DocumentEncoder = TextEncoder(tokenizer, text_field)
     if data.format == "chat":
         encoder = build_chat_encoder(data, tokenizer, max_tokens=seq_len + 1)
@@ -249,6 +265,7 @@ def build_dataloader(
         batch_size=batch_size,
         dp_rank=dp_rank,
         dp_world_size=dp_world_size,
-        document_mask=document_masked(data),
+        document_mask=data.document_masked,
         pad_id=tokenizer.eos_id if tokenizer.pad_id is None else tokenizer.pad_id,
+        holdout=holdout,
     )

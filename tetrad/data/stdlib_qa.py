@@ -3,9 +3,10 @@ its own docstrings and signatures (``inspect``), so that SFT runs anywhere witho
 
 A fixed module list read in a fixed order; for every public documented function, class and
 method, "What does X do?" answered with its docstring's first paragraph (every other one followed
-by "What is its signature?"), and "What is the signature of X?" where ``inspect`` knows it. About
-3,000 conversations, built in well under a second; the same on every run of one Python version
-(the docstrings are that version's).
+by "What is its signature?"), and "What is the signature of X?" where ``inspect`` knows it. 3,587
+conversations on CPython 3.11.7 on Linux, built in well under a second; the same on every run of
+one Python version and platform (the docstrings, and e.g. which functions ``os`` has, are
+theirs).
 """
 
 from __future__ import annotations

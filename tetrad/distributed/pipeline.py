@@ -26,14 +26,13 @@ from torch.distributed.pipelining.schedules import PipelineScheduleSingle, get_s
 from torch.distributed.tensor import DTensor
 
 from tetrad.config import Config, ConfigError
+from tetrad.config.job_config import V_SCHEDULES
 
 logger = logging.getLogger(__name__)
 
 M = TypeVar("M", bound=nn.Module)
 
 SINGLE_STAGE_SCHEDULES = frozenset({"GPipe", "1F1B"})
-V_SCHEDULES = frozenset({"ZBVZeroBubble", "DualPipeV"})
-"""Exactly two stages per rank, placed in V order: rank r holds stages r and 2·pp − 1 − r."""
 MICROBATCHES_AT_LEAST_STAGES = frozenset({"1F1B", "DualPipeV"})
 
 
@@ -54,14 +53,6 @@ def plan_pipeline(config: Config, layer_names: Sequence[str], pp_rank: int) -> P
     """Validate the pipeline options against the model and batch; fail with one line each."""
     p, pp = config.parallelism, config.parallelism.pp
     schedule, n_layers = p.pp_schedule, len(layer_names)
-    if config.validation.enable and schedule in V_SCHEDULES:
-        # torch 2.13's forward-only `eval` still runs the V schedules' local backward hand-offs
-        # ("can't steal_bwd_input if this stage doesn't have backward").
-        raise ConfigError(
-            f"--validation.enable cannot evaluate under --parallelism.pp_schedule {schedule}: "
-            "torch's pipeline eval does not run V-shaped schedules; use Interleaved1F1B or "
-            "1F1B for runs with validation"
-        )
     per_rank = "1 per rank" if schedule in SINGLE_STAGE_SCHEDULES else "2 per rank"
     valid: Callable[[int], bool]
     if schedule in SINGLE_STAGE_SCHEDULES:

@@ -103,8 +103,15 @@ class FlexDocumentAttention:
                 return (q_idx >= kv_idx) & same
 
             batch, length = document_ids.shape
+            # Compiled: evaluated block by block, never as a dense [B, T, T] mask.
             mask = create_block_mask(
-                same_document_causal, batch, None, length, length, device=document_ids.device
+                same_document_causal,
+                batch,
+                None,
+                length,
+                length,
+                device=document_ids.device,
+                _compile=True,
             )
             self._cached = (document_ids, mask)
         return self._cached[1]
@@ -124,7 +131,7 @@ class FlexDocumentAttention:
         if dropout_p:
             raise ConfigError(
                 "FlexAttention does not support attention dropout; turn it off in the model "
-                "config or --data.document_mask=false"
+                "config (HF: --model.hf_overrides attention_dropout=0)"
             )
         out = self._flex(
             q, k, v, block_mask=self._block_mask(document_ids), scale=scale, enable_gqa=True
@@ -138,10 +145,27 @@ class ContextParallelAttention:
     (``ContextParallel``): keys and values are all-gathered, and each local query chunk attends
     to the keys up to its own end under a lower-right-aligned causal mask, which keeps SDPA's
     flash and memory-efficient kernels usable (no dense mask is built). Packed documents take
-    a dense block-causal mask per chunk, from the whole sequence's ``document_ids``."""
+    a dense block-causal mask per chunk, from the whole sequence's ``document_ids``, built once
+    per batch and shared by every layer (the cache holds the ids alive, as FlexAttention's)."""
 
     def __init__(self, context_parallel: ContextParallel) -> None:
         self.cp = context_parallel
+        self._cached: tuple[torch.Tensor, list[torch.Tensor]] | None = None
+
+    def _masks(self, document_ids: torch.Tensor) -> list[torch.Tensor]:
+        """The block-causal mask of each local query chunk against the keys up to its end."""
+        if self._cached is None or self._cached[0] is not document_ids:
+            chunk, device = self.cp.chunk, document_ids.device
+            masks = [
+                document_causal_mask(
+                    document_ids,
+                    torch.arange(index * chunk, (index + 1) * chunk, device=device),
+                    torch.arange((index + 1) * chunk, device=device),
+                )
+                for index in self.cp.local_chunks
+            ]
+            self._cached = (document_ids, masks)
+        return self._cached[1]
 
     # Eager between compiled parts: collectives and the causal bias. (torch leaves the
     # decorator unannotated.)
@@ -165,14 +189,12 @@ class ContextParallelAttention:
         keys = repeat_kv(self.cp.gather_sequence(k), n_rep)
         values = repeat_kv(self.cp.gather_sequence(v), n_rep)
         chunk, outputs = self.cp.chunk, []
+        masks = None if document_ids is None else self._masks(document_ids)
         for local, index in enumerate(self.cp.local_chunks):
             end = (index + 1) * chunk
-            mask: torch.Tensor | CausalBias = causal_lower_right(chunk, end)
-            if document_ids is not None:
-                queries = torch.arange(index * chunk, end, device=q.device)
-                mask = document_causal_mask(
-                    document_ids, queries, torch.arange(end, device=q.device)
-                )
+            mask: torch.Tensor | CausalBias = (
+                causal_lower_right(chunk, end) if masks is None else masks[local]
+            )
             outputs.append(
                 F.scaled_dot_product_attention(
                     q[:, :, local * chunk : (local + 1) * chunk],

@@ -20,7 +20,6 @@ from huggingface_hub import snapshot_download
 from huggingface_hub.errors import StrictDataclassError
 
 from tetrad.config import Config
-from tetrad.data.tokenizer import read_tokenizer_config
 from tetrad.errors import ConfigError, NetworkError
 
 logger = logging.getLogger(__name__)
@@ -83,9 +82,6 @@ class HFModelConfig:
 
     overrides: dict[str, Any]
     """The --model.hf_overrides that were applied, by key."""
-
-    chat_template: str | None = None
-    """The tokenizer's chat template, when the folder has one (kept for SFT)."""
 
     @property
     def architecture(self) -> str:
@@ -195,11 +191,6 @@ def has_weights(folder: Path) -> bool:
     return any((folder / name).is_file() for name in _WEIGHT_FILES)
 
 
-def _chat_template(folder: Path) -> str | None:
-    template = read_tokenizer_config(folder).get("chat_template")
-    return template if isinstance(template, str) else None
-
-
 def _architecture(hf_config: Any, source: str) -> str:
     transformers = import_transformers()
     supported = ", ".join(NATIVE_FAMILIES.values())
@@ -260,7 +251,6 @@ def resolve_hf_config(config: Config, vocab_size: int) -> HFModelConfig:
         hf_config=hf_config,
         init=init,
         overrides=overrides,
-        chat_template=_chat_template(folder),
     )
     if vocab_size > resolved.vocab_size:
         raise ConfigError(

@@ -5,7 +5,6 @@ own forward, which tetrad cannot split by layer, so they take data parallelism o
 from __future__ import annotations
 
 from tetrad.config import Config
-from tetrad.data.loader import document_masked
 from tetrad.distributed.parallel_dims import ParallelDims
 from tetrad.distributed.tensor_parallel import DecoderRoles
 from tetrad.errors import ConfigError
@@ -50,12 +49,18 @@ def check_parallelism(model_config: HFModelConfig, config: Config) -> None:
     """One line for a layout the model cannot take, before anything is built."""
     p = config.parallelism
     dropout = getattr(model_config.hf_config, "attention_dropout", 0.0) or 0.0
+    if config.data.document_masked and dropout > 0:
+        raise ConfigError(
+            f"{model_config.architecture} has attention_dropout {dropout}, which packed "
+            "documents' block-causal attention (FlexAttention on GPU) does not support; pass "
+            "--model.hf_overrides attention_dropout=0"
+        )
     if p.cp > 1 and dropout > 0:
         raise ConfigError(
             f"{model_config.architecture} has attention_dropout {dropout}, which context "
             "parallel does not support; pass --model.hf_overrides attention_dropout=0"
         )
-    if not model_config.native and document_masked(config.data):
+    if not model_config.native and config.data.document_masked:
         raise ConfigError(
             f"{model_config.architecture} runs transformers' own attention, which cannot keep "
             "packed documents apart (--data.format chat, --data.document_mask); supported: "
