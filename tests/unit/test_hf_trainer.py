@@ -49,8 +49,9 @@ def test_first_step_loss_equals_transformers(family: str, tmp_path: Path) -> Non
         (model,) = trainer.model_parts
         assert (model.lm_head.weight is model.embed_tokens.weight) == tied
         assert trainer.tokenizer.vocab_size == 8192  # the folder's tokenizer.json
-        inputs, labels = next(iter(trainer.dataloader))
-        loss = trainer.forward_backward([(inputs, labels)])
+        batch = next(iter(trainer.dataloader))
+        inputs, labels = batch.inputs, batch.labels
+        loss = trainer.forward_backward([batch])
     finally:
         trainer.close()
     hf = transformers.AutoModelForCausalLM.from_pretrained(folder, attn_implementation="sdpa")

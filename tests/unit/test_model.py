@@ -323,9 +323,9 @@ def test_every_attention_layer_calls_the_runs_attention() -> None:
     want = model(tokens)
     calls: list[tuple[int, ...]] = []
 
-    def recorder(q, k, v, *, scale=None, dropout_p=0.0):
+    def recorder(q, k, v, *, scale=None, dropout_p=0.0, document_ids=None):
         calls.append((*q.shape, k.shape[1]))
-        return causal_sdpa(q, k, v, scale=scale, dropout_p=dropout_p)
+        return causal_sdpa(q, k, v, scale=scale, dropout_p=dropout_p, document_ids=document_ids)
 
     model.set_attention(recorder)
     torch.testing.assert_close(model(tokens), want, rtol=0, atol=0)
