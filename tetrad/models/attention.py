@@ -90,6 +90,8 @@ class FlexDocumentAttention:
 
     def __init__(self) -> None:
         self._flex = torch.compile(flex_attention, dynamic=False)
+        # Compiled: the mask is evaluated block by block, never as a dense [B, T, T] tensor.
+        self._create_block_mask = torch.compile(create_block_mask, dynamic=False)
         self._cached: tuple[torch.Tensor, BlockMask] | None = None
 
     @torch.compiler.disable  # type: ignore[untyped-decorator]
@@ -103,15 +105,8 @@ class FlexDocumentAttention:
                 return (q_idx >= kv_idx) & same
 
             batch, length = document_ids.shape
-            # Compiled: evaluated block by block, never as a dense [B, T, T] mask.
-            mask = create_block_mask(
-                same_document_causal,
-                batch,
-                None,
-                length,
-                length,
-                device=document_ids.device,
-                _compile=True,
+            mask = self._create_block_mask(
+                same_document_causal, batch, None, length, length, device=document_ids.device
             )
             self._cached = (document_ids, mask)
         return self._cached[1]
