@@ -6,7 +6,8 @@ communication). Saving gathers each tensor once per group of ranks that hold the
 parameters (a pipeline stage), and that group's first rank writes them, so no rank ever holds
 the whole model; rank 0 then names the files as ``transformers`` expects and writes the index,
 ``config.json`` and the run's tokenizer (tokenizer.json, tokenizer_config.json with the chat
-template and special tokens), so ``AutoTokenizer`` and ``apply_chat_template`` work on it. Everything is written under ``<folder>.tmp`` and renamed at the end.
+template and special tokens), so ``AutoTokenizer`` and ``apply_chat_template`` work on it.
+Everything is written under ``<folder>.tmp`` and renamed at the end.
 """
 
 from __future__ import annotations
