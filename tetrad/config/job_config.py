@@ -9,6 +9,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+StopSignal = Literal["SIGTERM", "SIGUSR1", "SIGUSR2", "SIGINT"]
+"""Signals --job.stop_signals may name."""
+
 CheckpointState = Literal["model", "optimizer", "lr_scheduler", "dataloader", "train_state"]
 """The named states of a checkpoint, in the order they are built (components/checkpoint_states
 holds them; the config names them here, below that layer)."""
@@ -24,6 +27,10 @@ class JobConfig:
 
     print_config: bool = False
     """Print the resolved configuration at start-up."""
+
+    stop_signals: list[StopSignal] = field(default_factory=lambda: ["SIGTERM", "SIGUSR1"])
+    """Signals that stop the run cleanly (preemption): every rank finishes the current step,
+    a checkpoint is saved if checkpointing is on, exit code 0; the next start resumes."""
 
 
 @dataclass(kw_only=True)
@@ -76,6 +83,14 @@ class TrainingConfig:
 
     enable_cpu_offload: bool = False
     """Keep FSDP-sharded parameters, gradients and optimizer states in CPU memory."""
+
+    on_nonfinite: Literal["stop", "skip"] = "stop"
+    """A step whose loss or gradient norm is NaN or infinite: stop ends the run (exit code 3)
+    naming the step and the last good checkpoint; skip drops the step's update (optimizer and
+    LR schedule untouched) and counts it in the metrics' skipped_steps."""
+
+    max_consecutive_skips: int = 3
+    """With on_nonfinite skip: stop after this many non-finite steps in a row."""
 
 
 @dataclass(kw_only=True)
@@ -375,6 +390,20 @@ class DebugConfig:
     log_all_ranks: bool = False
     """Print log lines from every rank, not only rank 0."""
 
+    nonfinite_at_step: int = 0
+    """Fault injection for tests: the loss of this step (on every rank) becomes NaN; 0 = off."""
+
+    fault: Literal["none", "kill", "stall"] = "none"
+    """Fault injection for tests: at --debug.fault_at_step, --debug.fault_rank kills itself
+    (SIGKILL) or stalls (sleeps in place of the step's collectives), in the first attempt of an
+    elastic job only (TORCHELASTIC_RESTART_COUNT 0), so a restart runs clean."""
+
+    fault_rank: int = 0
+    """Global rank that --debug.fault hits."""
+
+    fault_at_step: int = 1
+    """Step at whose start --debug.fault hits."""
+
 
 @dataclass(kw_only=True)
 class ActivationCheckpointConfig:
@@ -440,6 +469,29 @@ class LoRAConfig:
 
 
 @dataclass(kw_only=True)
+class FaultToleranceConfig:
+    enable: bool = False
+    """Fault-tolerant replica groups through torchft (pip install tetrad[ft]): this job is one
+    replica group of an HSDP run; groups average gradients through torchft's Manager, and one
+    that fails rejoins, recovering the weights from a live group, while the others go on."""
+
+    replica_id: int = 0
+    """This replica group's index, 0 .. group_count - 1."""
+
+    group_count: int = 1
+    """Replica groups the run is planned with (each a separate job, e.g. a torchrun)."""
+
+    min_replica_size: int = 1
+    """Fewest replica groups that may take a step together."""
+
+    lighthouse: str | None = None
+    """The torchft lighthouse's address (http://host:29510); default: $TORCHFT_LIGHTHOUSE."""
+
+    timeout_seconds: int = 60
+    """Timeout of the quorum and of the cross-group collectives."""
+
+
+@dataclass(kw_only=True)
 class Config:
     """The whole job. Section names are the CLI prefixes: --training.steps=10."""
 
@@ -461,3 +513,4 @@ class Config:
     compile: CompileConfig = field(default_factory=CompileConfig)
     float8: Float8Config = field(default_factory=Float8Config)
     lora: LoRAConfig = field(default_factory=LoRAConfig)
+    fault_tolerance: FaultToleranceConfig = field(default_factory=FaultToleranceConfig)
