@@ -15,7 +15,7 @@ from typing import Literal
 
 from tetrad.config import config_from_args, validate_config
 from tetrad.config.args import CONFIG_USAGE, ArgumentParser, add_config_arguments, converter
-from tetrad.errors import LAUNCHED_BY_TETRAD, reported
+from tetrad.errors import EXIT_CODES, LAUNCHED_BY_TETRAD, reported
 
 
 def _positive(raw: str) -> int:
@@ -50,9 +50,9 @@ def _train(args: argparse.Namespace, argv: Sequence[str]) -> None:
 
 def _launch(nproc: int, argv: Sequence[str]) -> None:
     """``torchrun --standalone --nproc-per-node=N -m tetrad.train ARGV``, its launcher in this
-    process. When ranks stop on a UserError (exit code 2, the message in their error files) and
-    the others were only stopped by torchrun (a signal), this command prints that message once
-    and exits 2, instead of torchrun's failure report."""
+    process. When ranks stop on a reported error (exit code 2 or 3, the message in their error
+    files) and the others were only stopped by torchrun (a signal), this command prints that
+    message once and exits with that code, instead of torchrun's failure report."""
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import get_args_parser, run
 
@@ -63,11 +63,15 @@ def _launch(nproc: int, argv: Sequence[str]) -> None:
     try:
         run(get_args_parser().parse_args(launch))
     except ChildFailedError as e:
-        stopped = {rank: f for rank, f in e.failures.items() if f.exitcode == 2}
-        if not stopped or any(f.exitcode > 0 for f in e.failures.values() if f.exitcode != 2):
+        reported_codes = set(EXIT_CODES.values())
+        stopped = {rank: f for rank, f in e.failures.items() if f.exitcode in reported_codes}
+        if not stopped or any(
+            f.exitcode > 0 for f in e.failures.values() if f.exitcode not in reported_codes
+        ):
             raise
-        print(f"tetrad: error: {stopped[min(stopped)].message}", file=sys.stderr)
-        raise SystemExit(2) from None
+        first = stopped[min(stopped)]
+        print(f"tetrad: error: {first.message}", file=sys.stderr)
+        raise SystemExit(first.exitcode) from None
 
 
 def _convert(args: argparse.Namespace, argv: Sequence[str]) -> None:

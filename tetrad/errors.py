@@ -1,6 +1,6 @@
-"""Errors the user fixes. Each message is one line saying what is wrong and how to fix it; the
-command line prints it and exits 2, and nothing on disk has changed. Below every layer: any
-module may raise them."""
+"""Errors the user fixes, and faults a run stops on. Each message is one line saying what is wrong
+and how to fix it; the command line prints it and exits 2 (bad input: nothing on disk has changed)
+or 3 (a fault: the last good checkpoint is intact). Below every layer: any module may raise them."""
 
 from __future__ import annotations
 
@@ -33,22 +33,31 @@ class NetworkError(UserError):
     """A hub model, tokenizer or dataset that could not be fetched (no network, no such id)."""
 
 
+class RunStopped(Exception):
+    """A fault the run cannot go on from (a non-finite loss, a rank that stopped responding):
+    printed as one line, exit code 3."""
+
+
+EXIT_CODES: dict[type[Exception], int] = {UserError: 2, RunStopped: 3}
+"""Exit code of each reported error class; the launcher prints a rank's message once for these."""
+
 LAUNCHED_BY_TETRAD = "TETRAD_LAUNCHED"
 """Set in the ranks ``tetrad train --nproc`` launches: it prints their errors once itself."""
 
 
 @contextlib.contextmanager
 def reported() -> Iterator[None]:
-    """Around a command: a UserError becomes ``tetrad: error: <message>`` on stderr and exit code
-    2, not a traceback. A rank under torchrun also leaves the message in its error file, for
+    """Around a command: a UserError (RunStopped) becomes ``tetrad: error: <message>`` on stderr
+    and exit code 2 (3), not a traceback. A rank under torchrun also leaves the message in its error file, for
     torchrun's failure report; under ``tetrad train --nproc`` only there, for the launcher to
     print once rather than once per rank."""
     try:
         yield
-    except UserError as e:
+    except (UserError, RunStopped) as e:
+        code = next(code for kind, code in EXIT_CODES.items() if isinstance(e, kind))
         if error_file := os.environ.get("TORCHELASTIC_ERROR_FILE"):
             record = {"message": str(e), "timestamp": int(time.time())}
             Path(error_file).write_text(json.dumps(record))
         if not (error_file and os.environ.get(LAUNCHED_BY_TETRAD)):
             print(f"tetrad: error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
+        raise SystemExit(code) from None
