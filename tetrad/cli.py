@@ -7,15 +7,19 @@ A subcommand is a subparser with its own options, usually the config's through
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
+import signal
 import sys
 from collections.abc import Sequence
+from pathlib import Path
+from types import FrameType
 from typing import Literal
 
 from tetrad.config import config_from_args, validate_config
 from tetrad.config.args import CONFIG_USAGE, ArgumentParser, add_config_arguments, converter
-from tetrad.errors import EXIT_CODES, LAUNCHED_BY_TETRAD, reported
+from tetrad.errors import EXIT_CODES, INTERRUPTED, LAUNCHED_BY_TETRAD, reported
 
 
 def _positive(raw: str) -> int:
@@ -45,23 +49,42 @@ def _train(args: argparse.Namespace, argv: Sequence[str]) -> None:
         train(config)
         return
     check_launch(config, args.nproc)
-    _launch(args.nproc, _without_nproc(argv))
+    _launch(args.nproc, _without_nproc(argv), config.job.stop_signals)
 
 
-def _launch(nproc: int, argv: Sequence[str]) -> None:
+def _launch(nproc: int, argv: Sequence[str], stop_signals: Sequence[str]) -> None:
     """``torchrun --standalone --nproc-per-node=N -m tetrad.train ARGV``, its launcher in this
     process. When ranks stop on a reported error (exit code 2 or 3, the message in their error
     files) and the others were only stopped by torchrun (a signal), this command prints that
-    message once and exits with that code, instead of torchrun's failure report."""
+    message once and exits with that code, instead of torchrun's failure report.
+
+    A stop signal (--job.stop_signals) sent to this process is passed on to the ranks, which
+    stop together, save and exit 0; torchrun would instead give them 30 s and kill them. Ctrl-C
+    (SIGINT, which reaches only this process: torchrun starts each rank in its own session) is
+    passed on by torchrun and ends in one line."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import get_args_parser, run
 
     # Its "failed (exitcode: N)" line; any other failure raises the full report below.
     logging.getLogger("torch.distributed.elastic.multiprocessing.api").setLevel(logging.CRITICAL)
-    launch = ["--standalone", f"--nproc-per-node={nproc}", "-m", "tetrad.train", *argv]
+    # torchrun handles (and passes on to the ranks, then kills them after 30 s) the rest.
+    torchrun_signals = [
+        s for s in ("SIGTERM", "SIGINT", "SIGHUP", "SIGQUIT") if s not in stop_signals
+    ]
+    launch = ["--standalone", f"--nproc-per-node={nproc}"]
+    launch += [f"--signals-to-handle={','.join(torchrun_signals)}", "-m", "tetrad.train", *argv]
     os.environ[LAUNCHED_BY_TETRAD] = "1"  # the ranks inherit it
+    for name in stop_signals:
+        signal.signal(signal.Signals[name], _pass_on_to_children)
     try:
         run(get_args_parser().parse_args(launch))
+    except SignalException as e:
+        print(
+            INTERRUPTED if e.sigval == signal.SIGINT else f"tetrad: stopped by {e.sigval.name}",
+            file=sys.stderr,
+        )
+        raise SystemExit(128 + e.sigval) from None
     except ChildFailedError as e:
         reported_codes = set(EXIT_CODES.values())
         stopped = {rank: f for rank, f in e.failures.items() if f.exitcode in reported_codes}
@@ -72,6 +95,14 @@ def _launch(nproc: int, argv: Sequence[str]) -> None:
         first = stopped[min(stopped)]
         print(f"tetrad: error: {first.message}", file=sys.stderr)
         raise SystemExit(first.exitcode) from None
+
+
+def _pass_on_to_children(signum: int, frame: FrameType | None) -> None:
+    """Send ``signum`` to this process's children: the ranks (Linux: /proc lists them)."""
+    for children in Path(f"/proc/{os.getpid()}/task").glob("*/children"):
+        for pid in children.read_text().split():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(pid), signum)
 
 
 def _convert(args: argparse.Namespace, argv: Sequence[str]) -> None:

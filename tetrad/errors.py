@@ -61,3 +61,10 @@ def reported() -> Iterator[None]:
         if not (error_file and os.environ.get(LAUNCHED_BY_TETRAD)):
             print(f"tetrad: error: {e}", file=sys.stderr)
         raise SystemExit(code) from None
+    except KeyboardInterrupt:
+        if not os.environ.get(LAUNCHED_BY_TETRAD):  # else the launcher says it once
+            print(INTERRUPTED, file=sys.stderr)
+        raise SystemExit(130) from None
+
+
+INTERRUPTED = "tetrad: interrupted; checkpoints already written are kept (rerun to resume)"

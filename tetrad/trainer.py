@@ -10,7 +10,9 @@ from __future__ import annotations
 import contextlib
 import gc
 import logging
+import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +31,7 @@ from tetrad.components.lr_scheduler import build_lr_scheduler
 from tetrad.components.metrics import MetricsLogger, host_memory_gib, memory_gib, peak_tflops
 from tetrad.components.optimizer import build_optimizer
 from tetrad.components.validation import Validator
-from tetrad.config import Config, ConfigError, save_config, validate_device
+from tetrad.config import Config, ConfigError, changed_options, save_config, validate_device
 from tetrad.data import (
     IGNORE_INDEX,
     Batch,
@@ -51,7 +53,9 @@ from tetrad.distributed.init import (
 )
 from tetrad.distributed.parallel_dims import ParallelDims
 from tetrad.distributed.pipeline import Pipeline, plan_pipeline, split_model
+from tetrad.distributed.stop_signals import StopSignals
 from tetrad.distributed.utils import clip_grad_norm_, reduce_sum
+from tetrad.errors import RunStopped
 from tetrad.models.attention import (
     AttentionFn,
     ContextParallelAttention,
@@ -65,6 +69,17 @@ from tetrad.models.spec import DecoderModel, ModelSpec
 from tetrad.tools.logging import init_logging
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """What a step's caller needs: its global loss and gradient norm, whether the update was
+    applied (both finite), and whether the ranks agreed to stop after it."""
+
+    loss: float
+    grad_norm: float
+    finite: bool
+    stop: bool
 
 
 class Trainer:
@@ -103,6 +118,8 @@ class Trainer:
         self.validator = self.build_validator()
         self.metrics = self.build_metrics()
         self.train_state = TrainState()
+        self.stop_signals: StopSignals | None = None
+        self._consecutive_skips = 0
         self.checkpointer = CheckpointManager(
             config.checkpoint,
             self.dump_folder / config.checkpoint.folder,
@@ -122,6 +139,11 @@ class Trainer:
             config.comm.train_timeout_seconds, self.parallel_dims.meshes.values()
         )
         if self.rank == 0:
+            previous = self.dump_folder / "config.toml"
+            if previous.is_file() and (changes := changed_options(config, previous)):
+                logger.info(
+                    "options changed since the last start in this folder: %s", ", ".join(changes)
+                )
             save_config(config, self.dump_folder / "config.toml")
             if config.job.print_config:
                 logger.info("config:\n%s", (self.dump_folder / "config.toml").read_text())
@@ -330,6 +352,11 @@ class Trainer:
         # Data-parallel gradient reduction averages over dp×cp ranks; scaling by that degree
         # turns the average into the sum of every token's gradient / all tokens.
         scale = self.parallel_dims.loss_parallel_degree / global_tokens
+        # --debug.nonfinite_at_step: this step's loss and gradients become NaN on every rank.
+        poison = (
+            float("nan") if self.train_state.step == self.config.debug.nonfinite_at_step else 1.0
+        )
+        scale = scale * poison
         loss_sum = torch.zeros((), device=self.device)
         if self.pipeline is not None:
             # Only the rank with the last stage sees losses: sum them over the pipeline too.
@@ -338,7 +365,7 @@ class Trainer:
                 with self._train_context():
                     loss_sum += self.pipeline.step(inputs, labels, kwargs)
             loss_sum = reduce_sum(loss_sum / scale, self.parallel_dims.meshes["pp"])
-            return reduce_sum(loss_sum, loss_mesh) / global_tokens
+            return reduce_sum(loss_sum, loss_mesh) / global_tokens * poison
         (model,) = self.model_parts
         for i, (inputs, labels, kwargs) in enumerate(prepared):
             self._set_gradient_sync(last=i == len(prepared) - 1)
@@ -348,7 +375,7 @@ class Trainer:
                 loss = cross_entropy_sum(logits, labels)
                 (loss * scale).backward()
             loss_sum += loss.full_tensor() if isinstance(loss, DTensor) else loss.detach()
-        return reduce_sum(loss_sum, loss_mesh) / global_tokens
+        return reduce_sum(loss_sum, loss_mesh) / global_tokens * poison
 
     def validation_loss_sum(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         """This rank's summed token loss on ``batch`` and its target-token count, forward only:
@@ -415,7 +442,10 @@ class Trainer:
             if isinstance(part, FSDPModule):
                 part.set_requires_gradient_sync(last)
 
-    def train_step(self, micro_batches: list[Batch]) -> tuple[torch.Tensor, torch.Tensor]:
+    def train_step(self, micro_batches: list[Batch]) -> StepResult:
+        """Forward, backward, clip; the optimizer and LR schedule step only if the loss and the
+        gradient norm are finite. Reads the step's figures in one host sync, with the agreed
+        stop request (``StopSignals``)."""
         self.optimizer.zero_grad(set_to_none=True)
         loss = self.forward_backward(micro_batches)
         max_norm = self.config.training.max_norm
@@ -424,9 +454,16 @@ class Trainer:
             max_norm if max_norm > 0 else float("inf"),
             pp_mesh=self.parallel_dims.meshes["pp"],
         )
-        self.optimizer.step()
-        self.lr_scheduler.step()
-        return loss, grad_norm
+        stop = self.stop_signals.requested() if self.stop_signals else torch.zeros_like(loss)
+        # Loss and norm are global (reduced over every rank), so every rank decides alike.
+        loss_value, norm_value, stop_value = torch.stack(
+            [loss.float(), grad_norm.float(), stop.float()]
+        ).tolist()
+        finite = math.isfinite(loss_value) and math.isfinite(norm_value)
+        if finite:
+            self.optimizer.step()
+            self.lr_scheduler.step()
+        return StepResult(loss_value, norm_value, finite=finite, stop=stop_value > 0)
 
     def train(self) -> None:
         t = self.config.training
@@ -442,39 +479,97 @@ class Trainer:
         )  # fmt: skip
         data_iter = iter(self.dataloader)
         state, first_step = self.train_state, self.train_state.step + 1
-        self.metrics.reset_timer()
-        while state.step < t.steps:
-            state.step += 1
-            lr = float(self.lr_scheduler.get_last_lr()[0])
-            micro_batches = [next(data_iter) for _ in range(self.grad_accum_steps)]
-            loss, grad_norm = self.train_step(micro_batches)
-            batch_tokens = sum(batch.inputs.numel() for batch in micro_batches)
-            state.tokens_seen += batch_tokens * self.parallel_dims.dp
-            self.metrics.add_tokens(batch_tokens // self.parallel_dims.model_parallel_degree)
-            if (
-                state.step in (first_step, t.steps)
-                or state.step % self.config.metrics.log_freq == 0
-            ):
-                self.metrics.log(state.step, loss=loss.item(), grad_norm=grad_norm.item(), lr=lr)
-                if counts := self.dataloader.source_counts():
-                    logger.info("data mix, documents read on this rank: %s", format_shares(counts))
-                if overlong := self.dataloader.overlong_counts():
-                    logger.info(
-                        "chat data on this rank: %d conversations truncated, %d dropped "
-                        "(longer than seq_len + 1 = %d tokens, --data.overlong %s)",
-                        *overlong, t.seq_len + 1, self.config.data.overlong,
-                    )  # fmt: skip
-            if self.validator is not None and self.validator.due(state.step, t.steps):
-                begin = time.perf_counter()
-                record = self.validator.evaluate(self.validation_loss_sum)
-                seconds = time.perf_counter() - begin
-                self.metrics.log_validation(state.step, record, seconds=seconds)
-            self.checkpointer.maybe_save(state.step)
-        self.checkpointer.wait()
-        self.metrics.close()
+        self.metrics.start(after_step=state.step)
+        self.stop_signals = StopSignals(self.config.job.stop_signals, self.device)
+        try:
+            while state.step < t.steps:
+                state.step += 1
+                lr = float(self.lr_scheduler.get_last_lr()[0])
+                micro_batches = [next(data_iter) for _ in range(self.grad_accum_steps)]
+                result = self.train_step(micro_batches)
+                batch_tokens = sum(batch.inputs.numel() for batch in micro_batches)
+                state.tokens_seen += batch_tokens * self.parallel_dims.dp
+                self.metrics.add_tokens(batch_tokens // self.parallel_dims.model_parallel_degree)
+                if not result.finite:
+                    state.skipped_steps += 1
+                if (
+                    state.step in (first_step, t.steps)
+                    or state.step % self.config.metrics.log_freq == 0
+                    or not result.finite
+                ):
+                    self.metrics.log(
+                        state.step,
+                        loss=result.loss,
+                        grad_norm=result.grad_norm,
+                        lr=lr,
+                        skipped_steps=state.skipped_steps,
+                    )
+                    self._log_data_counts()
+                self._check_finite(result)
+                if self.validator is not None and self.validator.due(state.step, t.steps):
+                    begin = time.perf_counter()
+                    record = self.validator.evaluate(self.validation_loss_sum)
+                    seconds = time.perf_counter() - begin
+                    self.metrics.log_validation(state.step, record, seconds=seconds)
+                saved = self.checkpointer.maybe_save(state.step)
+                if result.stop and state.step < t.steps:
+                    self._stop_on_signal(saved)
+                    return
+            self.checkpointer.wait()
+        finally:
+            self.stop_signals.restore()
+            self.stop_signals = None
+            self.metrics.close()
         logger.info(
             "done: %d steps, %d tokens; metrics in %s",
             state.step, state.tokens_seen, self.metrics.jsonl_path,
+        )  # fmt: skip
+
+    def _log_data_counts(self) -> None:
+        if counts := self.dataloader.source_counts():
+            logger.info("data mix, documents read on this rank: %s", format_shares(counts))
+        if overlong := self.dataloader.overlong_counts():
+            logger.info(
+                "chat data on this rank: %d conversations truncated, %d dropped "
+                "(longer than seq_len + 1 = %d tokens, --data.overlong %s)",
+                *overlong, self.config.training.seq_len + 1, self.config.data.overlong,
+            )  # fmt: skip
+
+    def _check_finite(self, result: StepResult) -> None:
+        """--training.on_nonfinite: a non-finite step stops the run (``RunStopped``, exit code
+        3), or with ``skip`` only after max_consecutive_skips of them in a row."""
+        t, step = self.config.training, self.train_state.step
+        if result.finite:
+            self._consecutive_skips = 0
+            return
+        self._consecutive_skips += 1
+        what = f"step {step}: non-finite loss {result.loss} or grad_norm {result.grad_norm}"
+        if t.on_nonfinite == "skip" and self._consecutive_skips < t.max_consecutive_skips:
+            logger.warning(
+                "%s: update skipped (%d in a row; the run stops at %d)",
+                what, self._consecutive_skips, t.max_consecutive_skips,
+            )  # fmt: skip
+            return
+        in_a_row = (
+            f" ({self._consecutive_skips} steps in a row)" if t.on_nonfinite == "skip" else ""
+        )
+        raise RunStopped(
+            f"{what}{in_a_row}; stopped before applying its update. "
+            f"{self.checkpointer.last_good()}. Lower --optimizer.lr, clip with "
+            "--training.max_norm, or pass --training.on_nonfinite skip"
+        )
+
+    def _stop_on_signal(self, saved: bool) -> None:
+        """Every rank stops after the same step; the checkpoint of that step makes the next
+        start in this folder resume exactly there."""
+        step = self.train_state.step
+        if self.config.checkpoint.enable and not saved:
+            self.checkpointer.save(step)
+        self.checkpointer.wait()
+        received = self.stop_signals.received if self.stop_signals else None
+        logger.info(
+            "stopped after step %d on a stop signal (%s). %s; run the same command to resume",
+            step, received or "received by another rank", self.checkpointer.last_good(),
         )  # fmt: skip
 
     def close(self) -> None:

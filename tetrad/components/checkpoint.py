@@ -29,6 +29,8 @@ import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.metadata import Metadata
 from torch.distributed.checkpoint.stateful import Stateful
+from torch.distributed.tensor import DTensor
+from torch.optim.lr_scheduler import LambdaLR
 
 from tetrad.components.checkpoint_folder import (
     base_source,
@@ -49,9 +51,10 @@ from tetrad.components.checkpoint_states import (
     merged_view,
 )
 from tetrad.components.hf_checkpoint import save_hf_weights
+from tetrad.components.lr_scheduler import follow_current_schedule
 from tetrad.config.job_config import CheckpointConfig, CheckpointState
 from tetrad.data.tokenizer import Tokenizer
-from tetrad.errors import CheckpointError, ConfigError
+from tetrad.errors import CheckpointError, ConfigError, RunStopped
 from tetrad.models.lora import is_adapter
 from tetrad.models.spec import StateDictAdapter
 
@@ -82,7 +85,7 @@ class CheckpointManager:
         *,
         model_parts: Sequence[nn.Module],
         optimizer: torch.optim.Optimizer,
-        lr_scheduler: Stateful,
+        lr_scheduler: LambdaLR,
         dataloader: Stateful,
         train_state: TrainState,
         total_steps: int,
@@ -106,8 +109,10 @@ class CheckpointManager:
         self.exclude = set(config.exclude_from_loading)
         self.enabled = config.enable or config.create_seed_checkpoint
         self.model = merged_view(model_parts)
+        self.device = next(self.model.parameters()).device
         self.lora = any(is_adapter(fqn) for fqn, _ in self.model.named_parameters())
         self.select_saved = is_adapter if adapters_only else None
+        self.lr_scheduler = lr_scheduler
         self.states: dict[str, Stateful] = {
             "model": ModelState(self.model, select=self.select_saved),
             "optimizer": OptimizerState(self.model, optimizer),
@@ -148,6 +153,9 @@ class CheckpointManager:
         if "dataloader" in names:
             self._check_dp_degree(metadata, path)
         begin = time.perf_counter()
+        base_lrs = [
+            float(lr) for lr in self.lr_scheduler.base_lrs
+        ]  # this run's, before the load replaces them
         states = {name: self.states[name] for name in names}
         if model is not None:
             states["model"] = model
@@ -155,7 +163,10 @@ class CheckpointManager:
             states["train_state"] = LoadableTrainState(self.train_state, metadata)
         dcp.load(states, checkpoint_id=str(path))
         self._check_overwrite(self.train_state.step)
-        self._sync_lr()
+        # The loaded optimizer and schedule bring the LRs of the run that saved them; this
+        # run's options decide the LR from its first step on.
+        if changes := follow_current_schedule(self.lr_scheduler, base_lrs):
+            logger.info("resumed with a changed LR schedule: %s", "; ".join(changes))
         fresh = [name for name in CHECKPOINT_STATES if name not in names]
         logger.info(
             "resumed from %s in %.1f s (step %d, %d tokens seen)%s",
@@ -195,17 +206,6 @@ class CheckpointManager:
         dist.all_gather_object(all_keys, set(model_state))
         check_model_matches(model_state, metadata, path, set().union(*all_keys))
 
-    def _sync_lr(self) -> None:
-        """A loaded optimizer brings the learning rate it was saved with; the scheduler, loaded
-        or fresh, decides the rate of the next step."""
-        scheduler, optimizer = self.states["lr_scheduler"], self.states["optimizer"]
-        assert isinstance(optimizer, OptimizerState)
-        if hasattr(scheduler, "get_last_lr"):
-            for group, lr in zip(
-                optimizer.optimizer.param_groups, scheduler.get_last_lr(), strict=True
-            ):
-                group["lr"] = lr
-
     def _check_dp_degree(self, metadata: Metadata, path: Path) -> None:
         saved = {int(m[1]) for k in metadata.state_dict_metadata if (m := _DP_RANK_KEY.match(k))}
         if len(saved) != self.dp_world_size:
@@ -242,11 +242,11 @@ class CheckpointManager:
     def _due(self, step: int) -> bool:
         return step % self.config.interval == 0 or step == self.total_steps
 
-    def maybe_save(self, step: int) -> None:
+    def maybe_save(self, step: int) -> bool:
         """Save at the interval and at the last step (model only there with
-        --checkpoint.last_save_model_only)."""
+        --checkpoint.last_save_model_only); whether it saved."""
         if not self.config.enable or not self._due(step):
-            return
+            return False
         last = step == self.total_steps
         if last and self.config.last_save_model_only:
             self.save(step, model_only=True, dtype=getattr(torch, self.config.export_dtype))
@@ -254,6 +254,17 @@ class CheckpointManager:
             self.save(step)
         if last and self.config.last_save_in_hf:
             self.export_hf(step)
+        return True
+
+    def last_good(self) -> str:
+        """Where the run can go on from, for a message: the newest complete checkpoint (after
+        the save in flight, if any, is finished)."""
+        if not self.config.enable:
+            return "No checkpoint (--checkpoint.enable is off)"
+        self.wait()
+        if steps := self.complete_steps():
+            return f"Last good checkpoint: {step_folder(self.folder, steps[-1])}"
+        return f"No checkpoint in {self.folder} yet"
 
     def _hf_folder(self, step: int) -> Path:
         return self.folder / f"step-{step}-hf"
@@ -291,6 +302,7 @@ class CheckpointManager:
         if given); async mode returns once the state is copied. Raises a failure of the save
         before, on every rank."""
         self.wait()  # one save in flight at a time; raises a failure of the previous one
+        self._check_finite(step)
         tmp = step_folder(self.folder, step, tmp=True)
         if self.rank == 0 and tmp.exists():  # left by a save that did not finish
             shutil.rmtree(tmp)
@@ -321,6 +333,21 @@ class CheckpointManager:
                 pending.finalized.set()
 
         future.add_done_callback(on_done)
+
+    def _check_finite(self, step: int) -> None:
+        """Never write non-finite weights (a finite but huge update can overflow them): stop
+        instead, on every rank, keeping the checkpoints that exist."""
+        finite = torch.ones((), device=self.device)
+        for tensor in self.model.state_dict().values():
+            local = tensor.to_local() if isinstance(tensor, DTensor) else tensor
+            if local.is_floating_point():
+                finite = finite * torch.isfinite(local).all()
+        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+        if not finite.item():
+            raise RunStopped(
+                f"step {step}: the weights hold non-finite values; not saved. "
+                f"{self.last_good()}. Lower --optimizer.lr or clip with --training.max_norm"
+            )
 
     def _finalize(
         self, step: int, begin: float, blocked: float, names: list[str]

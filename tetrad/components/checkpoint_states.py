@@ -116,13 +116,15 @@ def merged_view(parts: Sequence[nn.Module]) -> nn.Module:
 
 
 class TrainState(Stateful):
-    """The step counter, the tokens trained on so far and the RNG, so a resumed run draws the
-    same random numbers. Every rank seeds its generators alike, so one copy serves all.
-    ``cuda_rng`` is always saved (empty without CUDA), so every checkpoint has the same keys."""
+    """The step counter, the tokens trained on so far, the steps whose update was skipped
+    (non-finite) and the RNG, so a resumed run draws the same random numbers. Every rank seeds
+    its generators alike, so one copy serves all. ``cuda_rng`` is always saved (empty without
+    CUDA), so every checkpoint has the same keys."""
 
     def __init__(self) -> None:
         self.step = 0
         self.tokens_seen = 0
+        self.skipped_steps = 0
 
     def state_dict(self) -> dict[str, Any]:
         cuda = torch.cuda.is_available()
@@ -131,6 +133,7 @@ class TrainState(Stateful):
         return {
             "step": self.step,
             "tokens_seen": self.tokens_seen,
+            "skipped_steps": self.skipped_steps,
             "rng": rng,
             "cuda_rng": cuda_rng,
         }
@@ -138,6 +141,7 @@ class TrainState(Stateful):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.step = int(state_dict["step"])
         self.tokens_seen = int(state_dict["tokens_seen"])
+        self.skipped_steps = int(state_dict.get("skipped_steps", 0))
         torch.set_rng_state(state_dict["rng"])
         cuda_rng = state_dict.get("cuda_rng")
         if cuda_rng is not None and cuda_rng.numel() > 0 and torch.cuda.is_available():
@@ -147,18 +151,20 @@ class TrainState(Stateful):
 class LoadableTrainState(Stateful):
     """A TrainState as DCP's load target: its ``cuda_rng`` takes the saved size (DCP loads into
     a tensor of the saved shape only), so a checkpoint written without CUDA loads on a GPU
-    machine and the other way round; a checkpoint without the key loads without it."""
+    machine and the other way round; keys an older checkpoint lacks are not asked for."""
 
     def __init__(self, train_state: TrainState, metadata: Metadata) -> None:
         self.train_state, self.metadata = train_state, metadata
 
     def state_dict(self) -> dict[str, Any]:
-        state = self.train_state.state_dict()
-        saved = self.metadata.state_dict_metadata.get("train_state.cuda_rng")
-        if isinstance(saved, TensorStorageMetadata):
-            state["cuda_rng"] = torch.empty(saved.size, dtype=torch.uint8)
-        else:
-            del state["cuda_rng"]
+        saved = self.metadata.state_dict_metadata
+        state = {
+            key: value
+            for key, value in self.train_state.state_dict().items()
+            if f"train_state.{key}" in saved
+        }
+        if isinstance(cuda_rng := saved.get("train_state.cuda_rng"), TensorStorageMetadata):
+            state["cuda_rng"] = torch.empty(cuda_rng.size, dtype=torch.uint8)
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import math
 import resource
 import time
 from pathlib import Path
@@ -67,8 +68,20 @@ def memory_gib(device: torch.device) -> float:
     return host_memory_gib()
 
 
+def _step_of(line: str) -> float:
+    """The step of a metrics.jsonl record; infinite for a line a killed run left unfinished."""
+    try:
+        return float(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return math.inf
+
+
 class MetricsLogger:
-    """Accumulates tokens between log lines and writes one record per logged step."""
+    """Accumulates tokens between log lines and writes one record per logged step.
+
+    ``metrics.jsonl`` and TensorBoard hold the history of the run whose state the folder holds:
+    ``start`` drops what a previous start logged after the step this one starts from (steps
+    it will redo, or a whole run it replaces), so no step appears twice."""
 
     def __init__(
         self,
@@ -85,11 +98,8 @@ class MetricsLogger:
         self.peak_tflops = peak_tflops
         self.write = write
         self.jsonl_path = dump_folder / "metrics.jsonl"
-        self.tb_writer = None
-        if enable_tensorboard and write:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.tb_writer = SummaryWriter(log_dir=str(dump_folder / "tb"))
+        self.tb_folder = dump_folder / "tb" if enable_tensorboard and write else None
+        self.tb_writer: Any = None
         self._tokens = 0
         self._last_time = time.perf_counter()
 
@@ -98,12 +108,29 @@ class MetricsLogger:
         pipeline parallel ranks counts once among them)."""
         self._tokens += num_tokens
 
-    def reset_timer(self) -> None:
-        """Start the throughput clock afresh (after set-up, so it is not counted)."""
+    def start(self, *, after_step: int) -> None:
+        """Before the first step after ``after_step``: trim the records of later steps, open
+        TensorBoard (purging its later events), and start the throughput clock (set-up is not
+        counted)."""
+        if self.write and self.jsonl_path.exists():
+            lines = self.jsonl_path.read_text().splitlines(keepends=True)
+            kept = [line for line in lines if _step_of(line) <= after_step]
+            if len(kept) < len(lines):
+                self.jsonl_path.write_text("".join(kept))
+                logger.info(
+                    "%s: dropped %d record(s) after step %d, which this run redoes",
+                    self.jsonl_path, len(lines) - len(kept), after_step,
+                )  # fmt: skip
+        if self.tb_folder is not None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb_writer = SummaryWriter(log_dir=str(self.tb_folder), purge_step=after_step + 1)
         self._tokens = 0
         self._last_time = time.perf_counter()
 
-    def log(self, step: int, *, loss: float, grad_norm: float, lr: float) -> dict[str, Any]:
+    def log(
+        self, step: int, *, loss: float, grad_norm: float, lr: float, skipped_steps: int
+    ) -> dict[str, Any]:
         now = time.perf_counter()
         tokens_per_sec = self._tokens / max(now - self._last_time, 1e-9)
         tflops = self.flops_per_token * tokens_per_sec / 1e12
@@ -112,6 +139,7 @@ class MetricsLogger:
             "loss": loss,
             "grad_norm": grad_norm,
             "lr": lr,
+            "skipped_steps": skipped_steps,
             "tokens_per_sec": tokens_per_sec,
             "tflops": tflops,
             "mfu": 100.0 * tflops / self.peak_tflops,
@@ -121,9 +149,9 @@ class MetricsLogger:
         if self.write:
             logger.info(
                 "step %5d  loss %7.4f  grad_norm %7.4f  lr %.2e  tok/s %8.0f  "
-                "TFLOP/s %6.3f  MFU %5.2f%%  mem %5.2f GiB",
+                "TFLOP/s %6.3f  MFU %5.2f%%  mem %5.2f GiB%s",
                 step, loss, grad_norm, lr, tokens_per_sec, tflops, record["mfu"],
-                record["memory_gib"],
+                record["memory_gib"], f"  skipped {skipped_steps}" if skipped_steps else "",
             )  # fmt: skip
             self._write(record, step)
         return record
@@ -141,8 +169,13 @@ class MetricsLogger:
         self._write({"step": step, **record}, step)
 
     def _write(self, record: dict[str, Any], step: int) -> None:
+        # Strict JSON: a non-finite figure is written as null, not as a bare NaN or Infinity.
+        finite = {
+            key: value if not isinstance(value, float) or math.isfinite(value) else None
+            for key, value in record.items()
+        }
         with self.jsonl_path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
+            f.write(json.dumps(finite, allow_nan=False) + "\n")
         if self.tb_writer is not None:
             for key, value in record.items():
                 if key != "step":
@@ -151,3 +184,4 @@ class MetricsLogger:
     def close(self) -> None:
         if self.tb_writer is not None:
             self.tb_writer.close()
+            self.tb_writer = None

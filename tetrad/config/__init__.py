@@ -2,6 +2,7 @@
 
 from tetrad.config.job_config import Config
 from tetrad.config.loader import (
+    changed_options,
     config_from_args,
     config_to_dict,
     load_config,
@@ -14,6 +15,7 @@ from tetrad.errors import ConfigError
 __all__ = [
     "Config",
     "ConfigError",
+    "changed_options",
     "config_from_args",
     "config_to_dict",
     "load_config",

@@ -107,6 +107,19 @@ def save_config(config: Config, path: str | Path) -> None:
     Path(path).write_text(tomli_w.dumps(config_to_dict(config)))
 
 
+def changed_options(config: Config, previous: Path) -> list[str]:
+    """``--section.key old → new`` for each option that differs from the config saved at
+    ``previous`` (the last start in the same run folder), for the log of a resumed run."""
+    before = tomllib.loads(previous.read_text())
+    after = config_to_dict(config)
+    return [
+        f"--{section}.{key} {before.get(section, {}).get(key)} → {after.get(section, {}).get(key)}"
+        for section in sorted(set(before) | set(after))
+        for key in sorted(set(before.get(section, {})) | set(after.get(section, {})))
+        if before.get(section, {}).get(key) != after.get(section, {}).get(key)
+    ]
+
+
 def validate_config(config: Config) -> None:
     """Checks that need no world size; ParallelDims checks the degrees against it."""
     t, lr = config.training, config.lr_scheduler
