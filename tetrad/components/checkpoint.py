@@ -405,4 +405,4 @@ def _os_reason(error: BaseException) -> str:
     while isinstance(error, CheckpointException) and error.failures:
         rank, (error, _) = min(error.failures.items())
     where = "" if rank is None else f" (rank {rank})"
-    return " ".join(f"{error}{where}".split()) or type(error).__name__
+    return " ".join(f"{error}{where}".split())

@@ -45,7 +45,15 @@ class ChecksumWriter(FileSystemWriter):
     """DCP's file system writer; each rank also records the CRC-32 of the files it wrote."""
 
     def write_data(self, plan: SavePlan, planner: SavePlanner) -> Future[list[WriteResult]]:
-        future = super().write_data(plan, planner)
+        try:
+            future = super().write_data(plan, planner)
+        except RuntimeError as e:
+            # torch.save reports a failed write (a full disk) as a stream position, the OS error
+            # only in its context, which DCP loses when it gathers the ranks' failures.
+            cause = e.__context__
+            if isinstance(cause, OSError):
+                raise cause from e
+            raise
         folder = Path(self.path)
         names = sorted({result.storage_data.relative_path for result in future.wait()})
         crcs = {name: file_crc32(folder / name) for name in names}
