@@ -35,7 +35,7 @@ from tetrad.components.checkpoint_folder import (
     write_complete,
 )
 from tetrad.components.checkpoint_states import LoadableTrainState, ModelState, TrainState
-from tetrad.components.checkpoint_storage import ChecksumWriter, SafeReader
+from tetrad.components.checkpoint_storage import ChecksumWriter, SafeLoadPlanner, SafeReader
 from tetrad.config.job_config import CheckpointConfig
 from tetrad.errors import CheckpointError, RunStopped
 
@@ -183,6 +183,22 @@ def test_metadata_that_runs_code_is_refused_unread(tmp_path: Path) -> None:
     with pytest.raises(CheckpointException, match="refused unread"):  # DCP's load, our reader
         dcp.load({"model": ModelState(model)}, storage_reader=SafeReader(path))
     assert not marker.exists()
+
+
+def test_values_that_run_code_are_refused_unread(tmp_path: Path) -> None:
+    """A non-tensor value of a checkpoint (DCP keeps them as torch.save pickles) that would run
+    code: DCP's own planner runs it; ours loads plain values only and refuses it."""
+    marker = tmp_path / "pwned"
+    path = _save(tmp_path / "step-2", {"state": {"step": 3, "x": _RunsCode(marker)}})
+    with pytest.raises(CheckpointException, match="Weights only load failed"):
+        dcp.load({"state": {"step": 0, "x": 0}}, storage_reader=SafeReader(path),
+                 planner=SafeLoadPlanner())  # fmt: skip
+    assert not marker.exists()
+    dcp.load({"state": {"step": 0, "x": 0}}, storage_reader=SafeReader(path))
+    assert marker.exists()  # what the default planner does with it
+    safe = {"state": {"step": 0}}
+    dcp.load(safe, storage_reader=SafeReader(path), planner=SafeLoadPlanner())
+    assert safe == {"state": {"step": 3}}
 
 
 class _Data:

@@ -53,7 +53,7 @@ from tetrad.components.checkpoint_states import (
     TrainState,
     merged_view,
 )
-from tetrad.components.checkpoint_storage import ChecksumWriter, SafeReader
+from tetrad.components.checkpoint_storage import ChecksumWriter, SafeLoadPlanner, SafeReader
 from tetrad.components.hf_checkpoint import save_hf_weights
 from tetrad.config.job_config import CheckpointConfig, CheckpointState
 from tetrad.data.tokenizer import Tokenizer
@@ -159,7 +159,7 @@ class CheckpointManager:
             states["model"] = model
         if "train_state" in states:
             states["train_state"] = LoadableTrainState(self.train_state, metadata)
-        dcp.load(states, storage_reader=SafeReader(path))
+        dcp.load(states, storage_reader=SafeReader(path), planner=SafeLoadPlanner())
         self._check_overwrite(self.train_state.step)
         self._sync_lr()
         fresh = [name for name in CHECKPOINT_STATES if name not in names]
@@ -193,7 +193,11 @@ class CheckpointManager:
                 raise CheckpointError(f"--checkpoint.initial_load_path {source}: {problem}")
             base_state = ModelState(self.model, select=_is_base)
             self._check_model(base_state, read_metadata(source), source)
-            dcp.load({"model": base_state}, storage_reader=SafeReader(source))
+            dcp.load(
+                {"model": base_state},
+                storage_reader=SafeReader(source),
+                planner=SafeLoadPlanner(),
+            )
             logger.info("loaded the frozen base from %s", source)
         return ModelState(self.model, select=is_adapter)
 

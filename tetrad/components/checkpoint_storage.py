@@ -5,12 +5,14 @@ Each rank hashes the files it wrote itself (CRC-32, streamed, right after writin
 small ``__R_crc32.json`` beside them; rank 0 folds those into the ``COMPLETE`` marker when it
 finishes the checkpoint (``checkpoint_folder.write_complete``), so no rank reads another's
 shards and no collective is added to a save (async saves included). DCP's own reader unpickles
-``.metadata`` with ``pickle.load``, which runs whatever a crafted file asks for; ours admits only
-the classes DCP's metadata is made of.
+``.metadata`` with ``pickle.load``, and its load planner non-tensor values with ``torch.load(...,
+weights_only=False)``, either of which runs whatever a crafted file asks for; ours admit only
+the classes DCP's metadata is made of, and plain values (``weights_only=True``).
 """
 
 from __future__ import annotations
 
+import io
 import json
 import pickle
 import zlib
@@ -19,8 +21,10 @@ from typing import Any
 
 import torch
 from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint._traverse import set_element
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
-from torch.distributed.checkpoint.planner import SavePlan, SavePlanner
+from torch.distributed.checkpoint.planner import ReadItem, SavePlan, SavePlanner
 from torch.distributed.checkpoint.storage import WriteResult
 from torch.futures import Future
 
@@ -70,6 +74,19 @@ class SafeReader(FileSystemReader):
             metadata.storage_meta = StorageMeta()
         metadata.storage_meta.load_id = self.load_id
         return metadata
+
+
+class SafeLoadPlanner(DefaultLoadPlanner):
+    """DCP's load planner, reading non-tensor values (steps, learning rates, data positions)
+    with ``torch.load(weights_only=True)``: plain values only, no code."""
+
+    def load_bytes(self, read_item: ReadItem, value: io.BytesIO) -> None:
+        loaded = torch.load(value, weights_only=True)
+        fqn = read_item.dest_index.fqn
+        if self.flatten_state_dict:
+            set_element(self.original_state_dict, self.mappings[fqn], loaded)
+        else:
+            self.state_dict[fqn] = loaded
 
 
 class MetadataRefused(pickle.UnpicklingError):
