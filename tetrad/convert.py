@@ -30,6 +30,7 @@ from tetrad.components.checkpoint_folder import (
     write_complete,
 )
 from tetrad.components.checkpoint_states import ModelState
+from tetrad.components.checkpoint_storage import ChecksumWriter, SafeLoadPlanner, SafeReader
 from tetrad.components.hf_checkpoint import load_hf_weights, save_hf_weights
 from tetrad.config import config_from_args
 from tetrad.data import build_tokenizer
@@ -71,8 +72,8 @@ def convert(args: argparse.Namespace) -> None:
     materialize_for_loading([model], torch.device("cpu"))  # the load fills every weight
     begin = time.perf_counter()
     if to_hf:
-        if problem := checkpoint_problem(src, need_marker=False):
-            raise ConfigError(f"{src}: {problem}")
+        if problem := checkpoint_problem(src, need_marker=False, verify=True):
+            raise CheckpointError(f"{src}: {problem}")
         metadata = read_metadata(src)
         if (held := model_keys(metadata)) and all(map(is_adapter, held)):
             raise CheckpointError(
@@ -82,7 +83,12 @@ def convert(args: argparse.Namespace) -> None:
         state = ModelState(model)
         model_state = state.state_dict()
         check_model_matches(model_state, metadata, src, set(model_state))
-        dcp.load({"model": state}, checkpoint_id=str(src), no_dist=True)
+        dcp.load(
+            {"model": state},
+            storage_reader=SafeReader(src),
+            planner=SafeLoadPlanner(),
+            no_dist=True,
+        )
         chat_template = chat_template_for(config.data, tokenizer)
         save_hf_weights(
             model,
@@ -97,7 +103,7 @@ def convert(args: argparse.Namespace) -> None:
         tmp = dst.with_name(dst.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)  # left by a conversion that did not finish
         model_state = {"model": ModelState(model, getattr(torch, dtype))}
-        dcp.save(model_state, checkpoint_id=str(tmp), no_dist=True)
+        dcp.save(model_state, storage_writer=ChecksumWriter(tmp), no_dist=True)
         write_complete(tmp, dst, step=0, names=["model"])
     print(f"converted {src} → {dst} in {time.perf_counter() - begin:.1f} s")
 

@@ -20,6 +20,7 @@ from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 from tests.conftest import REPO, TINY_RUN, read_metrics, run_train
 from tetrad.components.checkpoint_folder import COMPLETE, write_complete
 from tetrad.components.checkpoint_states import ModelState
+from tetrad.components.checkpoint_storage import ChecksumWriter
 from tetrad.components.lr_scheduler import wsd_factor
 from tetrad.config import load_config
 from tetrad.data import build_tokenizer
@@ -268,9 +269,10 @@ def test_seed_checkpoint_starts_every_layout_from_the_same_weights(tmp_path: Pat
 
 
 def _model_only_checkpoint(path: Path) -> None:
-    """A complete model-only checkpoint of the tiny model, written in this process."""
+    """A complete model-only checkpoint of the tiny model, written in this process as tetrad
+    writes them (with checksums)."""
     tmp = path.with_name(path.name + ".tmp")
-    dcp.save({"model": ModelState(tiny_model(seed=0))}, checkpoint_id=str(tmp))
+    dcp.save({"model": ModelState(tiny_model(seed=0))}, storage_writer=ChecksumWriter(tmp))
     write_complete(tmp, path, step=2, names=["model"])
 
 

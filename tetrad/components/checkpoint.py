@@ -7,8 +7,11 @@ any parallel layout (DCP reshards on load). Crash safety (written as ``step-N.tm
 ``checkpoint_folder`` (as is the choice of the checkpoint a run resumes from); the states
 themselves are ``checkpoint_states``. Async saves (``dcp.async_save``) write in a background
 thread over a process group of their own, so the collectives of training and of the save never
-interleave. A failure to make a save visible on rank 0 is raised on every rank: at once in sync
-mode, from ``wait()`` or the next save in async mode.
+interleave. Every file is checksummed as it is written (``checkpoint_storage``) and verified
+before a load. A save that fails (a full disk, a folder made read-only, a file in the way) is
+raised on every rank as one ``RunStopped`` line naming the checkpoint and the OS error, after
+rank 0 has removed its ``step-N.tmp``; the checkpoints before it stay as they were. In sync mode
+that happens at once, in async mode from ``wait()`` or the next save.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import Metadata
 from torch.distributed.checkpoint.stateful import Stateful
 from torch.distributed.tensor import DTensor
@@ -35,6 +39,7 @@ from torch.optim.lr_scheduler import LambdaLR
 from tetrad.components.checkpoint_folder import (
     base_source,
     check_model_matches,
+    checkpoint_problem,
     complete_steps,
     model_keys,
     read_metadata,
@@ -50,6 +55,7 @@ from tetrad.components.checkpoint_states import (
     TrainState,
     merged_view,
 )
+from tetrad.components.checkpoint_storage import ChecksumWriter, SafeLoadPlanner, SafeReader
 from tetrad.components.hf_checkpoint import save_hf_weights
 from tetrad.components.lr_scheduler import follow_current_schedule
 from tetrad.config.job_config import CheckpointConfig, CheckpointState
@@ -161,7 +167,7 @@ class CheckpointManager:
             states["model"] = model
         if "train_state" in states:
             states["train_state"] = LoadableTrainState(self.train_state, metadata)
-        dcp.load(states, checkpoint_id=str(path))
+        dcp.load(states, storage_reader=SafeReader(path), planner=SafeLoadPlanner())
         self._check_overwrite(self.train_state.step)
         # The loaded optimizer and schedule bring the LRs of the run that saved them; this
         # run's options decide the LR from its first step on.
@@ -194,9 +200,15 @@ class CheckpointManager:
                     names.remove(name)
             return ModelState(self.model, select=_is_base)
         if (source := base_source(self.config, path)) is not None:
+            if problem := checkpoint_problem(source, need_marker=False, verify=True):
+                raise CheckpointError(f"--checkpoint.initial_load_path {source}: {problem}")
             base_state = ModelState(self.model, select=_is_base)
             self._check_model(base_state, read_metadata(source), source)
-            dcp.load({"model": base_state}, checkpoint_id=str(source))
+            dcp.load(
+                {"model": base_state},
+                storage_reader=SafeReader(source),
+                planner=SafeLoadPlanner(),
+            )
             logger.info("loaded the frozen base from %s", source)
         return ModelState(self.model, select=is_adapter)
 
@@ -299,24 +311,30 @@ class CheckpointManager:
         self, step: int, *, model_only: bool = False, dtype: torch.dtype | None = None
     ) -> None:
         """Write step ``step``'s checkpoint (``model_only``: the weights alone, cast to ``dtype``
-        if given); async mode returns once the state is copied. Raises a failure of the save
-        before, on every rank."""
+        if given); async mode returns once the state is copied. Raises a failure of this save
+        (sync mode) or of the one before (async mode), on every rank."""
         self.wait()  # one save in flight at a time; raises a failure of the previous one
         self._check_finite(step)
         tmp = step_folder(self.folder, step, tmp=True)
-        if self.rank == 0 and tmp.exists():  # left by a save that did not finish
-            shutil.rmtree(tmp)
+        if self.rank == 0:  # left by a save that did not finish; if it cannot go, the save fails
+            shutil.rmtree(tmp, ignore_errors=True)
         dist.barrier()
         model_state = ModelState(self.model, dtype, self.select_saved)
         states: dict[str, Stateful] = {"model": model_state} if model_only else self.states
         begin = time.perf_counter()
         names = sorted(states)
         if self.group is None:
-            dcp.save(states, checkpoint_id=str(tmp))
-            error = self._finalize(step, begin, time.perf_counter() - begin, names)
-            _raise_on_every_rank(error, step, group=None)
+            error: BaseException | None
+            try:
+                dcp.save(states, storage_writer=ChecksumWriter(tmp))
+                error = self._finalize(step, begin, time.perf_counter() - begin, names)
+            except CheckpointException as e:  # raised on every rank when one rank's write fails
+                error = e
+            self._raise_on_every_rank(error, step, group=None)
             return
-        future = dcp.async_save(states, checkpoint_id=str(tmp), process_group=self.group)
+        future = dcp.async_save(
+            states, storage_writer=ChecksumWriter(tmp), process_group=self.group
+        )
         assert isinstance(future, Future)  # an AsyncSaveResponse only with async staging
         blocked = time.perf_counter() - begin
         pending = self.pending = _PendingSave(future, step)
@@ -327,8 +345,7 @@ class CheckpointManager:
         # Rank 0's save ends after every rank's shards and the metadata are written.
         def on_done(f: Future[None]) -> None:
             try:
-                if f.exception() is None:
-                    pending.error = self._finalize(step, begin, blocked, names)
+                pending.error = f.exception() or self._finalize(step, begin, blocked, names)
             finally:
                 pending.finalized.set()
 
@@ -386,23 +403,37 @@ class CheckpointManager:
         if self.pending is None:
             return
         pending, self.pending = self.pending, None
-        pending.future.result()
+        pending.future.exception()  # every rank's share written (or failed: rank 0 knows)
         pending.finalized.wait()
-        _raise_on_every_rank(pending.error, pending.step, group=self.group)
+        self._raise_on_every_rank(pending.error, pending.step, group=self.group)
+
+    def _raise_on_every_rank(
+        self, error: BaseException | None, step: int, group: dist.ProcessGroup | None
+    ) -> None:
+        """Rank 0 tells every rank whether it made step ``step``'s checkpoint visible, so a
+        failure stops them all here, with rank 0's one-line reason, rather than leaving the
+        others at their next collective. On failure rank 0 first removes the temporary folder
+        (every rank is done writing into it)."""
+        reason: list[str | None] = [None]
+        if self.rank == 0 and error is not None:
+            shutil.rmtree(step_folder(self.folder, step, tmp=True), ignore_errors=True)
+            reason = [
+                f"could not save checkpoint {step_folder(self.folder, step)}: "
+                f"{_os_reason(error)}; the checkpoints before it are intact"
+            ]
+        dist.broadcast_object_list(reason, src=0, group=group)
+        if reason[0] is not None:
+            raise RunStopped(reason[0]) from error
 
 
 def _is_base(fqn: str) -> bool:
     return not is_adapter(fqn)
 
 
-def _raise_on_every_rank(
-    error: BaseException | None, step: int, group: dist.ProcessGroup | None
-) -> None:
-    """Rank 0 tells every rank whether it made step ``step``'s checkpoint visible, so a failure
-    stops them all here rather than leaving the others at their next collective."""
-    ok = [error is None]
-    dist.broadcast_object_list(ok, src=0, group=group)
-    if error is not None:
-        raise error
-    if not ok[0]:
-        raise RuntimeError(f"rank 0 failed to finish the checkpoint of step {step} (see its log)")
+def _os_reason(error: BaseException) -> str:
+    """What went wrong, on one line: the first failing rank's exception out of DCP's wrapper."""
+    rank = None
+    while isinstance(error, CheckpointException) and error.failures:
+        rank, (error, _) = min(error.failures.items())
+    where = "" if rank is None else f" (rank {rank})"
+    return " ".join(f"{error}{where}".split())

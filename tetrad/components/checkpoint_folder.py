@@ -1,10 +1,12 @@
 """The on-disk contract of a checkpoint folder, apart from what goes into it.
 
 A checkpoint is written as ``step-N.tmp``; once every rank's shards and DCP's ``.metadata`` are
-on disk, rank 0 writes a ``COMPLETE`` marker into it (synced) and renames it to ``step-N``. Only
-a ``step-N`` folder with the marker, a readable ``.metadata`` and every data file it names, at
-full length, counts as a checkpoint; anything else is reported and skipped. A save killed at
-any point thus leaves the previous checkpoint the newest. These rules (and the choice of the
+on disk, rank 0 writes a ``COMPLETE`` marker into it (synced, holding the CRC-32 of every file)
+and renames it to ``step-N``. Only a ``step-N`` folder with the marker, a readable ``.metadata``
+and every data file it names, at full length, counts as a checkpoint; anything else is reported
+and skipped. A save killed at any point thus leaves the previous checkpoint the newest. Before a
+checkpoint is loaded its content is verified too (``content_problem``): a complete checkpoint
+whose bytes changed since is refused, never skipped silently. These rules (and the choice of the
 checkpoint a run resumes from) live apart from the saving and loading because ``tetrad convert``
 and the trainer's start-up, before any model is built, apply them too.
 """
@@ -20,9 +22,14 @@ from pathlib import Path
 from typing import Any
 
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
 
+from tetrad.components.checkpoint_storage import (
+    CRC32_SUFFIX,
+    MetadataRefused,
+    file_crc32,
+    read_metadata_file,
+)
 from tetrad.config.job_config import CheckpointConfig
 from tetrad.errors import CheckpointError
 from tetrad.models.lora import is_adapter
@@ -67,17 +74,25 @@ def resume_source(config: CheckpointConfig, folder: Path) -> Path | None:
     """The checkpoint a run starts from: with --checkpoint.enable the chosen
     (--checkpoint.load_step) or latest complete one in its own ``folder``, else a DCP
     --checkpoint.initial_load_path; None: start from scratch (or from HF weights, which the
-    trainer loads). Reads folder names and metadata only; logs skipped folders on rank 0."""
+    trainer loads). Its content is verified (collective under a process group: each rank reads
+    a share); a corrupt latest checkpoint stops the run rather than resuming silently from an
+    older one. Logs skipped folders on rank 0."""
     if config.enable and config.load_step >= 0:
         path = step_folder(folder, config.load_step)
-        if problem := checkpoint_problem(path):
+        if problem := checkpoint_problem(path, verify=True):
             raise CheckpointError(f"--checkpoint.load_step {config.load_step}: {path}: {problem}")
         return path
     if config.enable and (steps := complete_steps(folder, report=True)):
-        return step_folder(folder, steps[-1])
+        path = step_folder(folder, steps[-1])
+        if problem := content_problem(path):
+            before = f"from {step_folder(folder, steps[-2])}" if len(steps) > 1 else "afresh"
+            raise CheckpointError(
+                f"checkpoint {path}: {problem}; move it out of {folder} to start {before}"
+            )
+        return path
     if config.initial_load_path and not config.initial_load_in_hf:
         path = Path(config.initial_load_path)
-        if problem := checkpoint_problem(path, need_marker=False):
+        if problem := checkpoint_problem(path, need_marker=False, verify=True):
             raise CheckpointError(f"--checkpoint.initial_load_path {path}: {problem}")
         return path
     return None
@@ -115,8 +130,10 @@ def base_source(config: CheckpointConfig, source: Path) -> Path | None:
     return Path(initial)
 
 
-def checkpoint_problem(path: Path, *, need_marker: bool = True) -> str | None:
-    """Why ``path`` is not a complete, intact checkpoint; None if it is one."""
+def checkpoint_problem(path: Path, *, need_marker: bool = True, verify: bool = False) -> str | None:
+    """Why ``path`` is not a complete, intact checkpoint; None if it is one. Checks names, sizes
+    and the metadata; ``verify``: the content too (``content_problem``, a collective under a
+    process group)."""
     if not path.exists():
         return "it does not exist"
     if not path.is_dir():
@@ -128,9 +145,15 @@ def checkpoint_problem(path: Path, *, need_marker: bool = True) -> str | None:
     if not (path / ".metadata").is_file():
         return "it is not a DCP checkpoint (no .metadata file)"
     try:
-        metadata = read_metadata(path)
+        metadata = read_metadata_file(path / ".metadata")
+    except MetadataRefused as e:
+        return str(e)
     except Exception as e:  # a truncated or foreign file: report, never load
         return f"its .metadata cannot be read ({type(e).__name__})"
+    try:
+        recorded = recorded_crc32(path)
+    except ValueError:
+        return f"its {COMPLETE} marker cannot be read"
     needed: dict[str, int] = {}
     for info in (metadata.storage_data or {}).values():
         end = info.offset + info.length
@@ -141,12 +164,78 @@ def checkpoint_problem(path: Path, *, need_marker: bool = True) -> str | None:
             return f"its data file {name} is missing"
         if file.stat().st_size < size:
             return f"its data file {name} is truncated"
+        if recorded is not None and name not in recorded:
+            return f"its {COMPLETE} marker records no checksum of its data file {name}"
+    return content_problem(path) if verify else None
+
+
+def recorded_crc32(path: Path) -> dict[str, int] | None:
+    """The CRC-32 of each file of a checkpoint, from its marker; None for a checkpoint saved
+    without them (before tetrad recorded them, or by another tool). ValueError: unreadable."""
+    marker = path / COMPLETE
+    if not marker.is_file():
+        return None
+    crcs = json.loads(marker.read_text()).get("crc32")
+    if crcs is not None and not all(isinstance(v, int) for v in crcs.values()):
+        raise ValueError(f"{marker}: checksums are not integers")
+    return crcs
+
+
+def content_problem(path: Path) -> str | None:
+    """Whether every file of a checkpoint still holds the bytes it was saved with (the CRC-32s
+    in its marker). Under a process group this is a collective: each rank reads a share of the
+    files, so the checkpoint is read once in all, and every rank gets the same verdict. A
+    checkpoint without checksums passes, with a warning."""
+    distributed = dist.is_initialized()
+    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+    try:
+        recorded = recorded_crc32(path)
+    except ValueError:
+        return f"its {COMPLETE} marker cannot be read"
+    if recorded is None:
+        if rank == 0:
+            logger.warning(
+                "checkpoint %s records no checksums (saved before tetrad recorded them, or by "
+                "another tool): loading it unverified", path,
+            )  # fmt: skip
+        return None
+    begin, names = time.perf_counter(), sorted(recorded)
+    mine = {name: _file_problem(path, name, recorded[name]) for name in names[rank::world]}
+    shares = [mine]
+    if distributed:
+        shares = [{}] * world
+        dist.all_gather_object(shares, mine)
+    found = {name: p for share in shares for name, p in share.items() if p is not None}
+    if not found and rank == 0:
+        logger.info(
+            "verified %s: %d files match their checksums (%.1f s, read by %d rank(s))",
+            path, len(names), time.perf_counter() - begin, world,
+        )  # fmt: skip
+    return found[min(found)] if found else None
+
+
+def _file_problem(path: Path, name: str, crc: int) -> str | None:
+    try:
+        actual = file_crc32(path / name)
+    except FileNotFoundError:
+        return f"its file {name} is missing"
+    except OSError as e:
+        return f"its file {name} cannot be read ({e.strerror})"
+    if actual != crc:
+        return (
+            f"its file {name} does not match the checksum recorded when it was saved "
+            "(its content is corrupt)"
+        )
     return None
 
 
 def read_metadata(path: Path) -> Metadata:
-    """DCP's ``.metadata`` of a checkpoint: every key's shape and dtype, no tensor data."""
-    return dcp.FileSystemReader(str(path)).read_metadata()
+    """DCP's ``.metadata`` of a checkpoint: every key's shape and dtype, no tensor data. Read
+    without running code: anything but DCP's metadata classes is a CheckpointError."""
+    try:
+        return read_metadata_file(path / ".metadata")
+    except MetadataRefused as e:
+        raise CheckpointError(f"checkpoint {path}: {e}") from None
 
 
 def check_model_matches(
@@ -176,10 +265,20 @@ def check_model_matches(
 
 
 def write_complete(tmp: Path, final: Path, *, step: int, names: list[str]) -> None:
-    """Mark a fully written checkpoint complete (marker last, synced) and give it its name."""
+    """Mark a fully written checkpoint complete (marker last, synced, holding the checksums its
+    ranks recorded and that of ``.metadata``) and give it its name."""
+    sidecars = sorted(tmp.glob(f"*{CRC32_SUFFIX}"))
+    crcs: dict[str, int] = {}
+    for sidecar in sidecars:
+        crcs.update(json.loads(sidecar.read_text()))
+    record: dict[str, Any] = {"step": step, "states": names, "time": time.time()}
+    if sidecars:  # written by ChecksumWriter (by plain DCP: no checksums to record)
+        record["crc32"] = {".metadata": file_crc32(tmp / ".metadata"), **crcs}
     marker = tmp / COMPLETE
-    marker.write_text(json.dumps({"step": step, "states": names, "time": time.time()}))
+    marker.write_text(json.dumps(record))
     _fsync(marker)
+    for sidecar in sidecars:
+        sidecar.unlink()
     tmp.rename(final)
     _fsync(final.parent)
 

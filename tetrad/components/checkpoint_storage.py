@@ -1,0 +1,130 @@
+"""How a checkpoint's files are written and read: DCP's file system storage, with a checksum of
+every file written and a ``.metadata`` read without running code.
+
+Each rank hashes the files it wrote itself (CRC-32, streamed, right after writing them) into a
+small ``__R_crc32.json`` beside them; rank 0 folds those into the ``COMPLETE`` marker when it
+finishes the checkpoint (``checkpoint_folder.write_complete``), so no rank reads another's
+shards and no collective is added to a save (async saves included). DCP's own reader unpickles
+``.metadata`` with ``pickle.load``, and its load planner non-tensor values with ``torch.load(...,
+weights_only=False)``, either of which runs whatever a crafted file asks for; ours admit only
+the classes DCP's metadata is made of, and plain values (``weights_only=True``).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import pickle
+import zlib
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint._traverse import set_element
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
+from torch.distributed.checkpoint.planner import ReadItem, SavePlan, SavePlanner
+from torch.distributed.checkpoint.storage import WriteResult
+from torch.futures import Future
+
+CRC32_SUFFIX = "crc32.json"
+"""A rank's checksums of the files it wrote, ``__R_crc32.json``, until the checkpoint is marked
+complete."""
+
+_CHUNK = 8 << 20  # bytes hashed at a time: memory stays bounded whatever the shard's size
+
+
+def file_crc32(path: Path) -> int:
+    """CRC-32 of a file, read in chunks."""
+    crc, buffer = 0, bytearray(_CHUNK)
+    view = memoryview(buffer)
+    with path.open("rb", buffering=0) as f:
+        while n := f.readinto(buffer):
+            crc = zlib.crc32(view[:n], crc)
+    return crc
+
+
+class ChecksumWriter(FileSystemWriter):
+    """DCP's file system writer; each rank also records the CRC-32 of the files it wrote."""
+
+    def write_data(self, plan: SavePlan, planner: SavePlanner) -> Future[list[WriteResult]]:
+        try:
+            future = super().write_data(plan, planner)
+        except RuntimeError as e:
+            # torch.save reports a failed write (a full disk) as a stream position, the OS error
+            # only in its context, which DCP loses when it gathers the ranks' failures.
+            cause = e.__context__
+            if isinstance(cause, OSError):
+                raise cause from e
+            raise
+        folder = Path(self.path)
+        names = sorted({result.storage_data.relative_path for result in future.wait()})
+        crcs = {name: file_crc32(folder / name) for name in names}
+        (folder / f"{plan.storage_data.prefix}{CRC32_SUFFIX}").write_text(json.dumps(crcs))
+        return future
+
+
+class SafeReader(FileSystemReader):
+    """DCP's file system reader, unpickling ``.metadata`` with ``read_metadata_file``."""
+
+    def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
+        metadata = read_metadata_file(Path(self._get_metadata_path(kwargs.get("rank"))))
+        if metadata.storage_meta is None:  # as DCP's reader does
+            metadata.storage_meta = StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
+
+
+class SafeLoadPlanner(DefaultLoadPlanner):
+    """DCP's load planner, reading non-tensor values (steps, learning rates, data positions)
+    with ``torch.load(weights_only=True)``: plain values only, no code."""
+
+    def load_bytes(self, read_item: ReadItem, value: io.BytesIO) -> None:
+        loaded = torch.load(value, weights_only=True)
+        fqn = read_item.dest_index.fqn
+        if self.flatten_state_dict:
+            set_element(self.original_state_dict, self.mappings[fqn], loaded)
+        else:
+            self.state_dict[fqn] = loaded
+
+
+class MetadataRefused(pickle.UnpicklingError):
+    """A ``.metadata`` that names something DCP's metadata never holds (crafted or corrupt)."""
+
+
+_DCP = "torch.distributed.checkpoint"
+_ALLOWED: dict[str, set[str]] = {
+    f"{_DCP}.metadata": {
+        "Metadata", "MetadataIndex", "StorageMeta", "TensorStorageMetadata",
+        "BytesStorageMetadata", "ChunkStorageMetadata", "TensorProperties",
+        "_MEM_FORMAT_ENCODING",
+    },
+    f"{_DCP}.filesystem": {"_StorageInfo"},
+    "torch": {"Size"} | {k for k, v in vars(torch).items() if isinstance(v, torch.dtype)},
+    "torch.serialization": {"_get_layout"},  # a lookup of torch.strided & co. by name
+    "pathlib": {"PosixPath", "PurePosixPath", "WindowsPath", "PureWindowsPath"},
+    "collections": {"OrderedDict"},
+    "builtins": {"set", "frozenset"},
+}  # fmt: skip
+"""Everything the ``.metadata`` of a DCP checkpoint is built from (what DCP pickles for tensors,
+byte objects and their storage; read off real checkpoints of every layout)."""
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        if name not in _ALLOWED.get(module, ()):
+            raise MetadataRefused(
+                f"its .metadata names {module}.{name}, which no DCP metadata holds: refused "
+                "unread (the file is corrupt or crafted to run code)"
+            )
+        return super().find_class(module, name)
+
+
+def read_metadata_file(path: Path) -> Metadata:
+    """Unpickle a DCP ``.metadata`` file, admitting only DCP's metadata classes."""
+    with path.open("rb") as f:
+        metadata = _MetadataUnpickler(f).load()
+    if not isinstance(metadata, Metadata):
+        raise MetadataRefused(f"its .metadata holds a {type(metadata).__name__}, not DCP metadata")
+    return metadata
