@@ -11,8 +11,9 @@ import pytest
 
 from tests.conftest import TINY_RUN, read_metrics, run_train
 
-RUN = [*TINY_RUN, "--training.steps=6", "--checkpoint.enable", "--checkpoint.interval=1"]
-KILL = ["--debug.fault=kill", "--debug.fault_rank=1", "--debug.fault_at_step=4"]
+RUN = [*TINY_RUN, "--training.steps=6"]
+KILLED = ["--checkpoint.enable", "--checkpoint.interval=1", "--max-restarts=1"]
+KILLED += ["--debug.fault=kill", "--debug.fault_rank=1", "--debug.fault_at_step=4"]
 
 
 def _losses(folder: Path) -> dict[int, float]:
@@ -22,12 +23,11 @@ def _losses(folder: Path) -> dict[int, float]:
 
 @pytest.mark.slow
 def test_killed_rank_restarts_and_continues_exactly(tmp_path: Path) -> None:
-    # Both runs at once: the whole test takes about as long as the interrupted run.
+    # Both runs at once: the whole test takes about as long as the interrupted run. The
+    # reference saves no checkpoints: saving must not change the training either.
     with ThreadPoolExecutor(2) as pool:
         reference = pool.submit(run_train, tmp_path / "reference", *RUN, nproc=2)
-        killed = pool.submit(
-            run_train, tmp_path / "killed", *RUN, *KILL, "--max-restarts=1", nproc=2
-        )
+        killed = pool.submit(run_train, tmp_path / "killed", *RUN, *KILLED, nproc=2)
         reference.result()
         out = killed.result().stdout  # exit code 0, else run_train fails the test
     assert "--debug.fault kill: rank 1 at step 4" in out  # the kill happened...

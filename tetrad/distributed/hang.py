@@ -1,5 +1,5 @@
 """A rank that stopped responding: a collective's timeout becomes one line (``RunStopped``, exit
-code 3), and every rank of the attempt exits within about a second of it.
+code 3), and every rank of the attempt exits within a few seconds of it.
 
 The rank whose collective times out knows that some peer is gone or stuck, but not that peer's
 state: a rank stuck outside any collective (or deferring SIGTERM to finish its step) would
@@ -8,7 +8,7 @@ So the timed-out rank posts an abort in the job's store (the launcher's, which o
 rank; keyed per attempt by ``init_distributed``'s prefix), and every rank watches for it in a
 thread that SIGKILLs its process: a thread still runs while the main one sleeps or waits in C++.
 Bound: every rank is gone within the timeout + POLL_SECONDS + GRACE_SECONDS + the launcher's
-own reaction (measured: timeout + 3 to 4 s).
+own reaction (measured on CPU: timeout + 3 to 5 s to the launcher's exit).
 """
 
 from __future__ import annotations

@@ -29,11 +29,11 @@ def init_distributed(timeout_seconds: int, *, cpu_collectives: bool = False) -> 
 
     A one-rank group keeps the single-process run on the same DeviceMesh code path as a
     multi-process one. Under torchrun every rank watches for another's abort on a collective
-    timeout (``tetrad.distributed.hang``). The backend follows the device: nccl on CUDA, gloo on CPU. Collectives
-    take tensors on this device (see ``tetrad.distributed.utils``); ``cpu_collectives`` also
-    registers gloo for CPU tensors on CUDA, for FSDP's CPU offload, whose sharded gradients
-    (reduced for the gradient norm) live on the host. The current CUDA device is set, which
-    object collectives on nccl rely on.
+    timeout (``tetrad.distributed.hang``). The backend follows the device: nccl on CUDA, gloo
+    on CPU. Collectives take tensors on this device (see ``tetrad.distributed.utils``);
+    ``cpu_collectives`` also registers gloo for CPU tensors on CUDA, for FSDP's CPU offload,
+    whose sharded gradients (reduced for the gradient norm) live on the host. The current CUDA
+    device is set, which object collectives on nccl rely on.
     """
     cuda = device_type() == "cuda"
     backend = ("cuda:nccl,cpu:gloo" if cpu_collectives else "nccl") if cuda else "gloo"
