@@ -28,13 +28,23 @@ def _positive(raw: str) -> int:
     return int(raw)
 
 
-def _without_nproc(argv: Sequence[str]) -> list[str]:
-    """The train options to hand each rank: argv less ``--nproc N`` (already parsed)."""
+def _non_negative(raw: str) -> int:
+    if not raw.isdigit():
+        raise argparse.ArgumentTypeError(f"needs a non-negative integer, got {raw!r}")
+    return int(raw)
+
+
+_LAUNCH_OPTIONS = ("--nproc", "--max-restarts")
+
+
+def _without_launch_options(argv: Sequence[str]) -> list[str]:
+    """The train options to hand each rank: argv less ``--nproc N`` and ``--max-restarts R``
+    (the launcher's, already parsed)."""
     kept, args = [], iter(argv)
     for arg in args:
-        if arg == "--nproc":
+        if arg in _LAUNCH_OPTIONS:
             next(args)
-        elif not arg.startswith("--nproc="):
+        elif not arg.startswith(tuple(f"{option}=" for option in _LAUNCH_OPTIONS)):
             kept.append(arg)
     return kept
 
@@ -45,14 +55,21 @@ def _train(args: argparse.Namespace, argv: Sequence[str]) -> None:
     with reported():
         config = config_from_args(args)
         validate_config(config)
-    if args.nproc == 1:
+    if args.nproc == 1 and args.max_restarts == 0:
         train(config)
         return
     check_launch(config, args.nproc)
-    _launch(args.nproc, _without_nproc(argv), config.job.stop_signals)
+    _launch(
+        args.nproc,
+        _without_launch_options(argv),
+        stop_signals=config.job.stop_signals,
+        max_restarts=args.max_restarts,
+    )
 
 
-def _launch(nproc: int, argv: Sequence[str], stop_signals: Sequence[str]) -> None:
+def _launch(
+    nproc: int, argv: Sequence[str], *, stop_signals: Sequence[str], max_restarts: int = 0
+) -> None:
     """``torchrun --standalone --nproc-per-node=N -m tetrad.train ARGV``, its launcher in this
     process. When ranks stop on a reported error (exit code 2 or 3, the message in their error
     files) and the others were only stopped by torchrun (a signal), this command prints that
@@ -72,7 +89,7 @@ def _launch(nproc: int, argv: Sequence[str], stop_signals: Sequence[str]) -> Non
     torchrun_signals = [
         s for s in ("SIGTERM", "SIGINT", "SIGHUP", "SIGQUIT") if s not in stop_signals
     ]
-    launch = ["--standalone", f"--nproc-per-node={nproc}"]
+    launch = ["--standalone", f"--nproc-per-node={nproc}", f"--max-restarts={max_restarts}"]
     launch += [f"--signals-to-handle={','.join(torchrun_signals)}", "-m", "tetrad.train", *argv]
     os.environ[LAUNCHED_BY_TETRAD] = "1"  # the ranks inherit it
     for name in stop_signals:
@@ -121,7 +138,9 @@ def build_parser() -> ArgumentParser:
     )
     commands = parser.add_subparsers(title="commands", metavar="<command>", required=True)
     train = commands.add_parser(
-        "train", help="train a model", usage=f"%(prog)s [--nproc N] {CONFIG_USAGE}"
+        "train",
+        help="train a model",
+        usage=f"%(prog)s [--nproc N] [--max-restarts R] {CONFIG_USAGE}",
     )
     train.add_argument(
         "--nproc",
@@ -129,6 +148,15 @@ def build_parser() -> ArgumentParser:
         default=1,
         metavar="N",
         help="local processes to launch through torchrun (default: 1, no torchrun)",
+    )
+    train.add_argument(
+        "--max-restarts",
+        type=_non_negative,
+        default=0,
+        metavar="R",
+        help="restart every rank up to R times when one fails (torchrun's elastic restart); "
+        "with --checkpoint.enable each attempt resumes from the newest complete checkpoint "
+        "(default: 0)",
     )
     add_config_arguments(train)
     train.set_defaults(run=_train)

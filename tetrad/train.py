@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import logging
+import os
 import sys
 from collections.abc import Sequence
 
 from tetrad.config import Config, load_config, validate_config, validate_device
 from tetrad.errors import reported
+
+logger = logging.getLogger(__name__)
 
 
 def parse_config(argv: Sequence[str]) -> Config:
@@ -25,19 +29,32 @@ def check_launch(config: Config, world_size: int) -> None:
     size."""
     from tetrad.distributed.init import device_capability, device_type
     from tetrad.distributed.parallel_dims import ParallelDims
+    from tetrad.tools.fault_injection import check_fault_rank
 
     with reported():
         validate_device(config, device_type(), device_capability())
         ParallelDims.from_config(config.parallelism, world_size)
+        check_fault_rank(config.debug, world_size)
 
 
 def train(config: Config) -> None:
+    from tetrad.distributed.hang import stop_on_timeout
+    from tetrad.distributed.init import restart_count
     from tetrad.trainer import Trainer  # heavy imports only once the config is known good
 
     with reported():
         trainer = Trainer(config)
+        if attempt := restart_count():
+            logger.info(
+                "restart %d of %s: resuming from %s",
+                attempt, os.environ.get("TORCHELASTIC_MAX_RESTARTS", "?"),
+                trainer.resume_from or "the start (no complete checkpoint in its folder)",
+            )  # fmt: skip
         try:
-            trainer.train()
+            with stop_on_timeout(
+                lambda: trainer.train_state.step, config.comm.train_timeout_seconds
+            ):
+                trainer.train()
         finally:
             trainer.close()
 

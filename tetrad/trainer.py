@@ -66,6 +66,7 @@ from tetrad.models.lora import apply_lora, lora_flops_per_token
 from tetrad.models.materialize import init_adapters, materialize_and_init, materialize_for_loading
 from tetrad.models.registry import get_model_spec
 from tetrad.models.spec import DecoderModel, ModelSpec
+from tetrad.tools.fault_injection import maybe_inject_fault
 from tetrad.tools.logging import init_logging
 
 logger = logging.getLogger(__name__)
@@ -484,6 +485,7 @@ class Trainer:
         try:
             while state.step < t.steps:
                 state.step += 1
+                maybe_inject_fault(self.config.debug, state.step)
                 lr = float(self.lr_scheduler.get_last_lr()[0])
                 micro_batches = [next(data_iter) for _ in range(self.grad_accum_steps)]
                 result = self.train_step(micro_batches)

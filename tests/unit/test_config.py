@@ -288,7 +288,7 @@ def test_shipped_configs_load(path) -> None:
 
 
 def test_subcommands_share_the_parser() -> None:
-    from tetrad.cli import _without_nproc, build_parser
+    from tetrad.cli import _without_launch_options, build_parser
 
     parser = build_parser()
     args = parser.parse_args(["convert", "a", "b", "--dtype=bfloat16", "--model.flavor=tiny"])
@@ -305,4 +305,5 @@ def test_subcommands_share_the_parser() -> None:
     with pytest.raises(ConfigError, match=r"^--nproc: needs a positive integer, got '0'$"):
         parser.parse_args(["train", "--nproc=0"])
     argv = ["--nproc", "2", "--debug.deterministic", "--nproc=4", "--training.steps", "3"]
-    assert _without_nproc(argv) == ["--debug.deterministic", "--training.steps", "3"]
+    argv += ["--max-restarts", "1", "--max-restarts=2"]
+    assert _without_launch_options(argv) == ["--debug.deterministic", "--training.steps", "3"]

@@ -395,8 +395,9 @@ class DebugConfig:
 
     fault: Literal["none", "kill", "stall"] = "none"
     """Fault injection for tests: at --debug.fault_at_step, --debug.fault_rank kills itself
-    (SIGKILL) or stalls (sleeps in place of the step's collectives), in the first attempt of an
-    elastic job only (TORCHELASTIC_RESTART_COUNT 0), so a restart runs clean."""
+    (SIGKILL) or stalls (sleeps in place of the step's collectives, ignoring SIGTERM), in the
+    first attempt of an elastic job only (TORCHELASTIC_RESTART_COUNT 0), so a restart runs
+    clean."""
 
     fault_rank: int = 0
     """Global rank that --debug.fault hits."""

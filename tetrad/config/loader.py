@@ -199,6 +199,11 @@ def validate_config(config: Config) -> None:
         raise ConfigError("--parallelism.enable_async_tp needs --parallelism.tp > 1")
     _validate_float8(config)
     _validate_checkpoint(config.checkpoint)
+    if config.debug.fault_at_step < 1 or config.debug.fault_rank < 0:
+        raise ConfigError(
+            "--debug.fault_at_step must be >= 1 and --debug.fault_rank >= 0, got "
+            f"{config.debug.fault_at_step} and {config.debug.fault_rank}"
+        )
     mix_weights(config.data)
     _validate_lora(config)
     _resolve_fsdp_reshard(config)

@@ -12,6 +12,8 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh
 
+from tetrad.distributed.hang import watch_for_abort
+
 
 def device_type() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
@@ -26,11 +28,12 @@ def init_distributed(timeout_seconds: int, *, cpu_collectives: bool = False) -> 
     """Join (or, outside torchrun, create a one-rank) process group; return this rank's device.
 
     A one-rank group keeps the single-process run on the same DeviceMesh code path as a
-    multi-process one. The backend follows the device: nccl on CUDA, gloo on CPU. Collectives
-    take tensors on this device (see ``tetrad.distributed.utils``); ``cpu_collectives`` also
-    registers gloo for CPU tensors on CUDA, for FSDP's CPU offload, whose sharded gradients
-    (reduced for the gradient norm) live on the host. The current CUDA device is set, which
-    object collectives on nccl rely on.
+    multi-process one. Under torchrun every rank watches for another's abort on a collective
+    timeout (``tetrad.distributed.hang``). The backend follows the device: nccl on CUDA, gloo
+    on CPU. Collectives take tensors on this device (see ``tetrad.distributed.utils``);
+    ``cpu_collectives`` also registers gloo for CPU tensors on CUDA, for FSDP's CPU offload,
+    whose sharded gradients (reduced for the gradient norm) live on the host. The current CUDA
+    device is set, which object collectives on nccl rely on.
     """
     cuda = device_type() == "cuda"
     backend = ("cuda:nccl,cpu:gloo" if cpu_collectives else "nccl") if cuda else "gloo"
@@ -41,12 +44,30 @@ def init_distributed(timeout_seconds: int, *, cpu_collectives: bool = False) -> 
     if not dist.is_initialized():
         timeout = datetime.timedelta(seconds=timeout_seconds)
         if "WORLD_SIZE" in os.environ:
-            dist.init_process_group(backend, timeout=timeout, device_id=_device_id(device))
+            store, rank, world_size = next(dist.rendezvous("env://", timeout=timeout))
+            store = dist.PrefixStore(f"tetrad/attempt-{restart_count()}", store)
+            dist.init_process_group(
+                backend,
+                store=store,
+                rank=rank,
+                world_size=world_size,
+                timeout=timeout,
+                device_id=_device_id(device),
+            )
+            watch_for_abort(store)
         else:
             dist.init_process_group(
                 backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout
             )
     return device
+
+
+def restart_count() -> int:
+    """Which attempt of an elastic job this is (torchrun's ``TORCHELASTIC_RESTART_COUNT``; 0
+    outside torchrun). Each attempt rendezvouses under a store prefix of its own: the launcher's
+    store outlives the attempt, and without it a restarted rank reads the dead attempt's
+    addresses and its gloo/nccl group connects to ports that no longer answer."""
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0))
 
 
 def _device_id(device: torch.device) -> torch.device | None:
@@ -69,8 +90,10 @@ def set_determinism(seed: int, deterministic: bool) -> None:
 
 def set_collective_timeout(seconds: int, meshes: Iterable[DeviceMesh]) -> None:
     """Switch every process group from the generous start-up timeout to the training one, so a
-    rank that hangs mid-run fails the job in seconds rather than after the start-up allowance."""
+    rank that hangs mid-run fails the job in seconds rather than after the start-up allowance:
+    each mesh dimension's group and every other group created so far (the async checkpoint's
+    has the 30-minute default otherwise). Groups created later keep their own timeout."""
     timeout = datetime.timedelta(seconds=seconds)
-    groups = {dist.group.WORLD} | {mesh.get_group() for mesh in meshes if mesh.ndim == 1}
-    for group in groups:
+    groups = {mesh.get_group(dim) for mesh in meshes for dim in range(mesh.ndim)}
+    for group in groups | set(dist.distributed_c10d._world.pg_map):
         dist.distributed_c10d._set_pg_timeout(timeout, group)
