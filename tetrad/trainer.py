@@ -42,6 +42,7 @@ from tetrad.data import (
 from tetrad.data.chat import chat_template_for
 from tetrad.data.holdout import training_holdout, validation_data
 from tetrad.distributed.context_parallel import ContextParallel
+from tetrad.distributed.fault_tolerance import ReplicaGroups, data_shard
 from tetrad.distributed.init import (
     device_capability,
     device_type,
@@ -118,6 +119,7 @@ class Trainer:
             adapters_only=config.lora.save_adapters_only,
         )
         self.checkpointer.load(self.resume_from)
+        self.replicas = self.build_replica_groups()
         set_collective_timeout(
             config.comm.train_timeout_seconds, self.parallel_dims.meshes.values()
         )
@@ -256,15 +258,33 @@ class Trainer:
         assert self.hf_adapter is not None
         load_hf_weights(merged_view(parts), folder, self.hf_adapter)
 
+    def build_replica_groups(self) -> ReplicaGroups | None:
+        """torchft's replica groups (``--fault_tolerance.enable``): a group that recovers takes
+        every state of a live group but the data position, its own."""
+        if not self.config.fault_tolerance.enable:
+            return None
+        states = self.checkpointer.states
+        return ReplicaGroups(
+            self.config.fault_tolerance,
+            device=self.device,
+            model_parts=self.model_parts,
+            states={name: state for name, state in states.items() if name != "dataloader"},
+            step=self.train_state.step,
+        )
+
     def build_dataloader(self) -> TextDataLoader:
         dp_mesh = self.parallel_dims.meshes["dp"]
+        # Under torchft each replica group reads a part of the data of its own.
+        dp_rank, dp_size = data_shard(
+            self.config.fault_tolerance, dp_mesh.get_local_rank(), dp_mesh.size()
+        )
         return build_dataloader(
             self.config.data,
             tokenizer=self.tokenizer,
             seq_len=self.config.training.seq_len,
             batch_size=self.config.training.local_batch_size,
-            dp_rank=dp_mesh.get_local_rank(),
-            dp_world_size=dp_mesh.size(),
+            dp_rank=dp_rank,
+            dp_world_size=dp_size,
             seed=self.config.debug.seed,
             holdout=training_holdout(self.config.validation),
         )
@@ -415,9 +435,15 @@ class Trainer:
             if isinstance(part, FSDPModule):
                 part.set_requires_gradient_sync(last)
 
-    def train_step(self, micro_batches: list[Batch]) -> tuple[torch.Tensor, torch.Tensor]:
+    def train_step(self, micro_batches: list[Batch]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """One optimizer step; grad_norm None when the step was not taken (torchft did not
+        commit it)."""
         self.optimizer.zero_grad(set_to_none=True)
         loss = self.forward_backward(micro_batches)
+        if self.replicas is not None:
+            self.replicas.average_gradients()
+            if not self.replicas.commit():
+                return loss, None
         max_norm = self.config.training.max_norm
         grad_norm = clip_grad_norm_(
             [p for part in self.model_parts for p in part.parameters() if p.grad is not None],
@@ -444,10 +470,15 @@ class Trainer:
         state, first_step = self.train_state, self.train_state.step + 1
         self.metrics.reset_timer()
         while state.step < t.steps:
+            if self.replicas is not None:
+                self.replicas.start_step()  # may recover every state but the data's
             state.step += 1
             lr = float(self.lr_scheduler.get_last_lr()[0])
             micro_batches = [next(data_iter) for _ in range(self.grad_accum_steps)]
             loss, grad_norm = self.train_step(micro_batches)
+            if grad_norm is None:  # not taken: this step runs again on the next batch
+                state.step -= 1
+                continue
             batch_tokens = sum(batch.inputs.numel() for batch in micro_batches)
             state.tokens_seen += batch_tokens * self.parallel_dims.dp
             self.metrics.add_tokens(batch_tokens // self.parallel_dims.model_parallel_degree)
@@ -482,6 +513,8 @@ class Trainer:
         finished work, staged tensors) while the interpreter is fully alive: gloo objects freed
         during interpreter teardown can abort the process at exit ("terminate called without
         an active exception", seen once in CI with FSDP2 and async checkpoints)."""
+        if self.replicas is not None:
+            self.replicas.shutdown()
         if dist.is_initialized():
             dist.destroy_process_group()
         gc.collect()
