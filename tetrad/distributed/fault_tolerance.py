@@ -61,6 +61,10 @@ class ReplicaGroups:
     ) -> None:
         from torchft import Manager, ProcessGroupGloo, ProcessGroupNCCL
 
+        # torchft logs every quorum and commit (and, on CPU, a flight-recorder warning per
+        # quorum change); tetrad logs the changes that matter, torchft its errors.
+        for name in ("torchft", "torchft_quorums", "torchft_commits", "torchft_errors"):
+            logging.getLogger(name).setLevel(logging.ERROR)
         self.config, self.model_parts, self.states = config, list(model_parts), states
         timeout = datetime.timedelta(seconds=config.timeout_seconds)
         # Same code path on both: the cross-group collectives take tensors on this device.
