@@ -117,6 +117,7 @@ class Trainer:
             tokenizer=self.tokenizer,
             chat_template=chat_template_for(config.data, self.tokenizer),
             adapters_only=config.lora.save_adapters_only,
+            data_ranks=self.parallel_dims.meshes["dp"].size(),
         )
         self.checkpointer.load(self.resume_from)
         self.replicas = self.build_replica_groups()
