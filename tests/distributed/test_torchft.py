@@ -1,7 +1,12 @@
 """torchft replica groups on CPU with gloo: two groups, one killed mid-run and started again in
 its folder. The survivor steps on alone in its one attempt, the restarted group takes the current
 state from it (torchft's recovery: it has no checkpoint of its own), and both end with the same
-weights, bit for bit (each step applies the same averaged gradients to the same state)."""
+weights, bit for bit (each step applies the same averaged gradients to the same state).
+
+Each group is one process (no torchrun): two groups of two FSDP ranks run the same code path
+(checked by hand: the second group's initial recovery at step 1) but take ~100 s here with a
+restart, over this test's budget. One process per group also lets the test kill a whole group
+with one killpg: torchrun starts its workers in sessions of their own."""
 
 from __future__ import annotations
 
