@@ -44,6 +44,7 @@ from tetrad.data import (
 from tetrad.data.chat import chat_template_for
 from tetrad.data.holdout import training_holdout, validation_data
 from tetrad.distributed.context_parallel import ContextParallel
+from tetrad.distributed.fault_tolerance import ReplicaGroups, data_shard
 from tetrad.distributed.init import (
     device_capability,
     device_type,
@@ -75,12 +76,14 @@ logger = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class StepResult:
     """What a step's caller needs: its global loss and gradient norm, whether the update was
-    applied (both finite), and whether the ranks agreed to stop after it."""
+    applied (both finite), whether the ranks agreed to stop after it, and whether the replica
+    groups committed it (torchft; else it is redone)."""
 
     loss: float
     grad_norm: float
     finite: bool
     stop: bool
+    committed: bool = True
 
 
 class Trainer:
@@ -134,8 +137,10 @@ class Trainer:
             tokenizer=self.tokenizer,
             chat_template=chat_template_for(config.data, self.tokenizer),
             adapters_only=config.lora.save_adapters_only,
+            data_ranks=self.parallel_dims.meshes["dp"].size(),
         )
         self.checkpointer.load(self.resume_from)
+        self.replicas = self.build_replica_groups()
         set_collective_timeout(
             config.comm.train_timeout_seconds, self.parallel_dims.meshes.values()
         )
@@ -279,15 +284,33 @@ class Trainer:
         assert self.hf_adapter is not None
         load_hf_weights(merged_view(parts), folder, self.hf_adapter)
 
+    def build_replica_groups(self) -> ReplicaGroups | None:
+        """torchft's replica groups (``--fault_tolerance.enable``): a group that recovers takes
+        every state of a live group but the data position, its own."""
+        if not self.config.fault_tolerance.enable:
+            return None
+        states = self.checkpointer.states
+        return ReplicaGroups(
+            self.config.fault_tolerance,
+            device=self.device,
+            model_parts=self.model_parts,
+            states={name: state for name, state in states.items() if name != "dataloader"},
+            step=self.train_state.step,
+        )
+
     def build_dataloader(self) -> TextDataLoader:
         dp_mesh = self.parallel_dims.meshes["dp"]
+        # Under torchft each replica group reads a part of the data of its own.
+        dp_rank, dp_size = data_shard(
+            self.config.fault_tolerance, dp_mesh.get_local_rank(), dp_mesh.size()
+        )
         return build_dataloader(
             self.config.data,
             tokenizer=self.tokenizer,
             seq_len=self.config.training.seq_len,
             batch_size=self.config.training.local_batch_size,
-            dp_rank=dp_mesh.get_local_rank(),
-            dp_world_size=dp_mesh.size(),
+            dp_rank=dp_rank,
+            dp_world_size=dp_size,
             seed=self.config.debug.seed,
             holdout=training_holdout(self.config.validation),
         )
@@ -449,6 +472,10 @@ class Trainer:
         stop request (``StopSignals``)."""
         self.optimizer.zero_grad(set_to_none=True)
         loss = self.forward_backward(micro_batches)
+        if self.replicas is not None:
+            self.replicas.average_gradients()
+            if not self.replicas.commit():
+                return StepResult(float(loss), math.nan, finite=False, stop=False, committed=False)
         max_norm = self.config.training.max_norm
         grad_norm = clip_grad_norm_(
             [p for part in self.model_parts for p in part.parameters() if p.grad is not None],
@@ -484,11 +511,16 @@ class Trainer:
         self.stop_signals = StopSignals(self.config.job.stop_signals, self.device)
         try:
             while state.step < t.steps:
+                if self.replicas is not None:
+                    self.replicas.start_step()  # may recover every state but the data's
                 state.step += 1
                 maybe_inject_fault(self.config.debug, state.step)
                 lr = float(self.lr_scheduler.get_last_lr()[0])
                 micro_batches = [next(data_iter) for _ in range(self.grad_accum_steps)]
                 result = self.train_step(micro_batches)
+                if not result.committed:  # torchft: this step runs again on the next batch
+                    state.step -= 1
+                    continue
                 batch_tokens = sum(batch.inputs.numel() for batch in micro_batches)
                 state.tokens_seen += batch_tokens * self.parallel_dims.dp
                 self.metrics.add_tokens(batch_tokens // self.parallel_dims.model_parallel_degree)
@@ -579,6 +611,8 @@ class Trainer:
         finished work, staged tensors) while the interpreter is fully alive: gloo objects freed
         during interpreter teardown can abort the process at exit ("terminate called without
         an active exception", seen once in CI with FSDP2 and async checkpoints)."""
+        if self.replicas is not None:
+            self.replicas.shutdown()
         if dist.is_initialized():
             dist.destroy_process_group()
         gc.collect()

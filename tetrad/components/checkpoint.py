@@ -99,8 +99,11 @@ class CheckpointManager:
         tokenizer: Tokenizer | None = None,
         chat_template: str | None = None,
         adapters_only: bool = False,
+        data_ranks: int | None = None,
     ) -> None:
-        """``adapters_only``: the model's part of every save is its LoRA adapters alone."""
+        """``adapters_only``: the model's part of every save is its LoRA adapters alone.
+        ``data_ranks``: the data positions this job saves, one per dp rank (default: the
+        loader's dp world size; fewer under torchft, whose replica groups share one world)."""
         self.config = config
         self.hf_adapter = hf_adapter
         self.tokenizer, self.chat_template = tokenizer, chat_template  # for Hugging Face exports
@@ -126,7 +129,7 @@ class CheckpointManager:
             "dataloader": DataState(dataloader),
             "train_state": train_state,
         }
-        self.dp_world_size = int(dataloader.state_dict()["dp_world_size"])
+        self.dp_world_size = data_ranks or int(dataloader.state_dict()["dp_world_size"])
         self.rank = dist.get_rank()
         # A group of its own for async saves: its collectives run in a background thread while
         # training's run on the others (on the default group, gloo would mix the two up).

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import math
+import os
 import tomllib
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -206,7 +208,42 @@ def validate_config(config: Config) -> None:
         )
     mix_weights(config.data)
     _validate_lora(config)
+    _validate_fault_tolerance(config)
     _resolve_fsdp_reshard(config)
+
+
+def _validate_fault_tolerance(config: Config) -> None:
+    ft = config.fault_tolerance
+    if not ft.enable:
+        return
+    if importlib.util.find_spec("torchft") is None:
+        raise ConfigError("--fault_tolerance.enable needs torchft: pip install 'tetrad[ft]'")
+    if ft.group_count < 1:
+        raise ConfigError(f"--fault_tolerance.group_count must be >= 1, got {ft.group_count}")
+    if not 0 <= ft.replica_id < ft.group_count:
+        raise ConfigError(
+            f"--fault_tolerance.replica_id {ft.replica_id} must be within 0..{ft.group_count - 1}"
+            " (--fault_tolerance.group_count groups)"
+        )
+    if not 1 <= ft.min_replica_size <= ft.group_count:
+        raise ConfigError(
+            f"--fault_tolerance.min_replica_size {ft.min_replica_size} must be within "
+            f"1..{ft.group_count} (--fault_tolerance.group_count)"
+        )
+    if ft.timeout_seconds <= 0:
+        raise ConfigError(
+            f"--fault_tolerance.timeout_seconds must be positive, got {ft.timeout_seconds}"
+        )
+    if not (ft.lighthouse or os.environ.get("TORCHFT_LIGHTHOUSE")):
+        raise ConfigError(
+            "--fault_tolerance.enable needs the lighthouse's address: set TORCHFT_LIGHTHOUSE or "
+            "--fault_tolerance.lighthouse (start one with: torchft_lighthouse --min_replicas 1)"
+        )
+    if config.parallelism.pp > 1:
+        raise ConfigError(
+            "--fault_tolerance.enable does not support pipeline parallel; use --parallelism.pp 1 "
+            "inside each replica group"
+        )
 
 
 def _resolve_fsdp_reshard(config: Config) -> None:
