@@ -110,7 +110,7 @@ def test_killed_replica_group_recovers_from_the_survivor(tmp_path: Path) -> None
             time.sleep(0.9)
             os.killpg(survivor.pid, signal.SIGCONT)
             time.sleep(0.1)
-        while max(_logged_steps(victim_dir)) <= KILL_AT and restarted.poll() is None:
+        while max(_logged_steps(victim_dir), default=0) <= KILL_AT and restarted.poll() is None:
             time.sleep(0.05)
         down_seconds = time.monotonic() - killed_at  # from the kill to its first step back
         _wait(survivor, 120, survivor_log)
