@@ -62,7 +62,7 @@ from tetrad.models.lora import apply_lora, lora_flops_per_token
 from tetrad.models.materialize import init_adapters, materialize_and_init, materialize_for_loading
 from tetrad.models.registry import get_model_spec
 from tetrad.models.spec import DecoderModel, ModelSpec
-from tetrad.tools.logging import init_logging
+from tetrad.tools.logging import init_logging, open_log_files
 
 logger = logging.getLogger(__name__)
 
@@ -121,6 +121,7 @@ class Trainer:
         set_collective_timeout(
             config.comm.train_timeout_seconds, self.parallel_dims.meshes.values()
         )
+        open_log_files()  # the run has started: from here on, it writes into its folder
         if self.rank == 0:
             save_config(config, self.dump_folder / "config.toml")
             if config.job.print_config:

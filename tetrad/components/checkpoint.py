@@ -49,6 +49,7 @@ from tetrad.components.checkpoint_states import (
     merged_view,
 )
 from tetrad.components.hf_checkpoint import save_hf_weights
+from tetrad.components.safe_load import safe_load
 from tetrad.config.job_config import CheckpointConfig, CheckpointState
 from tetrad.data.tokenizer import Tokenizer
 from tetrad.errors import CheckpointError, ConfigError
@@ -153,7 +154,7 @@ class CheckpointManager:
             states["model"] = model
         if "train_state" in states:
             states["train_state"] = LoadableTrainState(self.train_state, metadata)
-        dcp.load(states, checkpoint_id=str(path))
+        safe_load(states, path)
         self._check_overwrite(self.train_state.step)
         self._sync_lr()
         fresh = [name for name in CHECKPOINT_STATES if name not in names]
@@ -185,7 +186,7 @@ class CheckpointManager:
         if (source := base_source(self.config, path)) is not None:
             base_state = ModelState(self.model, select=_is_base)
             self._check_model(base_state, read_metadata(source), source)
-            dcp.load({"model": base_state}, checkpoint_id=str(source))
+            safe_load({"model": base_state}, source)
             logger.info("loaded the frozen base from %s", source)
         return ModelState(self.model, select=is_adapter)
 
