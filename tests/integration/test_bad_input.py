@@ -45,8 +45,9 @@ class Row:
     expect: str
     """A part of the one line."""
     started: bool = False
-    """The error is found once training has started (a record past the first): the run folder
-    may then hold the config and the logs, and nothing else."""
+    """The error is found once training has started (a record the loader reaches, data that
+    runs out before one sequence): the run folder may then hold the config and the logs, and
+    nothing else."""
 
 
 def _train(*args: str) -> Callable[[Path], list[str]]:
@@ -72,6 +73,7 @@ ROWS: dict[str, Row] = {
     "warmup_chosen_too_long": Row(
         _train("--lr_scheduler.warmup_steps=3"), "--lr_scheduler.warmup_steps 3 must be within 0..2"
     ),
+    "dump_folder_empty": Row(_train("--job.dump_folder="), "--job.dump_folder is empty"),
     "unknown_option": Row(_train("--training.stpes=3"), "did you mean --training.steps?"),
     # model and tokenizer
     "model_flavor": Row(_train("--model.flavor=huge"), "unknown --model.flavor 'huge'"),

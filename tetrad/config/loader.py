@@ -111,6 +111,8 @@ def save_config(config: Config, path: str | Path) -> None:
 def validate_config(config: Config) -> None:
     """Checks that need no world size; ParallelDims checks the degrees against it."""
     _validate_numbers(config)
+    if not config.job.dump_folder.strip():
+        raise ConfigError("--job.dump_folder is empty; name the run's folder")
     t, lr = config.training, config.lr_scheduler
     positive = {
         "training.steps": t.steps,
@@ -198,14 +200,13 @@ def validate_config(config: Config) -> None:
 
 def _validate_numbers(config: Config) -> None:
     """Values that can only produce garbage: every float option is a finite number >= 0 (none
-    has a meaning for NaN, infinity or a negative value), and the optimizer's own ranges."""
+    has a meaning for NaN, infinity or a negative value; lr 0 has one, weights that stay), and
+    the optimizer's own ranges."""
     for section in sections():
         for name, value in dataclasses.asdict(getattr(config, section)).items():
             if isinstance(value, float) and not (math.isfinite(value) and value >= 0):
                 raise ConfigError(f"--{section}.{name} must be a finite number >= 0, got {value}")
     o = config.optimizer
-    if o.lr == 0:
-        raise ConfigError("--optimizer.lr must be positive, got 0 (the weights would not move)")
     for name in ("beta1", "beta2"):
         if getattr(o, name) >= 1:
             raise ConfigError(f"--optimizer.{name} must be within [0, 1), got {getattr(o, name)}")
