@@ -50,6 +50,7 @@ def _without_launch_options(argv: Sequence[str]) -> list[str]:
 
 
 def _train(args: argparse.Namespace, argv: Sequence[str]) -> None:
+    from tetrad.components.run_folder import hold_run_folder
     from tetrad.train import check_launch, train
 
     with reported():
@@ -59,12 +60,13 @@ def _train(args: argparse.Namespace, argv: Sequence[str]) -> None:
         train(config)
         return
     check_launch(config, args.nproc)
-    _launch(
-        args.nproc,
-        _without_launch_options(argv),
-        stop_signals=config.job.stop_signals,
-        max_restarts=args.max_restarts,
-    )
+    with reported(), hold_run_folder(config, launcher=True):
+        _launch(
+            args.nproc,
+            _without_launch_options(argv),
+            stop_signals=config.job.stop_signals,
+            max_restarts=args.max_restarts,
+        )
 
 
 def _launch(
@@ -72,8 +74,9 @@ def _launch(
 ) -> None:
     """``torchrun --standalone --nproc-per-node=N -m tetrad.train ARGV``, its launcher in this
     process. When ranks stop on a reported error (exit code 2 or 3, the message in their error
-    files) and the others were only stopped by torchrun (a signal), this command prints that
-    message once and exits with that code, instead of torchrun's failure report.
+    files) and the others were stopped by torchrun (a signal) or failed only after it, this
+    command prints that message once and exits with that code, instead of torchrun's failure
+    report.
 
     A stop signal (--job.stop_signals) sent to this process is passed on to the ranks, which
     stop together, save and exit 0; torchrun would instead give them 30 s and kill them. Ctrl-C
@@ -105,8 +108,12 @@ def _launch(
     except ChildFailedError as e:
         reported_codes = set(EXIT_CODES.values())
         stopped = {rank: f for rank, f in e.failures.items() if f.exitcode in reported_codes}
-        if not stopped or any(
-            f.exitcode > 0 for f in e.failures.values() if f.exitcode not in reported_codes
+        # Another rank's failure after (or in the same second as) a reported error is its
+        # consequence: a collective that lost its peer. One before it is a fault of its own.
+        since = min((f.timestamp for f in stopped.values()), default=None)
+        if since is None or any(
+            f.exitcode > 0 and f.exitcode not in reported_codes and f.timestamp < since
+            for f in e.failures.values()
         ):
             raise
         first = stopped[min(stopped)]

@@ -30,7 +30,7 @@ from tetrad.components.checkpoint_folder import (
     write_complete,
 )
 from tetrad.components.checkpoint_states import ModelState
-from tetrad.components.checkpoint_storage import ChecksumWriter, SafeLoadPlanner, SafeReader
+from tetrad.components.checkpoint_storage import ChecksumWriter, safe_load
 from tetrad.components.hf_checkpoint import load_hf_weights, save_hf_weights
 from tetrad.config import config_from_args
 from tetrad.data import build_tokenizer
@@ -83,12 +83,7 @@ def convert(args: argparse.Namespace) -> None:
         state = ModelState(model)
         model_state = state.state_dict()
         check_model_matches(model_state, metadata, src, set(model_state))
-        dcp.load(
-            {"model": state},
-            storage_reader=SafeReader(src),
-            planner=SafeLoadPlanner(),
-            no_dist=True,
-        )
+        safe_load({"model": state}, Path(src), no_dist=True)
         chat_template = chat_template_for(config.data, tokenizer)
         save_hf_weights(
             model,

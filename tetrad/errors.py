@@ -9,6 +9,7 @@ import json
 import os
 import sys
 import time
+import traceback
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -48,21 +49,33 @@ LAUNCHED_BY_TETRAD = "TETRAD_LAUNCHED"
 @contextlib.contextmanager
 def reported() -> Iterator[None]:
     """Around a command: a UserError (RunStopped) becomes ``tetrad: error: <message>`` on stderr
-    and exit code 2 (3), not a traceback. A rank under torchrun also leaves the message in its error file, for
-    torchrun's failure report; under ``tetrad train --nproc`` only there, for the launcher to
-    print once rather than once per rank."""
+    and exit code 2 (3), not a traceback. A rank under torchrun also leaves the message in its
+    error file, for torchrun's failure report; under ``tetrad train --nproc`` only there, for
+    the launcher to print once rather than once per rank. There, any other exception goes to the
+    error file too (with its traceback, as torchrun's ``record`` writes it) and exit code 1: the
+    launcher shows it, unless it only followed another rank's reported error (a collective
+    that lost its peer), which it then shows alone."""
+    error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    launched = bool(error_file and os.environ.get(LAUNCHED_BY_TETRAD))
     try:
         yield
     except (UserError, RunStopped) as e:
         code = next(code for kind, code in EXIT_CODES.items() if isinstance(e, kind))
-        if error_file := os.environ.get("TORCHELASTIC_ERROR_FILE"):
+        if error_file:
             record = {"message": str(e), "timestamp": int(time.time())}
             Path(error_file).write_text(json.dumps(record))
-        if not (error_file and os.environ.get(LAUNCHED_BY_TETRAD)):
+        if not launched:
             print(f"tetrad: error: {e}", file=sys.stderr)
         raise SystemExit(code) from None
+    except Exception as e:
+        if not (launched and error_file):
+            raise
+        info = {"py_callstack": traceback.format_exc(), "timestamp": str(int(time.time()))}
+        record = {"message": {"message": f"{type(e).__name__}: {e}", "extraInfo": info}}
+        Path(error_file).write_text(json.dumps(record))
+        raise SystemExit(1) from None
     except KeyboardInterrupt:
-        if not os.environ.get(LAUNCHED_BY_TETRAD):  # else the launcher says it once
+        if not launched:  # else the launcher says it once
             print(INTERRUPTED, file=sys.stderr)
         raise SystemExit(130) from None
 

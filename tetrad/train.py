@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
 from collections.abc import Sequence
 
+from tetrad.components.run_folder import hold_run_folder
 from tetrad.config import Config, load_config, validate_config, validate_device
 from tetrad.errors import reported
 
@@ -25,8 +27,9 @@ def parse_config(argv: Sequence[str]) -> Config:
 def check_launch(config: Config, world_size: int) -> None:
     """What ``tetrad train --nproc`` checks once before it launches the ranks, so a config they
     cannot run is one line and exit 2 rather than one error per rank: what the options need of
-    this machine's device (``validate_device``) and the parallelism degrees against the world
-    size."""
+    this machine's device (``validate_device``), the parallelism degrees against the world
+    size, and the local data files (``check_local_files``)."""
+    from tetrad.data.sources import check_local_files
     from tetrad.distributed.init import device_capability, device_type
     from tetrad.distributed.parallel_dims import ParallelDims
     from tetrad.tools.fault_injection import check_fault_rank
@@ -35,14 +38,18 @@ def check_launch(config: Config, world_size: int) -> None:
         validate_device(config, device_type(), device_capability())
         ParallelDims.from_config(config.parallelism, world_size)
         check_fault_rank(config.debug, world_size)
+        check_local_files(config.data)
 
 
 def train(config: Config) -> None:
+    """Run the training; rank 0 holds the run folder (``hold_run_folder``) from before anything
+    is written until the end, unless the launcher holds it for every rank."""
     from tetrad.distributed.hang import stop_on_timeout
     from tetrad.distributed.init import restart_count
     from tetrad.trainer import Trainer  # heavy imports only once the config is known good
 
-    with reported():
+    rank_0 = int(os.environ.get("RANK", "0")) == 0
+    with reported(), hold_run_folder(config) if rank_0 else contextlib.nullcontext():
         trainer = Trainer(config)
         if attempt := restart_count():
             logger.info(

@@ -68,7 +68,7 @@ from tetrad.models.materialize import init_adapters, materialize_and_init, mater
 from tetrad.models.registry import get_model_spec
 from tetrad.models.spec import DecoderModel, ModelSpec
 from tetrad.tools.fault_injection import maybe_inject_fault
-from tetrad.tools.logging import init_logging
+from tetrad.tools.logging import init_logging, open_log_files
 
 logger = logging.getLogger(__name__)
 
@@ -144,6 +144,7 @@ class Trainer:
         set_collective_timeout(
             config.comm.train_timeout_seconds, self.parallel_dims.meshes.values()
         )
+        open_log_files()  # the run has started: from here on, it writes into its folder
         if self.rank == 0:
             previous = self.dump_folder / "config.toml"
             if previous.is_file() and (changes := changed_options(config, previous)):

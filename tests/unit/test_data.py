@@ -1,7 +1,6 @@
 """Data pipeline: default tokenizer, packing, rank sharding, exact resume, error messages."""
 
 import json
-import pickle
 import random
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -168,7 +167,7 @@ def test_rows_pack_whole_documents_in_stream_order(tokenizer: Tokenizer, tmp_pat
     source = _local_source(_write(tmp_path / "docs.jsonl", texts))
     loader = _loader(source, tokenizer, seq_len=16, batch_size=3)
     batches = _take(iter(loader), 20)
-    packers = pickle.loads(loader.state_dict()["dp_rank_0"]["packers"])
+    packers = json.loads(loader.state_dict()["dp_rank_0"]["packers"])
     assert len(packers) == 3
     held = [
         [
@@ -275,7 +274,7 @@ def test_resume_default_corpus(
 
     state = _check_resume(make_loader, tmp_path, k=100, m=5)
     assert state["source"] is not None, "the save point should lie past the first chunk"
-    packers = pickle.loads(state["packers"])
+    packers = json.loads(state["packers"])
     assert len(packers) == 8 and any(packer["carry"]["tokens"] for packer in packers)
 
 

@@ -8,7 +8,9 @@ import pytest
 import torch
 
 from tetrad.components.lr_scheduler import build_lr_scheduler, wsd_factor
+from tetrad.config import Config, validate_config
 from tetrad.config.job_config import LRSchedulerConfig
+from tetrad.errors import ConfigError
 
 
 def _factors(total: int, **kwargs) -> list[float]:
@@ -78,3 +80,21 @@ def learning_rates(
         optimizer.step()
         scheduler.step()
     return lrs
+
+
+def test_default_warmup_is_shortened_to_a_short_run(caplog: pytest.LogCaptureFixture) -> None:
+    """`tetrad train --training.steps 5` is valid: the default warmup (10) is cut to the
+    schedule's 5 steps (logged), an all-warmup schedule reaching the peak at the last step; a
+    warmup the user chose longer than the run stays an error."""
+    config = Config()
+    config.training.steps = 5
+    validate_config(config)
+    param = torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.SGD([param], lr=1.0)
+    with caplog.at_level("INFO"):
+        scheduler = build_lr_scheduler(optimizer, config.lr_scheduler, total_steps=5)
+    assert "the default 10 is longer than the 5-step schedule" in caplog.text
+    assert learning_rates(scheduler, optimizer, steps=5) == pytest.approx([0.2, 0.4, 0.6, 0.8, 1.0])
+    config.lr_scheduler.warmup_steps = 6
+    with pytest.raises(ConfigError, match=r"warmup_steps 6 must be within 0\.\.5"):
+        validate_config(config)

@@ -2,7 +2,6 @@
 dp ranks read disjoint documents, bad mix strings give one line."""
 
 import json
-import pickle
 from collections import Counter
 from itertools import islice
 from pathlib import Path
@@ -78,7 +77,7 @@ def test_shares_follow_the_weights(tokenizer: Tokenizer, tmp_path: Path) -> None
     while sum(loader.source_counts().values()) < 10_000:
         taken.append(next(batches))
     counts = {Path(name).name: count for name, count in loader.source_counts().items()}
-    packers = pickle.loads(loader.state_dict()["dp_rank_0"]["packers"])
+    packers = json.loads(loader.state_dict()["dp_rank_0"]["packers"])
     documents = [
         tokenizer.decode(piece[1:-1])
         for row, packer in zip(_rows(taken), packers, strict=True)
@@ -116,7 +115,7 @@ def test_resume_mid_mixture(tokenizer: Tokenizer, tmp_path: Path, dp: tuple[int,
 
     states = [_check_resume(make_loader, tmp_path / "ckpt", k=k, m=8) for k in (1, 70, 230)]
     assert states[1]["source"] is not None and states[2]["epoch"] >= 1
-    assert list(pickle.loads(states[2]["source_counts"]).values())[2] > 8  # c restarted
+    assert list(json.loads(states[2]["source_counts"]).values())[2] > 8  # c restarted
 
 
 @pytest.mark.parametrize("num_files", [1, 2])

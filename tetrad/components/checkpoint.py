@@ -55,7 +55,7 @@ from tetrad.components.checkpoint_states import (
     TrainState,
     merged_view,
 )
-from tetrad.components.checkpoint_storage import ChecksumWriter, SafeLoadPlanner, SafeReader
+from tetrad.components.checkpoint_storage import ChecksumWriter, safe_load
 from tetrad.components.hf_checkpoint import save_hf_weights
 from tetrad.components.lr_scheduler import follow_current_schedule
 from tetrad.config.job_config import CheckpointConfig, CheckpointState
@@ -170,7 +170,7 @@ class CheckpointManager:
             states["model"] = model
         if "train_state" in states:
             states["train_state"] = LoadableTrainState(self.train_state, metadata)
-        dcp.load(states, storage_reader=SafeReader(path), planner=SafeLoadPlanner())
+        safe_load(states, path)
         self._check_overwrite(self.train_state.step)
         # The loaded optimizer and schedule bring the LRs of the run that saved them; this
         # run's options decide the LR from its first step on.
@@ -207,11 +207,7 @@ class CheckpointManager:
                 raise CheckpointError(f"--checkpoint.initial_load_path {source}: {problem}")
             base_state = ModelState(self.model, select=_is_base)
             self._check_model(base_state, read_metadata(source), source)
-            dcp.load(
-                {"model": base_state},
-                storage_reader=SafeReader(source),
-                planner=SafeLoadPlanner(),
-            )
+            safe_load({"model": base_state}, source)
             logger.info("loaded the frozen base from %s", source)
         return ModelState(self.model, select=is_adapter)
 

@@ -15,18 +15,23 @@ from __future__ import annotations
 import io
 import json
 import pickle
+import re
 import zlib
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
 from torch.distributed.checkpoint._traverse import set_element
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 from torch.distributed.checkpoint.planner import ReadItem, SavePlan, SavePlanner
 from torch.distributed.checkpoint.storage import WriteResult
 from torch.futures import Future
+
+from tetrad.errors import CheckpointError
 
 CRC32_SUFFIX = "crc32.json"
 """A rank's checksums of the files it wrote, ``__R_crc32.json``, until the checkpoint is marked
@@ -78,15 +83,46 @@ class SafeReader(FileSystemReader):
 
 class SafeLoadPlanner(DefaultLoadPlanner):
     """DCP's load planner, reading non-tensor values (steps, learning rates, data positions)
-    with ``torch.load(weights_only=True)``: plain values only, no code."""
+    with ``torch.load(weights_only=True)``: plain values only, no code; anything else is a
+    one-line CheckpointError naming the value."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__()
+        self.path = path
 
     def load_bytes(self, read_item: ReadItem, value: io.BytesIO) -> None:
-        loaded = torch.load(value, weights_only=True)
         fqn = read_item.dest_index.fqn
+        try:
+            loaded = torch.load(value, weights_only=True)
+        except pickle.UnpicklingError as e:
+            found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+            raise CheckpointError(
+                f"{self.path}: {fqn!r} holds a pickled object other than plain values"
+                f"{f' ({found[1]})' if found else ''}; tetrad runs no code from checkpoints, "
+                "so it cannot load it"
+            ) from None
         if self.flatten_state_dict:
             set_element(self.original_state_dict, self.mappings[fqn], loaded)
         else:
             self.state_dict[fqn] = loaded
+
+
+def safe_load(state_dict: dict[Any, Any], path: Path, *, no_dist: bool = False) -> None:
+    """``dcp.load`` of ``path`` into ``state_dict`` through ``SafeReader`` and
+    ``SafeLoadPlanner``; their CheckpointError comes out as itself, not wrapped in DCP's
+    CheckpointException (which would print a traceback per rank)."""
+    try:
+        dcp.load(
+            state_dict,
+            storage_reader=SafeReader(path),
+            planner=SafeLoadPlanner(path),
+            no_dist=no_dist,
+        )
+    except CheckpointException as e:
+        refused = [error for error, _ in e.failures.values() if isinstance(error, CheckpointError)]
+        if refused:
+            raise refused[0] from None
+        raise
 
 
 class MetadataRefused(pickle.UnpicklingError):

@@ -7,12 +7,15 @@ or stopped early and cooled down; with decay_ratio=None it is the classic warmup
 from __future__ import annotations
 
 import functools
+import logging
 import math
 
 import torch
 from torch.optim.lr_scheduler import LambdaLR
 
 from tetrad.config.job_config import LRSchedulerConfig
+
+logger = logging.getLogger(__name__)
 
 
 def wsd_factor(
@@ -55,11 +58,19 @@ def wsd_factor(
 def build_lr_scheduler(
     optimizer: torch.optim.Optimizer, config: LRSchedulerConfig, total_steps: int
 ) -> LambdaLR:
-    """A LambdaLR (so its state is Stateful) following :func:`wsd_factor`."""
+    """A LambdaLR (so its state is Stateful) following :func:`wsd_factor`. The default warmup
+    is shortened to a shorter schedule, and says so (validate_config refuses a chosen one)."""
+    warmup_steps = min(config.warmup_steps, total_steps)
+    if warmup_steps < config.warmup_steps:
+        logger.info(
+            "--lr_scheduler.warmup_steps: the default %d is longer than the %d-step schedule; "
+            "warming up over %d steps",
+            config.warmup_steps, total_steps, warmup_steps,
+        )  # fmt: skip
     factor = functools.partial(
         wsd_factor,
         total_steps=total_steps,
-        warmup_steps=config.warmup_steps,
+        warmup_steps=warmup_steps,
         decay_ratio=config.decay_ratio,
         decay_type=config.decay_type,
         min_lr_factor=config.min_lr_factor,

@@ -34,6 +34,7 @@ from tetrad.config.job_config import (
     CheckpointConfig,
     Config,
     DataConfig,
+    LRSchedulerConfig,
 )
 from tetrad.errors import ConfigError
 
@@ -124,6 +125,9 @@ def changed_options(config: Config, previous: Path) -> list[str]:
 
 def validate_config(config: Config) -> None:
     """Checks that need no world size; ParallelDims checks the degrees against it."""
+    _validate_numbers(config)
+    if not config.job.dump_folder.strip():
+        raise ConfigError("--job.dump_folder is empty; name the run's folder")
     t, lr = config.training, config.lr_scheduler
     positive = {
         "training.steps": t.steps,
@@ -156,7 +160,10 @@ def validate_config(config: Config) -> None:
             f"--training.global_batch_size must be positive or -1, got {t.global_batch_size}"
         )
     schedule_steps = t.steps if lr.total_steps is None else lr.total_steps
-    if not 0 <= lr.warmup_steps <= schedule_steps:
+    # The default warmup is shortened to a shorter schedule (build_lr_scheduler logs it); a
+    # warmup the user chose is theirs to fix. A value equal to the default counts as the default.
+    explicit = lr.warmup_steps != LRSchedulerConfig().warmup_steps
+    if lr.warmup_steps < 0 or (explicit and lr.warmup_steps > schedule_steps):
         raise ConfigError(
             f"--lr_scheduler.warmup_steps {lr.warmup_steps} must be within 0..{schedule_steps}"
             " (the schedule's length: --lr_scheduler.total_steps, else --training.steps)"
@@ -244,6 +251,22 @@ def _validate_fault_tolerance(config: Config) -> None:
             "--fault_tolerance.enable does not support pipeline parallel; use --parallelism.pp 1 "
             "inside each replica group"
         )
+
+
+def _validate_numbers(config: Config) -> None:
+    """Values that can only produce garbage: every float option is a finite number >= 0 (none
+    has a meaning for NaN, infinity or a negative value; lr 0 has one, weights that stay), and
+    the optimizer's own ranges."""
+    for section in sections():
+        for name, value in dataclasses.asdict(getattr(config, section)).items():
+            if isinstance(value, float) and not (math.isfinite(value) and value >= 0):
+                raise ConfigError(f"--{section}.{name} must be a finite number >= 0, got {value}")
+    o = config.optimizer
+    for name in ("beta1", "beta2"):
+        if getattr(o, name) >= 1:
+            raise ConfigError(f"--optimizer.{name} must be within [0, 1), got {getattr(o, name)}")
+    if o.eps == 0:
+        raise ConfigError("--optimizer.eps must be positive, got 0 (Adam would divide by zero)")
 
 
 def _resolve_fsdp_reshard(config: Config) -> None:

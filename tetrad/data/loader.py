@@ -1,8 +1,8 @@
 """The per-dp-rank stream of packed (inputs, labels) batches, resumable to the exact batch."""
 
+import json
 import logging
-import pickle
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from itertools import islice
 from typing import Any, Protocol
 
@@ -11,13 +11,14 @@ from datasets.distributed import split_dataset_by_node
 
 from tetrad.config.job_config import DataConfig
 from tetrad.data.batch import Batch
-from tetrad.data.chat import ChatEncoder, build_chat_encoder
+from tetrad.data.chat import ChatEncoder, build_chat_encoder, conversation
+from tetrad.data.file_checks import RecordCheck, first_bad_record
 from tetrad.data.holdout import Holdout
 from tetrad.data.mixture import SOURCE_COLUMN, source_names
 from tetrad.data.packing import TokenPacker, window_batch
-from tetrad.data.sources import build_text_source
+from tetrad.data.sources import build_text_source, local_files
 from tetrad.data.tokenizer import Tokenizer
-from tetrad.errors import DataError
+from tetrad.errors import CheckpointError, DataError
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +51,9 @@ class TextEncoder:
 
     def encode_rows(self, rows: Sequence[dict[str, Any]]) -> list[Encoded | None]:
         texts = [row[self.text_field] for row in rows]
+        for text in texts:
+            if not isinstance(text, str):
+                raise DataError(f"a record's {self.text_field!r} is {text!r}, not text")
         return [(tokens, None) for tokens in self.tokenizer.encode_batch(texts)]
 
 
@@ -87,6 +91,8 @@ class TextDataLoader:
         document_mask: bool = False,
         pad_id: int = 0,
         holdout: Holdout | None = None,
+        name: str = "the data source",
+        find_bad_record: Callable[[], str | None] | None = None,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
@@ -95,6 +101,8 @@ class TextDataLoader:
         self._source = source if holdout is None else holdout.apply(source)
         self._holdout = None if holdout is None else [holdout.fraction, holdout.held_out]
         self._encoder = encoder
+        self._name, self._find_bad_record = name, find_bad_record
+        self._window = seq_len + 1
         self._document_mask = document_mask or encoder.whole_documents
         self._batch_size = batch_size
         self._dp_rank = dp_rank
@@ -124,25 +132,50 @@ class TextDataLoader:
             )
             if self._chunk_state is not None:
                 dataset.load_state_dict(self._chunk_state)
+            whole_pass, tokens = self._chunk_state is None and self._chunk_consumed == 0, 0
             rows = iter(dataset)
             next(islice(rows, self._chunk_consumed, self._chunk_consumed), None)  # skip packed ones
-            while chunk := list(islice(rows, _CHUNK_DOCS)):
-                for row, document in zip(chunk, self._encoder.encode_rows(chunk), strict=True):
+            while read := self._read_chunk(rows):
+                chunk, encoded = read
+                for row, document in zip(chunk, encoded, strict=True):
                     self._chunk_consumed += 1
                     if self._source_counts:
                         self._source_counts[self._source_names[row[SOURCE_COLUMN]]] += 1
+                    tokens += 0 if document is None else len(document[0])
                     yield document
                 self._chunk_state, self._chunk_consumed = dataset.state_dict(), 0
             if self._chunk_state is None and self._chunk_consumed == 0:
                 raise DataError(
-                    f"dp rank {self._dp_rank} of {self._dp_world_size} got no documents from the "
-                    "data source; use a larger dataset or fewer data-parallel ranks"
+                    f"dp rank {self._dp_rank} of {self._dp_world_size} got no documents from "
+                    f"{self._name}; use a larger dataset or fewer data-parallel ranks"
+                )
+            if whole_pass and tokens < self._window:
+                raise DataError(
+                    f"{self._name} holds {tokens} tokens for dp rank {self._dp_rank} of "
+                    f"{self._dp_world_size}, fewer than one sequence (--training.seq_len + 1 = "
+                    f"{self._window}); use more data, a shorter --training.seq_len or fewer "
+                    "data-parallel ranks"
                 )
             self._epoch += 1
             self._chunk_state, self._chunk_consumed = None, 0
             logger.info(
                 "dp rank %d: data source exhausted; epoch %d begins", self._dp_rank, self._epoch
             )
+
+    def _read_chunk(
+        self, rows: Iterator[dict[str, Any]]
+    ) -> tuple[list[dict[str, Any]], list[Encoded | None]] | None:
+        """The next chunk of rows and their documents (None: the pass is over); a row that
+        cannot be read or encoded is a DataError naming the file and record where known."""
+        try:
+            chunk = list(islice(rows, _CHUNK_DOCS))
+            return (chunk, self._encoder.encode_rows(chunk)) if chunk else None
+        except Exception as err:  # the `datasets` builders raise many kinds for a bad record
+            where = self._find_bad_record() if self._find_bad_record else None
+            if where is None and isinstance(err, DataError):
+                raise
+            message = " ".join(str(err).split()) or type(err).__name__
+            raise DataError(where or f"reading {self._name} failed: {message}") from err
 
     def __iter__(self) -> Iterator[Batch]:
         documents = self._documents()
@@ -168,23 +201,23 @@ class TextDataLoader:
         given to that row but not yet yielded) per batch row, in row order, and
         `source_counts`, the documents read per mixture source, `overlong`, the conversations
         truncated and dropped, and `holdout`, the side of validation's hash split read (a
-        differently filtered stream would resume elsewhere). The source's state is pickled: its
-        nesting changes as it is read, and DCP loads into the structure of a fresh loader's
-        state.
+        differently filtered stream would resume elsewhere). The source's state is a JSON
+        string: its nesting changes as it is read, and DCP loads into the structure of a fresh
+        loader's state. The others are JSON too: DCP would flatten a list into one key per row
+        and silently load a shorter one into a loader with more rows. JSON, not pickle: a
+        checkpoint is a file from anywhere, and loading it must not run code.
         """
-        source = None if self._chunk_state is None else pickle.dumps(self._chunk_state)
+        overlong = self.overlong_counts()
         return {
             "dp_world_size": self._dp_world_size,
             f"dp_rank_{self._dp_rank}": {
                 "epoch": self._epoch,
-                "source": source,
+                "source": _to_json(self._chunk_state),
                 "source_consumed": self._chunk_consumed,
-                # Pickled like the source state: DCP would flatten a list into one key per row and
-                # silently load a shorter one into a loader with more rows.
-                "packers": pickle.dumps([packer.state_dict() for packer in self._packers]),
-                "source_counts": pickle.dumps(self._source_counts),
-                "overlong": pickle.dumps(self.overlong_counts()),
-                "holdout": pickle.dumps(self._holdout),
+                "packers": _to_json([packer.state_dict() for packer in self._packers]),
+                "source_counts": _to_json(self._source_counts),
+                "overlong": _to_json(None if overlong is None else list(overlong)),
+                "holdout": _to_json(self._holdout),
             },
         }
 
@@ -200,9 +233,9 @@ class TextDataLoader:
             raise ValueError(f"dataloader state has no {key!r} (it has {sorted(state)})")
         mine = state[key]
         self._epoch = mine["epoch"]
-        self._chunk_state = None if mine["source"] is None else pickle.loads(mine["source"])
+        self._chunk_state = _from_json(mine["source"])
         self._chunk_consumed = mine["source_consumed"]
-        packer_states = pickle.loads(mine["packers"])
+        packer_states = _from_json(mine["packers"])
         if len(packer_states) != len(self._packers):
             raise ValueError(
                 f"dataloader state was saved with local batch size {len(packer_states)} but this "
@@ -210,21 +243,21 @@ class TextDataLoader:
             )
         for packer, packer_state in zip(self._packers, packer_states, strict=True):
             packer.load_state_dict(packer_state)
-        source_counts = pickle.loads(mine["source_counts"])
+        source_counts = _from_json(mine["source_counts"])
         if list(source_counts) != self._source_names:
             raise DataError(
                 f"dataloader state was saved with mixture sources {list(source_counts)} but this "
                 f"run has {self._source_names}; resume with the same --data.mix"
             )
         self._source_counts = source_counts
-        holdout = pickle.loads(mine["holdout"])
+        holdout = _from_json(mine["holdout"])
         if holdout != self._holdout:
             raise DataError(
                 f"dataloader state was saved reading {_describe(holdout)} but this run reads "
                 f"{_describe(self._holdout)}; resume with the same --validation.enable and "
                 "--validation.holdout_fraction"
             )
-        if (overlong := pickle.loads(mine["overlong"])) is not None:
+        if (overlong := _from_json(mine["overlong"])) is not None:
             assert isinstance(self._encoder, ChatEncoder)
             self._encoder.truncated, self._encoder.dropped = overlong
 
@@ -232,6 +265,25 @@ class TextDataLoader:
         """Documents this rank has read from each mixture source so far, resumed exactly with the
         state; {} unless the source is a mixture (`tetrad.data.mixture`)."""
         return dict(self._source_counts)
+
+
+def _to_json(value: Any) -> str:
+    """``value`` as JSON, refusing what JSON would silently change (tuples, non-string keys),
+    which would resume elsewhere."""
+    text = json.dumps(value)
+    if json.loads(text) != value:
+        raise TypeError(f"dataloader state does not round-trip through JSON: {value!r}")
+    return text
+
+
+def _from_json(text: Any) -> Any:
+    if not isinstance(text, str):
+        raise CheckpointError(
+            "the checkpoint's dataloader state is not JSON (an older tetrad pickled it, and "
+            "pickles from files are not loaded); resume with --checkpoint.exclude_from_loading "
+            "dataloader to restart the data from its beginning"
+        )
+    return json.loads(text)
 
 
 def _describe(holdout: list[Any] | None) -> str:
@@ -258,6 +310,12 @@ def build_dataloader(
     encoder: DocumentEncoder = TextEncoder(tokenizer, text_field)
     if data.format == "chat":
         encoder = build_chat_encoder(data, tokenizer, max_tokens=seq_len + 1)
+    files = local_files(data)
+
+    def find_bad_record() -> str | None:
+        check = _record_check(data)
+        return next(filter(None, (first_bad_record(f, b, check) for b, f in files)), None)
+
     return TextDataLoader(
         source,
         encoder,
@@ -268,4 +326,29 @@ def build_dataloader(
         document_mask=data.document_masked,
         pad_id=tokenizer.eos_id if tokenizer.pad_id is None else tokenizer.pad_id,
         holdout=holdout,
+        name=_source_name(data),
+        find_bad_record=find_bad_record if files else None,
     )
+
+
+def _source_name(data: DataConfig) -> str:
+    if data.mix is not None:
+        return f"--data.mix {data.mix!r}"
+    return f"--data.path {data.path!r}" if data.path else f"--data.dataset {data.dataset!r}"
+
+
+def _record_check(data: DataConfig) -> RecordCheck:
+    """What makes a record unusable for the format: a chat record ChatEncoder refuses, a text
+    record without a string in its text field."""
+
+    def check(record: dict[str, Any]) -> str | None:
+        if data.format == "chat":
+            try:
+                conversation(record)
+            except DataError as err:
+                return str(err)
+            return None
+        text = record.get(data.text_field)
+        return None if isinstance(text, str) else f"{data.text_field!r} is {text!r}, not text"
+
+    return check

@@ -4,6 +4,7 @@ Everything is streamed so that a source of any size starts at once, and so that
 `split_dataset_by_node` and `IterableDataset.state_dict()` give per-rank sharding and exact resume.
 """
 
+import logging
 import random
 import sysconfig
 from collections.abc import Callable, Iterator
@@ -16,12 +17,15 @@ from tetrad.config.job_config import DataConfig
 from tetrad.config.loader import mix_weights
 from tetrad.data import stdlib_qa
 from tetrad.data.chat import CHAT_COLUMNS
+from tetrad.data.file_checks import check_start, first_bad_record
 from tetrad.data.mixture import MESSAGES_COLUMN, TEXT_COLUMN, mix_sources
 from tetrad.errors import ConfigError, DataError, NetworkError
 
 # `load_dataset` pings the hub to count downloads, local files included: an offline machine waits
 # out a DNS timeout (5 s measured here) per local source opened.
 datasets.config.HF_UPDATE_DOWNLOAD_COUNTS = False
+# Its JSON builder logs a failure before raising it; tetrad's one line names the file and line.
+logging.getLogger("datasets.packaged_modules.json.json").setLevel(logging.CRITICAL)
 
 # Local file suffixes and the `datasets` builder that reads them.
 _LOCAL_BUILDERS = {
@@ -102,7 +106,25 @@ def _local_source(path: str | None, dataset_config: str | None, split: str) -> D
             "of them"
         )
     builder, files = _local_files(path)
+    check_start(files, builder)
     return datasets.load_dataset(builder, data_files={split: files}, split=split, streaming=True)
+
+
+def check_local_files(data: DataConfig) -> None:
+    """The checks of the local data files the data config reads that need no dataset opened
+    (each exists, has a known suffix, is not empty, its first record reads): what
+    ``tetrad train --nproc`` checks once before it starts the ranks."""
+    for builder, files in local_files(data):
+        check_start(files, builder)
+
+
+def local_files(data: DataConfig) -> list[tuple[str, list[str]]]:
+    """(builder, files) of each local source the data config reads (--data.path, or the files
+    and folders in --data.mix), for naming a bad record once reading has failed."""
+    if data.mix is None:
+        return [] if data.path is None else [_local_files(data.path)]
+    resolved = (_resolve_in_mix(source) for source in mix_weights(data))
+    return [_local_files(path) for name, path in resolved if path is not None]
 
 
 def _hub_source(name: str, dataset_config: str | None, split: str) -> Dataset:
@@ -155,7 +177,15 @@ def _open(name: str, path: str | None, data: DataConfig) -> tuple[Dataset, str]:
         ds = SOURCES[name](path, data.dataset_config, data.split)
     else:
         ds = _hub_source(name, data.dataset_config, data.split)
-    columns = _column_names(ds)
+    try:  # the builders read a block of records at once: a bad record in it fails here
+        columns = _column_names(ds)
+    except Exception as err:  # the builders raise many kinds; all mean "cannot read it"
+        where = None
+        if path is not None:
+            builder, files = _local_files(path)
+            where = first_bad_record(files, builder, None)
+        message = " ".join(str(err).split()) or type(err).__name__
+        raise DataError(where or f"dataset {path or name!r} cannot be read ({message})") from err
     if data.format == "chat":
         return ds, _check_chat_columns(path or name, columns)
     text_field = _FIXED_TEXT_FIELDS.get(name, data.text_field)

@@ -1,10 +1,12 @@
 """Rank-aware logging: rank 0 speaks on the console, the others only warn there unless every rank
-is asked for; every rank also writes all its records as JSON lines to its own file."""
+is asked for; every rank also writes all its records as JSON lines to its own file, from the
+moment the run has started (``open_log_files``): a run refused at start-up writes nothing."""
 
 from __future__ import annotations
 
 import json
 import logging
+import logging.handlers
 import sys
 from pathlib import Path
 
@@ -38,12 +40,39 @@ def init_logging(rank: int, *, all_ranks: bool = False, log_dir: Path | None = N
     )
     handlers: list[logging.Handler] = [console]
     if log_dir is not None:
-        log_dir.mkdir(parents=True, exist_ok=True)
-        per_rank = logging.FileHandler(log_dir / f"rank{rank}.jsonl")
-        per_rank.setFormatter(JsonLinesFormatter(rank))
-        handlers.append(per_rank)
+        handlers.append(_LogFileOnceStarted(log_dir / f"rank{rank}.jsonl", rank))
     root = logging.getLogger()
     for handler in root.handlers:
         handler.close()
     root.handlers[:] = handlers
     root.setLevel(logging.INFO)
+
+
+class _LogFileOnceStarted(logging.handlers.MemoryHandler):
+    """Keeps the records until ``open_log_files``, then writes them, and every later one at
+    once, to the rank's file."""
+
+    def __init__(self, path: Path, rank: int) -> None:
+        super().__init__(capacity=sys.maxsize, flushLevel=logging.CRITICAL + 1)
+        self.path, self.rank = path, rank
+
+    def open(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        target = logging.FileHandler(self.path)
+        target.setFormatter(JsonLinesFormatter(self.rank))
+        self.capacity = 0  # from now on every record is written as it comes
+        self.setTarget(target)
+        self.flush()
+
+    def close(self) -> None:
+        target = self.target
+        super().close()
+        if target is not None:
+            target.close()
+
+
+def open_log_files() -> None:
+    """The run has started: the per-rank log files are created, with the records so far."""
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, _LogFileOnceStarted):
+            handler.open()

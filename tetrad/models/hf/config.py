@@ -226,8 +226,10 @@ def resolve_hf_config(config: Config, vocab_size: int) -> HFModelConfig:
     if not m.hf_path:
         raise ConfigError("--model.name hf needs --model.hf_path (a folder or a hub id)")
     folder = _local_folder(m.hf_path)
-    try:
-        hf_config = import_transformers().AutoConfig.from_pretrained(folder)
+    try:  # never code from the folder: tetrad trains the families transformers ships
+        hf_config = import_transformers().AutoConfig.from_pretrained(
+            folder, trust_remote_code=False
+        )
     except (OSError, ValueError, KeyError) as err:
         raise ConfigError(
             f"--model.hf_path {m.hf_path!r}: cannot read config.json ({err})".splitlines()[0]
