@@ -45,6 +45,7 @@ from tetrad.data.chat import chat_template_for
 from tetrad.data.holdout import training_holdout, validation_data
 from tetrad.distributed.context_parallel import ContextParallel
 from tetrad.distributed.fault_tolerance import ReplicaGroups, data_shard
+from tetrad.distributed.hang import stop_watching
 from tetrad.distributed.init import (
     device_capability,
     device_type,
@@ -585,13 +586,17 @@ class Trainer:
                 what, self._consecutive_skips, t.max_consecutive_skips,
             )  # fmt: skip
             return
-        in_a_row = (
-            f" ({self._consecutive_skips} steps in a row)" if t.on_nonfinite == "skip" else ""
+        skipping = t.on_nonfinite == "skip"
+        in_a_row = f" ({self._consecutive_skips} steps in a row)" if skipping else ""
+        or_else = (
+            "raise --training.max_consecutive_skips"
+            if skipping
+            else "pass --training.on_nonfinite skip"
         )
         raise RunStopped(
             f"{what}{in_a_row}; stopped before applying its update. "
             f"{self.checkpointer.last_good()}. Lower --optimizer.lr, clip with "
-            "--training.max_norm, or pass --training.on_nonfinite skip"
+            f"--training.max_norm, or {or_else}"
         )
 
     def _stop_on_signal(self, saved: bool) -> None:
@@ -614,6 +619,7 @@ class Trainer:
         an active exception", seen once in CI with FSDP2 and async checkpoints)."""
         if self.replicas is not None:
             self.replicas.shutdown()
+        stop_watching()
         if dist.is_initialized():
             dist.destroy_process_group()
         gc.collect()

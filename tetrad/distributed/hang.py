@@ -40,18 +40,34 @@ already stopped it."""
 
 _store: dist.Store | None = None
 _posted = threading.Event()  # this rank posted the abort: it exits through RunStopped instead
+_stopped = threading.Event()
+_watcher: threading.Thread | None = None
 
 
 def watch_for_abort(store: dist.Store) -> None:
     """Start this rank's watcher of ``store`` (a daemon thread: it never holds the exit up)."""
-    global _store
+    global _store, _watcher
     _store = store
-    threading.Thread(target=_watch, args=(store,), name="tetrad-abort-watch", daemon=True).start()
+    _stopped.clear()
+    _watcher = threading.Thread(
+        target=_watch, args=(store,), name="tetrad-abort-watch", daemon=True
+    )
+    _watcher.start()
+
+
+def stop_watching() -> None:
+    """End the watcher before the process groups and the store go: a thread still inside a
+    store call while the interpreter tears them down aborts the process ("terminate called
+    without an active exception")."""
+    global _watcher
+    _stopped.set()
+    if _watcher is not None:
+        _watcher.join()
+        _watcher = None
 
 
 def _watch(store: dist.Store) -> None:
-    while True:
-        time.sleep(POLL_SECONDS)
+    while not _stopped.wait(POLL_SECONDS):
         try:
             if not store.check([ABORT_KEY]):
                 continue
