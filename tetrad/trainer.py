@@ -379,9 +379,8 @@ class Trainer:
         # turns the average into the sum of every token's gradient / all tokens.
         scale = self.parallel_dims.loss_parallel_degree / global_tokens
         # --debug.nonfinite_at_step: this step's loss and gradients become NaN on every rank.
-        poison = (
-            float("nan") if self.train_state.step == self.config.debug.nonfinite_at_step else 1.0
-        )
+        poison_at = self.config.debug.nonfinite_at_step
+        poison = float("nan") if poison_at and self.train_state.step == poison_at else 1.0
         scale = scale * poison
         loss_sum = torch.zeros((), device=self.device)
         if self.pipeline is not None:

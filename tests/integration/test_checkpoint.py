@@ -206,9 +206,10 @@ def test_killed_save_leaves_the_previous_checkpoint(tmp_path: Path) -> None:
     )
     assert f"skipping checkpoint {folder / 'step-4.tmp'}: it is a save that did not finish" in out
     assert f"resumed from {folder / 'step-2'}" in out
-    after = read_metrics(tmp_path)[len(before) :]
-    assert [r["step"] for r in after] == [3, 4]
-    assert [(r["loss"], r["grad_norm"]) for r in after] == [
+    # The resumed run replaced the killed run's records of the steps it redid.
+    after = read_metrics(tmp_path)
+    assert [r["step"] for r in after] == [1, 2, 3, 4]
+    assert [(r["loss"], r["grad_norm"]) for r in after[2:]] == [
         (r["loss"], r["grad_norm"]) for r in before[2:]
     ]
     # keep_latest_k=1 removed step-2 once step-4 was complete; the corrupt step-3 is no

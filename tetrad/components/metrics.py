@@ -100,6 +100,7 @@ class MetricsLogger:
         self.jsonl_path = dump_folder / "metrics.jsonl"
         self.tb_folder = dump_folder / "tb" if enable_tensorboard and write else None
         self.tb_writer: Any = None
+        self._after_step: int | None = 0  # see start()
         self._tokens = 0
         self._last_time = time.perf_counter()
 
@@ -109,10 +110,16 @@ class MetricsLogger:
         self._tokens += num_tokens
 
     def start(self, *, after_step: int) -> None:
-        """Before the first step after ``after_step``: trim the records of later steps, open
-        TensorBoard (purging its later events), and start the throughput clock (set-up is not
-        counted)."""
-        if self.write and self.jsonl_path.exists():
+        """Before the first step after ``after_step``: start the throughput clock (set-up is not
+        counted); the first record written then trims the records of later steps and opens
+        TensorBoard, purging its later events (``_open``). A run that stops before it logs
+        anything leaves both as they were."""
+        self._after_step = after_step
+        self._tokens = 0
+        self._last_time = time.perf_counter()
+
+    def _open(self, after_step: int) -> None:
+        if self.jsonl_path.exists():
             lines = self.jsonl_path.read_text().splitlines(keepends=True)
             kept = [line for line in lines if _step_of(line) <= after_step]
             if len(kept) < len(lines):
@@ -125,8 +132,6 @@ class MetricsLogger:
             from torch.utils.tensorboard import SummaryWriter
 
             self.tb_writer = SummaryWriter(log_dir=str(self.tb_folder), purge_step=after_step + 1)
-        self._tokens = 0
-        self._last_time = time.perf_counter()
 
     def log(
         self, step: int, *, loss: float, grad_norm: float, lr: float, skipped_steps: int
@@ -169,6 +174,9 @@ class MetricsLogger:
         self._write({"step": step, **record}, step)
 
     def _write(self, record: dict[str, Any], step: int) -> None:
+        if self._after_step is not None:
+            self._open(self._after_step)
+            self._after_step = None
         # Strict JSON: a non-finite figure is written as null, not as a bare NaN or Infinity.
         finite = {
             key: value if not isinstance(value, float) or math.isfinite(value) else None

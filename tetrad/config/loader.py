@@ -213,6 +213,10 @@ def validate_config(config: Config) -> None:
             "--debug.fault_at_step must be >= 1 and --debug.fault_rank >= 0, got "
             f"{config.debug.fault_at_step} and {config.debug.fault_rank}"
         )
+    if config.debug.nonfinite_at_step < 0:
+        raise ConfigError(
+            f"--debug.nonfinite_at_step must be >= 0 (0 = off), got {config.debug.nonfinite_at_step}"
+        )
     mix_weights(config.data)
     _validate_lora(config)
     _validate_fault_tolerance(config)
