@@ -30,9 +30,9 @@ def check_launch(config: Config, world_size: int) -> None:
     this machine's device (``validate_device``), the parallelism degrees against the world
     size, and the local data files (``check_local_files``)."""
     from tetrad.data.sources import check_local_files
+    from tetrad.distributed.fault_injection import check_fault_rank
     from tetrad.distributed.init import device_capability, device_type
     from tetrad.distributed.parallel_dims import ParallelDims
-    from tetrad.tools.fault_injection import check_fault_rank
 
     with reported():
         validate_device(config, device_type(), device_capability())

@@ -44,6 +44,7 @@ from tetrad.data import (
 from tetrad.data.chat import chat_template_for
 from tetrad.data.holdout import training_holdout, validation_data
 from tetrad.distributed.context_parallel import ContextParallel
+from tetrad.distributed.fault_injection import maybe_inject_fault
 from tetrad.distributed.fault_tolerance import ReplicaGroups, data_shard
 from tetrad.distributed.hang import stop_watching
 from tetrad.distributed.init import (
@@ -68,7 +69,6 @@ from tetrad.models.lora import apply_lora, lora_flops_per_token
 from tetrad.models.materialize import init_adapters, materialize_and_init, materialize_for_loading
 from tetrad.models.registry import get_model_spec
 from tetrad.models.spec import DecoderModel, ModelSpec
-from tetrad.tools.fault_injection import maybe_inject_fault
 from tetrad.tools.logging import init_logging, open_log_files
 
 logger = logging.getLogger(__name__)

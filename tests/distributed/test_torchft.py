@@ -102,10 +102,14 @@ def test_killed_replica_group_recovers_from_the_survivor(tmp_path: Path) -> None
         killed_at = time.monotonic()
         restart_offset = victim_log.stat().st_size
         restarted = _start(victim_dir, 1, lighthouse.address(), victim_log)
-        # Until group 1's manager is up again, the survivor runs a tenth of the time (paused
-        # 0.9 s of every 1, below the lighthouse's 2 s heartbeat timeout): it steps on alone,
-        # but cannot finish the run before group 1 is back however slowly that restarts.
+        # Until group 1's manager is up again: the survivor steps on alone at full speed for
+        # 3 steps, then runs a tenth of the time (paused 0.9 s of every 1, below the
+        # lighthouse's 2 s heartbeat timeout), so that it cannot finish the run before group 1
+        # is back however slowly that restarts, nor fail to step alone however slowly it runs.
         while restarted.poll() is None and JOINED not in _tail(victim_log, restart_offset):
+            if max(_logged_steps(survivor_dir), default=0) < KILL_AT + 3:
+                time.sleep(0.05)
+                continue
             os.killpg(survivor.pid, signal.SIGSTOP)
             time.sleep(0.9)
             os.killpg(survivor.pid, signal.SIGCONT)

@@ -190,7 +190,7 @@ def test_values_that_run_code_are_refused_unread(tmp_path: Path) -> None:
     code: DCP's own planner runs it; ours loads plain values only and refuses it."""
     marker = tmp_path / "pwned"
     path = _save(tmp_path / "step-2", {"state": {"step": 3, "x": _RunsCode(marker)}})
-    match = r"'state.x' holds a pickled object other than plain values \(\w+"
+    match = r"'state.x' holds a pickled object other than plain values"
     with pytest.raises(CheckpointError, match=match):
         safe_load({"state": {"step": 0, "x": 0}}, path, no_dist=True)
     assert not marker.exists()
