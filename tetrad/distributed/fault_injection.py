@@ -17,6 +17,7 @@ import torch.distributed as dist
 from tetrad.config.job_config import DebugConfig
 from tetrad.distributed.init import restart_count
 from tetrad.errors import ConfigError
+from tetrad.tools.logging import flush_logs
 
 logger = logging.getLogger(__name__)
 
@@ -40,8 +41,7 @@ def maybe_inject_fault(debug: DebugConfig, step: int) -> None:
         return
     # A warning reaches the console from any rank; its record (with the time) the rank's log.
     logger.warning("--debug.fault %s: rank %d at step %d", debug.fault, dist.get_rank(), step)
-    for handler in logging.getLogger().handlers:
-        handler.flush()
+    flush_logs()
     if debug.fault == "kill":
         os.kill(os.getpid(), signal.SIGKILL)
     # stall: the step's collectives never start, and SIGTERM is ignored, as by a rank that defers

@@ -27,6 +27,7 @@ from collections.abc import Callable, Iterator
 import torch.distributed as dist
 
 from tetrad.errors import EXIT_CODES, RunStopped
+from tetrad.tools.logging import flush_logs
 
 logger = logging.getLogger(__name__)
 
@@ -79,8 +80,7 @@ def _watch(store: dist.Store) -> None:
         logger.warning(
             "stopping in %.0f s: rank %s stopped on a collective timeout", GRACE_SECONDS, poster
         )
-        for handler in logging.getLogger().handlers:
-            handler.flush()
+        flush_logs()
         time.sleep(GRACE_SECONDS)
         os.kill(os.getpid(), signal.SIGKILL)  # no handler may defer it
 
@@ -119,8 +119,7 @@ def _exit_now(code: int) -> None:
     the launcher then stops this rank with SIGTERM, and its exit code 3 is lost)."""
     for stream in (sys.stdout, sys.stderr):
         stream.flush()
-    for handler in logging.getLogger().handlers:
-        handler.flush()
+    flush_logs()
     os._exit(code)
 
 

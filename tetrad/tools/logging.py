@@ -76,3 +76,10 @@ def open_log_files() -> None:
     for handler in logging.getLogger().handlers:
         if isinstance(handler, _LogFileOnceStarted):
             handler.open()
+
+
+def flush_logs() -> None:
+    """Write out every log handler's buffer: before a process ends without unwinding
+    (SIGKILL, ``os._exit``), which would lose it."""
+    for handler in logging.getLogger().handlers:
+        handler.flush()
