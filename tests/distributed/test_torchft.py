@@ -26,8 +26,7 @@ from tests.distributed.dcp_checks import model_weights, step_dir
 
 torchft = pytest.importorskip("torchft")
 
-STEPS = 20
-KILL_AT = 3  # the killed group's last logged step before the kill
+STEPS = 24
 RUN = [
     *TINY_RUN,
     f"--training.steps={STEPS}",
@@ -39,7 +38,7 @@ RUN = [
     f"--checkpoint.interval={10 * STEPS}",  # the final save only: nothing to resume from
 ]
 ALONE = re.compile(r"fault tolerance: step (\d+) with (\d+) of 2 replica groups")
-JOINED = "fault tolerance: replica group 1 of 2"
+JOINED = "fault tolerance: replica group {} of 2"  # logged once its manager is up
 RECOVERED = re.compile(
     r"fault tolerance: recovered step (\d+) from a live replica group in ([\d.]+) s"
 )
@@ -66,7 +65,21 @@ def _logged_steps(folder: Path) -> list[int]:
     path = folder / "metrics.jsonl"
     if not path.exists():
         return []
-    return [json.loads(line)["step"] for line in path.read_text().splitlines() if line]
+    # Complete lines only: the file may be read while a record is being written.
+    return [json.loads(line)["step"] for line in path.read_text().split("\n")[:-1] if line]
+
+
+def _wait_for_line(proc: subprocess.Popen[bytes], log: Path, line: str, deadline: float) -> None:
+    while line not in log.read_text(errors="replace"):
+        assert proc.poll() is None, log.read_text()[-3000:]
+        assert time.monotonic() < deadline, f"no {line!r} in time:\n{log.read_text()[-3000:]}"
+        time.sleep(0.05)
+
+
+def _stepped_together(first: Path, second: Path) -> bool:
+    """Whether both groups logged a step in common: one they took in the same quorum (a group
+    that joins late recovers past the steps the other took alone, and logs none of them)."""
+    return bool(set(_logged_steps(first)) & set(_logged_steps(second)))
 
 
 def _wait(proc: subprocess.Popen[bytes], timeout: float, log: Path) -> None:
@@ -90,31 +103,44 @@ def test_killed_replica_group_recovers_from_the_survivor(tmp_path: Path) -> None
     survivor_dir, victim_dir = tmp_path / "group0", tmp_path / "group1"
     survivor_log, victim_log = tmp_path / "group0.log", tmp_path / "group1.log"
     try:
-        survivor = _start(survivor_dir, 0, lighthouse.address(), survivor_log)
-        victim = _start(victim_dir, 1, lighthouse.address(), victim_log)
+        # A group alone steps at full speed until the other joins and recovers from it: group 0
+        # is paused from its manager's start to group 1's, so that neither finishes alone, and
+        # group 1 is killed only once both have taken a step together (the survivor then holds
+        # the state; killed earlier, group 1 could be the survivor's recovery source).
         deadline = time.monotonic() + 60
-        while KILL_AT not in _logged_steps(victim_dir):
+        survivor = _start(survivor_dir, 0, lighthouse.address(), survivor_log)
+        _wait_for_line(survivor, survivor_log, JOINED.format(0), deadline)
+        os.killpg(survivor.pid, signal.SIGSTOP)
+        victim = _start(victim_dir, 1, lighthouse.address(), victim_log)
+        _wait_for_line(victim, victim_log, JOINED.format(1), deadline)
+        os.killpg(survivor.pid, signal.SIGCONT)
+        while not _stepped_together(survivor_dir, victim_dir):
             assert victim.poll() is None, victim_log.read_text()[-3000:]
-            assert time.monotonic() < deadline, "group 1 never reached the kill step"
+            assert survivor.poll() is None, survivor_log.read_text()[-3000:]
+            assert time.monotonic() < deadline, "the groups never took a step together"
             time.sleep(0.05)
         os.killpg(victim.pid, signal.SIGKILL)
         victim.wait()
         killed_at = time.monotonic()
+        kill_step = max(_logged_steps(victim_dir))  # its last logged step
+        assert kill_step < STEPS - 8, f"group 1 ran {kill_step} steps before the kill"
         restart_offset = victim_log.stat().st_size
         restarted = _start(victim_dir, 1, lighthouse.address(), victim_log)
         # Until group 1's manager is up again: the survivor steps on alone at full speed for
         # 3 steps, then runs a tenth of the time (paused 0.9 s of every 1, below the
         # lighthouse's 2 s heartbeat timeout), so that it cannot finish the run before group 1
         # is back however slowly that restarts, nor fail to step alone however slowly it runs.
-        while restarted.poll() is None and JOINED not in _tail(victim_log, restart_offset):
-            if max(_logged_steps(survivor_dir), default=0) < KILL_AT + 3:
+        while restarted.poll() is None and JOINED.format(1) not in _tail(
+            victim_log, restart_offset
+        ):
+            if max(_logged_steps(survivor_dir), default=0) < kill_step + 3:
                 time.sleep(0.05)
                 continue
             os.killpg(survivor.pid, signal.SIGSTOP)
             time.sleep(0.9)
             os.killpg(survivor.pid, signal.SIGCONT)
             time.sleep(0.1)
-        while max(_logged_steps(victim_dir), default=0) <= KILL_AT and restarted.poll() is None:
+        while max(_logged_steps(victim_dir), default=0) <= kill_step and restarted.poll() is None:
             time.sleep(0.05)
         down_seconds = time.monotonic() - killed_at  # from the kill to its first step back
         _wait(survivor, 120, survivor_log)
@@ -122,12 +148,12 @@ def test_killed_replica_group_recovers_from_the_survivor(tmp_path: Path) -> None
     finally:
         lighthouse.shutdown()
 
-    # The survivor: one attempt, every step once, some taken alone while group 1 was down.
-    # (The group whose manager comes up second joins at step 2, from the first's state.)
+    # The survivor: one attempt, every step once from the one it joined at, some taken alone
+    # while group 1 was down.
     steps = [r["step"] for r in read_metrics(survivor_dir)]
-    assert steps == list(range(steps[0], STEPS + 1)) and steps[0] <= 2, steps
+    assert steps == list(range(steps[0], STEPS + 1)) and steps[0] <= kill_step, steps
     changes = [(int(s), int(n)) for s, n in ALONE.findall(survivor_log.read_text())]
-    alone_from = next(s for s, n in changes if n == 1 and s > KILL_AT)
+    alone_from = next(s for s, n in changes if n == 1 and s > kill_step)
     together_again = next(s for s, n in changes if n == 2 and s > alone_from)
     alone_steps = together_again - alone_from
     assert alone_steps >= 2, changes
@@ -136,7 +162,7 @@ def test_killed_replica_group_recovers_from_the_survivor(tmp_path: Path) -> None
     (recovered,) = RECOVERED.findall(_tail(victim_log, restart_offset))
     step, seconds = int(recovered[0]), float(recovered[1])
     assert step == together_again - 1, (step, changes)
-    after_kill = [s for s in _logged_steps(victim_dir) if s > KILL_AT]
+    after_kill = [s for s in _logged_steps(victim_dir) if s > kill_step]
     assert after_kill == list(range(step + 1, STEPS + 1))
 
     final_a = model_weights(step_dir(survivor_dir, STEPS))

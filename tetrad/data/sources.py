@@ -5,6 +5,7 @@ Everything is streamed so that a source of any size starts at once, and so that
 """
 
 import logging
+import os
 import random
 import sysconfig
 from collections.abc import Callable, Iterator
@@ -37,14 +38,18 @@ _LOCAL_BUILDERS = {
 }
 
 
+_INSTALLED_PACKAGES = ("site-packages", "dist-packages")
+
+
 def default_corpus_files() -> list[Path]:
     """The standard library's own `.py` files in a fixed order: the corpus that needs no network."""
     root = Path(sysconfig.get_paths()["stdlib"])
-    files = [
-        path
-        for path in root.rglob("*.py")
-        if not {"site-packages", "dist-packages"} & set(path.relative_to(root).parts)
-    ]
+    files = []
+    # os.walk, pruned: the installed packages under the stdlib folder outnumber it 7 to 1, and
+    # globbing them costs every process a second at start-up.
+    for folder, subfolders, names in os.walk(root):
+        subfolders[:] = [name for name in subfolders if name not in _INSTALLED_PACKAGES]
+        files += [Path(folder, name) for name in names if name.endswith(".py")]
     files.sort(key=lambda path: path.relative_to(root).as_posix())
     # A fixed shuffle: in path order the stream starts with long runs of one kind of file
     # (codec tables, tests), which makes a short run's loss curve mostly about the ordering.
