@@ -43,6 +43,7 @@ from tetrad.data import (
 )
 from tetrad.data.chat import chat_template_for
 from tetrad.data.holdout import training_holdout, validation_data
+from tetrad.distributed import flight_recorder
 from tetrad.distributed.context_parallel import ContextParallel
 from tetrad.distributed.fault_injection import maybe_inject_fault
 from tetrad.distributed.fault_tolerance import ReplicaGroups, data_shard
@@ -92,12 +93,15 @@ class Trainer:
         self.config = config
         validate_device(config, device_type(), device_capability())
         set_determinism(config.debug.seed, config.debug.deterministic)
+        self.dump_folder = Path(config.job.dump_folder)
+        flight_recorder.enable(
+            config.comm.flight_recorder_entries, self.dump_folder, cuda=device_type() == "cuda"
+        )
         self.device = init_distributed(
             config.comm.init_timeout_seconds,
             cpu_collectives=config.training.enable_cpu_offload,
         )
         self.rank = dist.get_rank()
-        self.dump_folder = Path(config.job.dump_folder)
         init_logging(
             self.rank, all_ranks=config.debug.log_all_ranks, log_dir=self.dump_folder / "logs"
         )

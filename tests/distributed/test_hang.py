@@ -1,6 +1,8 @@
 """A stalled rank (asleep in place of its collectives, deaf to SIGTERM like a rank that defers
 it to finish its step): every rank exits within --comm.train_timeout_seconds plus a stated
-margin, and the user reads one line naming the collective that timed out, exit code 3."""
+margin, and the user reads one line naming the collective that timed out and the rank that was
+behind, exit code 3. Every rank's flight recorder is dumped, and its records (read back as the
+files are, JSON) show the stalled rank one collective behind the other."""
 
 from __future__ import annotations
 
@@ -30,3 +32,15 @@ def test_stalled_rank_stops_every_rank_in_time(tmp_path: Path) -> None:
     records = [json.loads(row) for row in (tmp_path / "logs" / "rank1.jsonl").open()]
     (stalled,) = [r["time"] for r in records if r["message"].startswith("--debug.fault stall")]
     assert ended - stalled < TIMEOUT_S + MARGIN_S, f"{ended - stalled:.1f} s after the stall"
+
+    folder = tmp_path / "flight_recorder"
+    assert "flight recorder: behind: rank 1 (" in line and f"records in {folder};" in line, line
+    last = {}  # per rank, per process group: the sequence number of its last collective
+    for rank in (0, 1):
+        record = json.loads((folder / f"rank{rank}.json").read_text())
+        groups = record["pg_status"]
+        last[rank] = {g: int(s["last_enqueued_collective"]) for g, s in groups.items()}
+        assert record["entries"], f"rank {rank} recorded no collective"
+    shared = last[0].keys() & last[1].keys()
+    assert shared and all(last[1][g] <= last[0][g] for g in shared), last
+    assert any(last[1][g] < last[0][g] for g in shared), last  # the stalled rank is behind

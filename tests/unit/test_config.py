@@ -137,6 +137,7 @@ def test_typo_in_toml_file(tmp_path) -> None:
         (["--training.steps=5", "--lr_scheduler.warmup_steps=6"], "warmup_steps 6 must be within"),
         (["--lr_scheduler.decay_ratio=1.5"], "decay_ratio must be within 0..1"),
         (["--parallelism.tp=0"], "--parallelism.tp must be >= 1"),
+        (["--comm.flight_recorder_entries=-1"], "flight_recorder_entries must be >= 0 (0 = off)"),
         (
             ["--optimizer.state_dtype=bfloat16", "--optimizer.implementation=fused"],
             "drop --optimizer.implementation=fused",

@@ -216,6 +216,10 @@ class CommConfig:
     train_timeout_seconds: int = 100
     """Timeout for each collective once training runs (a hung rank fails fast)."""
 
+    flight_recorder_entries: int = 20000
+    """Collectives each rank's c10d flight recorder keeps, dumped to
+    <dump_folder>/flight_recorder/ on a collective timeout; 0 = off."""
+
 
 @dataclass(kw_only=True)
 class CheckpointConfig:

@@ -141,6 +141,11 @@ def validate_config(config: Config) -> None:
     for key, value in positive.items():
         if value <= 0:
             raise ConfigError(f"--{key} must be positive, got {value}")
+    if config.comm.flight_recorder_entries < 0:
+        raise ConfigError(
+            "--comm.flight_recorder_entries must be >= 0 (0 = off), got "
+            f"{config.comm.flight_recorder_entries}"
+        )
     schedule = config.parallelism.pp_schedule
     if config.validation.enable and config.parallelism.pp > 1 and schedule in V_SCHEDULES:
         # torch 2.13's forward-only `eval` still runs the V schedules' local backward hand-offs

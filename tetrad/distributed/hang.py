@@ -26,6 +26,7 @@ from collections.abc import Callable, Iterator
 
 import torch.distributed as dist
 
+from tetrad.distributed import flight_recorder
 from tetrad.errors import EXIT_CODES, RunStopped
 from tetrad.tools.logging import flush_logs
 
@@ -77,6 +78,7 @@ def _watch(store: dist.Store) -> None:
             return
         if _posted.is_set():
             return
+        flight_recorder.dump(dist.get_rank())
         logger.warning(
             "stopping in %.0f s: rank %s stopped on a collective timeout", GRACE_SECONDS, poster
         )
@@ -107,10 +109,20 @@ def stop_on_timeout(step: Callable[[], int], timeout_seconds: int) -> Iterator[N
         atexit.register(_exit_now, EXIT_CODES[RunStopped])
         raise RunStopped(
             f"rank {rank}: {_collective(e)} timed out after {timeout_seconds} s at step {step()} "
-            "(a rank stopped responding; every rank was stopped: see the ranks' logs for the "
-            "one that did not arrive; raise --comm.train_timeout_seconds if a step can "
-            "legitimately wait longer)"
+            f"(a rank stopped responding; every rank was stopped; {_where_it_hung()}; raise "
+            "--comm.train_timeout_seconds if a step can legitimately wait longer)"
         ) from None
+
+
+def _where_it_hung() -> str:
+    """What the flight records say: the ranks that were behind and where the records are, from
+    this rank's and the others' dumps (they write theirs on seeing the abort)."""
+    flight_recorder.dump(dist.get_rank())
+    folder = flight_recorder.wait_for_dumps(dist.get_world_size(), POLL_SECONDS + 1)
+    if folder is None:
+        return "see the ranks' logs for the one that did not arrive"
+    behind = flight_recorder.laggards(folder) or "no rank behind in the records"
+    return f"flight recorder: {behind}; records in {folder}"
 
 
 def _exit_now(code: int) -> None:
