@@ -21,7 +21,8 @@ h2 { font-size: 1.1rem; margin: 0.6rem 0 0.3rem; }
 h3 { font-size: 0.95rem; margin: 0.6rem 0 0.2rem; }
 main { display: grid; grid-template-columns: minmax(0, 1fr) 26rem; gap: 1rem; }
 @media (max-width: 60rem) { main { grid-template-columns: 1fr; } }
-.panels { display: grid; grid-template-columns: repeat(auto-fill, minmax(26rem, 1fr)); gap: 0.5rem; }
+.panels { display: grid; gap: 0.5rem;
+          grid-template-columns: repeat(auto-fill, minmax(26rem, 1fr)); }
 figure { margin: 0; } figure img { width: 100%; height: auto; border: 1px solid #ddd; }
 aside { position: sticky; top: 0; max-height: 100vh; overflow: auto; }
 .run { border-left: 6px solid; padding: 0 0.6rem; margin-bottom: 1rem; }
@@ -31,6 +32,7 @@ td.number { text-align: right; font-variant-numeric: tabular-nums; }
 .config-diff { width: 100%; table-layout: fixed; } .config-diff td { overflow-wrap: anywhere; }
 pre { background: #f6f6f6; padding: 0.4rem; max-height: 30rem; overflow: auto; font-size: 0.8rem; }
 .notes { color: #666; }
+#loss-difference { margin-bottom: 0.8rem; }
 """
 
 
@@ -96,7 +98,8 @@ def _config_differences(first: Mapping[str, Any], config: Mapping[str, Any]) -> 
         f"<td>{escape(_value(config.get(key, _ABSENT)))}</td></tr>"
         for key in changed
     )
-    return f'<table class="config-diff"><tr><th>key</th><th>first run</th><th>this run</th></tr>{rows}</table>'
+    head = "<tr><th>key</th><th>first run</th><th>this run</th></tr>"
+    return f'<table class="config-diff">{head}{rows}</table>'
 
 
 def _run_card(index: int, run: Run, first: Run) -> str:
@@ -108,16 +111,16 @@ def _run_card(index: int, run: Run, first: Run) -> str:
     if validations:
         summary += f", {validations} validations"
     notes = "".join(f'<p class="notes">{escape(note)}</p>' for note in run.notes)
-    if run.config_text is None:
-        config = ""
-    elif index == 0:
-        config = f"<details open><summary>config.toml</summary><pre>{escape(run.config_text)}</pre></details>"
-    else:
-        config = (
-            f"<h3>config: differences from {escape(first.label)}</h3>"
-            f"{_config_differences(first.config, run.config)}"
-            f"<details><summary>config.toml</summary><pre>{escape(run.config_text)}</pre></details>"
-        )
+    config = ""
+    if run.config_text is not None:
+        toml = f"<summary>config.toml</summary><pre>{escape(run.config_text)}</pre></details>"
+        if index == 0:
+            config = f"<details open>{toml}"
+        else:
+            config = (
+                f"<h3>config: differences from {escape(first.label)}</h3>"
+                f"{_config_differences(first.config, run.config)}<details>{toml}"
+            )
     return (
         f'<section class="run" id="run-{index}" style="border-color: {run_color(index)}">'
         f"<h2>{escape(run.label)}</h2><p>{escape(str(run.folder))}<br>{summary}</p>"
@@ -142,7 +145,7 @@ def render_page(
             f'<section id="loss-difference"><h2>Differences from {escape(runs[0].label)}</h2>'
             "<p>Each run minus the first at the steps both logged. After a change of layout "
             "alone (same seed, data and global batch), expect float-reordering noise that does "
-            "not grow with the step (about 1e-6 for tetrad's fp32 tiny runs on CPU), not a "
+            "not grow with the step (about 1e-6 for tetrad's tiny runs on CPU), not a "
             f"drift.</p>{_difference_table(compared)}</section>"
         )
     cards = "".join(_run_card(i, run, runs[0]) for i, run in enumerate(runs))

@@ -69,9 +69,13 @@ def _draw(
     zero_for: str | None = None,
 ) -> bytes:
     """One panel; ``zero_for`` labels a line at 0 (the reference run of a difference panel)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    figure = Figure(figsize=(WIDTH_IN, HEIGHT_IN), dpi=DPI, layout="constrained")
+    figure = Figure(figsize=(WIDTH_IN, HEIGHT_IN), dpi=DPI)
+    FigureCanvasAgg(figure)
+    figure.subplots_adjust(left=0.12, right=0.98, top=0.9, bottom=0.14)  # fixed: a layout
+    # engine would cost as much as the drawing
     axes: Axes = figure.add_subplot()
     if zero_for is not None:
         axes.axhline(0.0, color=run_color(0), linewidth=1.0, label=zero_for)
