@@ -74,8 +74,8 @@ def _draw(
 
     figure = Figure(figsize=(WIDTH_IN, HEIGHT_IN), dpi=DPI)
     FigureCanvasAgg(figure)
-    figure.subplots_adjust(left=0.12, right=0.98, top=0.9, bottom=0.14)  # fixed: a layout
-    # engine would cost as much as the drawing
+    # Fixed margins: a layout engine ("constrained") costs as much again as the drawing.
+    figure.subplots_adjust(left=0.12, right=0.98, top=0.9, bottom=0.14)
     axes: Axes = figure.add_subplot()
     if zero_for is not None:
         axes.axhline(0.0, color=run_color(0), linewidth=1.0, label=zero_for)

@@ -61,8 +61,17 @@ def _record(line: str) -> dict[str, Any]:
     return record
 
 
+def _read(path: Path) -> str:
+    try:
+        return path.read_text(errors="replace")
+    except OSError as err:
+        raise ReportError(
+            f"{path} cannot be read ({err.strerror}); check its permissions"
+        ) from None
+
+
 def _records(path: Path, notes: list[str]) -> list[dict[str, Any]]:
-    text = path.read_text(errors="replace")
+    text = _read(path)
     lines = text.splitlines()
     records = []
     for number, line in enumerate(lines, start=1):
@@ -102,7 +111,7 @@ def read_run(folder: Path, label: str) -> Run:
     notes: list[str] = []
     records = _records(metrics, notes)
     config_path = folder / "config.toml"
-    config_text = config_path.read_text(errors="replace") if config_path.is_file() else None
+    config_text = _read(config_path) if config_path.is_file() else None
     try:
         config = _flatten(tomllib.loads(config_text)) if config_text is not None else {}
     except tomllib.TOMLDecodeError as err:
