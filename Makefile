@@ -7,7 +7,7 @@ TORCH_SPEC ?= torch==2.13.0
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: train test lint format bench
+.PHONY: train test lint format bench report-check
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -30,3 +30,7 @@ format: $(VENV)/.installed
 
 bench: $(VENV)/.installed
 	$(PY) benchmarks/bench_train.py
+
+# `tetrad report` opened in headless Chromium (SKIP without one: apt-get install chromium).
+report-check: $(VENV)/.installed
+	$(PY) scripts/report_check.py $(ARGS)

@@ -135,6 +135,14 @@ def _convert(args: argparse.Namespace, argv: Sequence[str]) -> None:
     main(args)
 
 
+def _report(args: argparse.Namespace, argv: Sequence[str]) -> None:
+    from tetrad.tools.report import write_report
+
+    with reported():
+        page = write_report([Path(run) for run in args.runs], args.out)
+    print(f"tetrad: report of {len(args.runs)} run(s) written to {page}")
+
+
 def build_parser() -> ArgumentParser:
     parser = ArgumentParser(
         prog="tetrad",
@@ -190,6 +198,26 @@ def build_parser() -> ArgumentParser:
     )
     add_config_arguments(convert, only=("model", "data"))
     convert.set_defaults(run=_convert)
+    report = commands.add_parser(
+        "report",
+        help="an HTML page (and PNGs) of one run's curves, or several runs compared",
+        usage="%(prog)s RUN [RUN ...] [--out DIR]",
+        description="Loss, validation loss, lr, grad norm, tokens/s, MFU and memory against the "
+        "step, from each\nrun folder's metrics.jsonl, the runs overlaid; with several runs, "
+        "each run's loss minus the\nfirst's (the parity check after a change of layout); each "
+        "run's config.toml beside the curves.\nNeeds matplotlib: pip install 'tetrad[report]'.",
+    )
+    report.add_argument(
+        "runs", nargs="+", metavar="RUN", help="run folders (--job.dump_folder of tetrad train)"
+    )
+    report.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="folder to write report.html and the panels' PNGs into (default: <first RUN>/report)",
+    )
+    report.set_defaults(run=_report)
     return parser
 
 

@@ -15,16 +15,15 @@ its ranks and restarts, and tells rank 0 so through ``HELD_BY_LAUNCHER``.
 from __future__ import annotations
 
 import contextlib
-import errno
 import fcntl
 import os
 import socket
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 from tetrad.config.job_config import Config
-from tetrad.errors import ConfigError, UserError
+from tetrad.errors import UserError
+from tetrad.tools.paths import check_writable_folder
 
 LOCK_FILE = ".lock"
 
@@ -36,33 +35,12 @@ class RunFolderBusy(UserError):
     """Another run holds the run folder."""
 
 
-def _nearest_existing(path: Path) -> Path:
-    while not path.exists() and path != path.parent:
-        path = path.parent
-    return path
-
-
-def _check_writable(path: Path, option: str) -> None:
-    """``path`` is a folder this process can create files in, or can be created."""
-    existing = _nearest_existing(path)
-    if not existing.is_dir():
-        where = "is" if existing == path else f"would be inside {existing}, which is"
-        raise ConfigError(f"{option} {path} {where} a file, not a folder; choose another path")
-    try:  # the filesystem's answer (read-only mounts, permissions, root included)
-        tempfile.TemporaryFile(dir=existing).close()
-    except OSError as err:
-        raise ConfigError(
-            f"{option} {path} cannot be written ({os.strerror(err.errno or errno.EACCES)} in "
-            f"{existing}); choose a writable folder"
-        ) from None
-
-
 def check_run_folder(config: Config) -> None:
     """The dump and checkpoint folders can be written; raises a one-line ConfigError if not."""
     dump = Path(config.job.dump_folder)
-    _check_writable(dump, "--job.dump_folder")
+    check_writable_folder(dump, "--job.dump_folder")
     if config.checkpoint.enable:
-        _check_writable(dump / config.checkpoint.folder, "--checkpoint.folder")
+        check_writable_folder(dump / config.checkpoint.folder, "--checkpoint.folder")
 
 
 def _created_folders(path: Path) -> list[Path]:
