@@ -31,7 +31,15 @@ from tetrad.components.lr_scheduler import build_lr_scheduler
 from tetrad.components.metrics import MetricsLogger, host_memory_gib, memory_gib, peak_tflops
 from tetrad.components.optimizer import build_optimizer
 from tetrad.components.validation import Validator
-from tetrad.config import Config, ConfigError, changed_options, save_config, validate_device
+from tetrad.components.wandb_sink import WandbSink
+from tetrad.config import (
+    Config,
+    ConfigError,
+    changed_options,
+    config_to_dict,
+    save_config,
+    validate_device,
+)
 from tetrad.data import (
     IGNORE_INDEX,
     Batch,
@@ -58,7 +66,7 @@ from tetrad.distributed.init import (
 from tetrad.distributed.parallel_dims import ParallelDims
 from tetrad.distributed.pipeline import Pipeline, plan_pipeline, split_model
 from tetrad.distributed.stop_signals import StopSignals
-from tetrad.distributed.utils import clip_grad_norm_, reduce_sum
+from tetrad.distributed.utils import clip_grad_norm_, local_numel, reduce_sum
 from tetrad.errors import RunStopped
 from tetrad.models.attention import (
     AttentionFn,
@@ -210,6 +218,7 @@ class Trainer:
         )
         if self.config.lora.rank > 0:
             self.flops_per_token = lora_flops_per_token(model, self.flops_per_token)
+        total_params = sum(p.numel() for p in model.parameters())
         parts: list[DecoderModel] = [model]
         plan = None
         if self.parallel_dims.pp > 1:
@@ -235,10 +244,11 @@ class Trainer:
             self.pipeline = Pipeline(
                 parts, plan, self.parallel_dims.meshes["pp"], self.device, self._pipeline_loss
             )
-        num_params = sum(p.numel() for part in parts for p in part.parameters())
+        # This rank's parameters: its shards (FSDP, TP) of its pipeline stage's.
+        num_params = sum(local_numel(p) for part in parts for p in part.parameters())
         if self.config.lora.rank > 0:
             trainable = sum(
-                p.numel() for part in parts for p in part.parameters() if p.requires_grad
+                local_numel(p) for part in parts for p in part.parameters() if p.requires_grad
             )
             logger.info(
                 "LoRA rank %d on %s: %d trainable parameters of %d (%.2f%%, this rank)",
@@ -249,10 +259,10 @@ class Trainer:
             f", device {memory_gib(self.device):.2f} GiB" if self.device.type == "cuda" else ""
         )
         logger.info(
-            "model %s/%s: %.1fM parameters (this rank), %.1f MFLOP/token; built in %.1f s, "
+            "model %s/%s: %s parameters, %s on this rank; %.1f MFLOP/token; built in %.1f s, "
             "peak memory: host %.2f GiB%s",
-            self.config.model.name, model_name, num_params / 1e6, self.flops_per_token / 1e6,
-            time.perf_counter() - begin, host_memory_gib(), device_peak,
+            self.config.model.name, model_name, f"{total_params:,}", f"{num_params:,}",
+            self.flops_per_token / 1e6, time.perf_counter() - begin, host_memory_gib(), device_peak,
         )  # fmt: skip
         return parts
 
@@ -364,6 +374,11 @@ class Trainer:
             peak_tflops=peak_tflops(self.device, m.peak_tflops),
             enable_tensorboard=m.enable_tensorboard,
             write=self.rank == 0,
+            wandb=(
+                WandbSink(m, self.dump_folder, config_to_dict(self.config))
+                if m.enable_wandb and self.rank == 0
+                else None
+            ),
         )
 
     def _autocast(self) -> contextlib.AbstractContextManager[object]:

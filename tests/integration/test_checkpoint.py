@@ -267,6 +267,14 @@ def test_seed_checkpoint_starts_every_layout_from_the_same_weights(tmp_path: Pat
         assert dtypes == {dtype}, name
         for key, tensor in load_model_state(step1).items():
             assert torch.equal(tensor, weights[key].to(dtype).float()), (name, key)
+    # The start-up line counts the whole model, and on each rank its FSDP shards: dim 0 split as
+    # torch.chunk splits it, rank 0 holding the larger half of an odd row count.
+    params = list(tiny_model(seed=7).parameters())
+    total = sum(p.numel() for p in params)
+    rank0 = sum(p[: -(-len(p) // 2)].numel() for p in params)
+    assert abs(rank0 - total / 2) <= sum(p[0].numel() for p in params) / 2  # within the padding
+    log = (tmp_path / "fsdp2" / "logs" / "rank0.jsonl").read_text()
+    assert f"tiny: {total:,} parameters, {rank0:,} on this rank;" in log
 
 
 def _model_only_checkpoint(path: Path) -> None:

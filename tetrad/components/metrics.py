@@ -1,4 +1,5 @@
-"""Training metrics: throughput, TFLOP/s, MFU and memory, to the console, JSONL and TensorBoard."""
+"""Training metrics: throughput, TFLOP/s, MFU and memory, to the console, JSONL, TensorBoard
+and W&B."""
 
 from __future__ import annotations
 
@@ -6,12 +7,15 @@ import functools
 import json
 import logging
 import math
+import os
 import resource
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from tetrad.components.wandb_sink import WandbSink
 
 logger = logging.getLogger(__name__)
 
@@ -29,10 +33,17 @@ _GPU_PEAK_BF16_TFLOPS = {
 }
 
 
-@functools.cache
+# fp32 FLOPs per cycle per core, by the widest fused multiply-add the CPU has: vector lanes ×
+# 2 (multiply and add) × 2 FMA units. Two units is the most any core of these ISAs has (Intel's
+# optimization manual: Haswell 32, Skylake-SP and later server cores 64; AMD Zen 4 has 32 with
+# AVX-512, Zen 5 64; Arm Neoverse V1/V2 and Apple cores 4 × 128-bit pipes = 32), so the figure
+# is an upper bound: MFU may be understated on a core with one unit, never overstated.
+_FP32_FLOPS_PER_CYCLE = (("avx512f", 64, "avx512"), ("fma", 32, "avx2+fma"), ("asimd", 32, "neon"))
+
+
 def measure_cpu_peak_tflops(size: int = 2048, trials: int = 8) -> float:
-    """Best-of-``trials`` fp32 matmul throughput with all threads: the honest MFU denominator on
-    a CPU (best-of, so a busy moment or thread start-up does not lower the peak)."""
+    """Best-of-``trials`` fp32 matmul throughput with all threads. It moves with whatever else
+    the machine runs, so it is the peak only for a CPU whose ISA ``cpu_peak`` does not know."""
     a, b = torch.full((size, size), 0.5), torch.full((size, size), 2.0)  # leaves the RNG alone
     best = 0.0
     for _ in range(trials):
@@ -42,18 +53,75 @@ def measure_cpu_peak_tflops(size: int = 2048, trials: int = 8) -> float:
     return best
 
 
+def _cpu_ghz(cpuinfo: str) -> float | None:
+    """The highest clock of the CPUs: cpufreq's maximum (turbo) where the kernel exposes it,
+    else /proc/cpuinfo's "cpu MHz" (in a VM, the nominal clock; bare metal has cpufreq)."""
+    cpufreq = list(Path("/sys/devices/system/cpu").glob("cpu[0-9]*/cpufreq/cpuinfo_max_freq"))
+    if cpufreq:
+        return max(int(path.read_text()) for path in cpufreq) / 1e6  # kHz
+    mhz = [float(line.split(":")[1]) for line in cpuinfo.splitlines() if line.startswith("cpu MHz")]
+    return max(mhz) / 1e3 if mhz else None
+
+
+def _physical_cores() -> int:
+    """Physical cores among the CPUs this process may run on (hyperthreads share their core's
+    FMA units), at most torch's thread count: the cores its matmuls use."""
+    cores = set()
+    for cpu in os.sched_getaffinity(0):
+        topology = Path(f"/sys/devices/system/cpu/cpu{cpu}/topology")
+        try:
+            package, core = (
+                (topology / "physical_package_id").read_text(),
+                (topology / "core_id").read_text(),
+            )
+        except OSError:  # no topology: count the CPU as a core
+            package, core = str(cpu), ""
+        cores.add((package, core))
+    return min(len(cores), torch.get_num_threads())
+
+
+@functools.cache
+def cpu_peak() -> tuple[float, str]:
+    """The CPU's fp32 peak TFLOP/s and how it was reached: cores × clock × FLOPs per cycle of
+    its ISA, which no busy moment can lower; a measured matmul where the ISA or the clock is
+    unknown."""
+    cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
+    flags = {
+        flag
+        for line in cpuinfo.splitlines()
+        if line.startswith(("flags", "Features"))  # x86, Arm
+        for flag in line.split(":", 1)[1].split()
+    }
+    ghz = _cpu_ghz(cpuinfo)
+    for flag, per_cycle, isa in _FP32_FLOPS_PER_CYCLE:
+        if flag in flags and ghz is not None:
+            cores = _physical_cores()
+            how = f"{cores} core(s) × {ghz:.2f} GHz × {per_cycle} FLOP/cycle ({isa})"
+            return cores * ghz * per_cycle / 1e3, how
+    return measure_cpu_peak_tflops(), "measured fp32 matmul, best of 8 (CPU ISA or clock unknown)"
+
+
+def _gpu_peak(name: str) -> tuple[float, str]:
+    for fragment, tflops in _GPU_PEAK_BF16_TFLOPS.items():
+        if fragment in name:
+            return tflops, f"{fragment} datasheet"
+    logger.warning("unknown GPU %r: MFU assumes 312 TFLOP/s; set --metrics.peak_tflops", name)
+    return 312.0, f"assumed for the unknown GPU {name!r}"
+
+
 def peak_tflops(device: torch.device, override: float | None = None) -> float:
-    """The device's peak for MFU: the override, a known GPU's datasheet figure, or a CPU measure."""
+    """The device's peak for MFU: the override, a known GPU's datasheet figure (bf16 dense), or
+    the CPU's fp32 figure (``cpu_peak``); logged with where it comes from."""
     if override is not None:
-        return override
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        for fragment, tflops in _GPU_PEAK_BF16_TFLOPS.items():
-            if fragment in name:
-                return tflops
-        logger.warning("unknown GPU %r: MFU assumes 312 TFLOP/s; set --metrics.peak_tflops", name)
-        return 312.0
-    return measure_cpu_peak_tflops()
+        tflops, how = override, "set by --metrics.peak_tflops"
+    elif device.type == "cuda":
+        tflops, source = _gpu_peak(torch.cuda.get_device_name(device))
+        how = f"bf16 dense: {source}"
+    else:
+        tflops, source = cpu_peak()
+        how = f"fp32: {source}"
+    logger.info("peak %.4g TFLOP/s %s", tflops, how)
+    return tflops
 
 
 def host_memory_gib() -> float:
@@ -92,6 +160,7 @@ class MetricsLogger:
         peak_tflops: float,
         enable_tensorboard: bool,
         write: bool,
+        wandb: WandbSink | None = None,
     ) -> None:
         self.device = device
         self.flops_per_token = flops_per_token
@@ -100,6 +169,8 @@ class MetricsLogger:
         self.jsonl_path = dump_folder / "metrics.jsonl"
         self.tb_folder = dump_folder / "tb" if enable_tensorboard and write else None
         self.tb_writer: Any = None
+        self.wandb = wandb
+        self._mfu_warned = False
         self._after_step: int | None = 0  # see start()
         self._tokens = 0
         self._last_time = time.perf_counter()
@@ -113,7 +184,10 @@ class MetricsLogger:
         """Before the first step after ``after_step``: start the throughput clock (set-up is not
         counted); the first record written then trims the records of later steps and opens
         TensorBoard, purging its later events (``_open``). A run that stops before it logs
-        anything leaves both as they were."""
+        anything leaves both as they were. W&B starts here, so that a W&B error comes before the
+        first step (``WandbSink`` for how it treats redone steps)."""
+        if self.wandb is not None:
+            self.wandb.open(after_step)
         self._after_step = after_step
         self._tokens = 0
         self._last_time = time.perf_counter()
@@ -158,6 +232,13 @@ class MetricsLogger:
                 step, loss, grad_norm, lr, tokens_per_sec, tflops, record["mfu"],
                 record["memory_gib"], f"  skipped {skipped_steps}" if skipped_steps else "",
             )  # fmt: skip
+            if record["mfu"] > 100 and not self._mfu_warned:
+                self._mfu_warned = True
+                logger.warning(
+                    "MFU %.0f%% cannot be: this device's peak is above the %.4g TFLOP/s assumed; "
+                    "set its peak with --metrics.peak_tflops",
+                    record["mfu"], self.peak_tflops,
+                )  # fmt: skip
             self._write(record, step)
         return record
 
@@ -188,8 +269,12 @@ class MetricsLogger:
             for key, value in record.items():
                 if key != "step":
                     self.tb_writer.add_scalar(key, value, step)
+        if self.wandb is not None:
+            self.wandb.log(record, step)
 
     def close(self) -> None:
         if self.tb_writer is not None:
             self.tb_writer.close()
             self.tb_writer = None
+        if self.wandb is not None:
+            self.wandb.close()

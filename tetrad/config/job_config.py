@@ -379,8 +379,25 @@ class MetricsConfig:
     """Write TensorBoard scalars to <dump_folder>/tb."""
 
     peak_tflops: float | None = None
-    """Device peak TFLOP/s for MFU; default: a table for known GPUs, a measured fp32 matmul on
-    CPU."""
+    """Device peak TFLOP/s for MFU; default: a datasheet table for known GPUs (bf16 dense), on
+    CPU cores × clock × fp32 FLOPs per cycle of the CPU's ISA (the start-up log names it)."""
+
+    enable_wandb: bool = False
+    """Log the records of metrics.jsonl, at the same steps, and the config to Weights & Biases
+    from rank 0; its files go to <dump_folder>/wandb (pip install 'tetrad[tracking]')."""
+
+    wandb_project: str = "tetrad"
+    """W&B project of the run."""
+
+    wandb_entity: str | None = None
+    """W&B entity (user or team); default: the logged-in user's default entity."""
+
+    wandb_run_name: str | None = None
+    """W&B run name; default: the name of --job.dump_folder."""
+
+    wandb_mode: Literal["online", "offline", "disabled"] | None = None
+    """online (needs `wandb login`), offline (a local run folder to `wandb sync` later) or
+    disabled; default: W&B's own (the WANDB_MODE environment variable, else online)."""
 
 
 @dataclass(kw_only=True)

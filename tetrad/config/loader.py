@@ -226,6 +226,8 @@ def validate_config(config: Config) -> None:
     _validate_lora(config)
     _validate_fault_tolerance(config)
     _resolve_fsdp_reshard(config)
+    if config.metrics.enable_wandb and importlib.util.find_spec("wandb") is None:
+        raise ConfigError("--metrics.enable_wandb needs wandb: pip install 'tetrad[tracking]'")
 
 
 def _validate_fault_tolerance(config: Config) -> None:

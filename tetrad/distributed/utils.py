@@ -49,6 +49,11 @@ def barrier() -> None:
         dist.barrier()
 
 
+def local_numel(tensor: torch.Tensor) -> int:
+    """Elements this rank holds: a DTensor's local shard (FSDP, TP), a plain tensor whole."""
+    return tensor.to_local().numel() if isinstance(tensor, DTensor) else tensor.numel()
+
+
 def reduce_sum(tensor: torch.Tensor, mesh: DeviceMesh) -> torch.Tensor:
     """Sum a plain tensor over the ranks of ``mesh`` (a new tensor; the input is untouched).
     ``tensor`` must be on the rank's device (see the module docstring)."""
