@@ -25,9 +25,6 @@ TINY_RUN = [
     "--debug.deterministic",
     "--comm.train_timeout_seconds=60",
     "--comm.init_timeout_seconds=60",
-    # MFU against a fixed peak, the same on every machine (test_train's runs and
-    # test_peak_tflops use the CPU's own).
-    "--metrics.peak_tflops=1000",
 ]
 
 
