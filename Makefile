@@ -2,6 +2,9 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
+# pipefail: a set-up step piped through a filter still fails when the step fails.
+SHELL := /bin/bash
+.SHELLFLAGS := -o pipefail -c
 # The CPU build of torch 2.13.0 lies on disk on CPU-only machines; pip takes the CUDA build elsewhere.
 TORCH_SPEC ?= torch==2.13.0
 ARGS ?=
@@ -10,9 +13,10 @@ PYTEST_ARGS ?=
 .PHONY: train test lint format bench report-check
 
 $(VENV)/.installed: pyproject.toml
+	@echo "make: setting up $(VENV) (once; a few minutes): $(TORCH_SPEC), then tetrad[dev]"
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --disable-pip-version-check "$(TORCH_SPEC)"
-	$(PY) -m pip install -q --disable-pip-version-check -e ".[dev]"
+	$(PY) -m pip install --disable-pip-version-check "$(TORCH_SPEC)" | sed '/^Requirement already satisfied/d'
+	$(PY) -m pip install --disable-pip-version-check -e ".[dev]" | sed '/^Requirement already satisfied/d'
 	touch $@
 
 train: $(VENV)/.installed
