@@ -174,10 +174,18 @@ class Profiling:
 
     def on_out_of_memory(self, step: int, error: torch.OutOfMemoryError) -> None:
         """Write a snapshot of the memory at the error (with memory snapshots on) and name it in
-        the error, which the caller re-raises."""
+        the error, which the caller re-raises; else say how to get one."""
         if self.memory is None:
+            error.add_note(
+                "--profiling.enable_memory_snapshot writes a snapshot of the memory at such an "
+                "error (view it at pytorch.org/memory_viz)"
+            )
             return
-        path = self.memory.dump(f"step-{step}-oom")
+        try:
+            path = self.memory.dump(f"step-{step}-oom")
+        except Exception as e:  # the out-of-memory error is the one to raise
+            logger.error("out of memory at step %d; its memory snapshot failed: %s", step, e)
+            return
         logger.error("out of memory at step %d; memory snapshot: %s", step, path)
         error.add_note(f"memory snapshot of this rank at the error: {path}")
 
