@@ -204,7 +204,7 @@ def run_check(check: Check, ctx: Context, devices: int) -> dict[str, Any]:
     try:
         verdict = check.procedure(check, ctx, args)
         status, reason = ("PASS" if verdict.passed else "FAIL"), verdict.reason
-        figures = {**summary(verdict.records), **verdict.figures}
+        figures = {**(summary(verdict.records) if verdict.records else {}), **verdict.figures}
     except RunFailed as e:
         status, reason, figures = "FAIL", str(e), {}
     wall_s = time.perf_counter() - start

@@ -24,8 +24,13 @@ OUT_DIR/gpu_check.json and exits 1 if a check failed. bf16 throughout (the GPU d
   sft_flex_learns           configs/sft_debug.toml for 40 steps: packed conversations under
                             FlexAttention's block mask (compiled; the CPU runs a dense mask), the
                             loss falls by ≥ 1.0 nat and the held-out val_loss falls
+  profile_cuda              debug, 6 steps, profiler windows of 3 and memory snapshots every 3:
+                            the traces of steps 3 and 6 hold CUDA kernels, the snapshots of steps
+                            3 and 6 load (pickle) with allocator segments and a history
+  oom_snapshot              1B, 128 × 2048 tokens (~300 GB of activations): the run fails with
+                            an OutOfMemoryError whose message names the snapshot of step 1
 
-Cost, estimated (no GPU has run it yet): ~7.5 minutes on one H100 into an empty OUT_DIR, most
+Cost, estimated (no GPU has run it yet): ~8.5 minutes on one H100 into an empty OUT_DIR, most
 of it the three cold compiles of the 1B model; less on a rerun into the same OUT_DIR, whose
 Inductor cache they reuse. --dry-run: the same checks on the CPU with the tiny preset, fp32 and
 3 steps (a fall of ≥ 0.1 nat; memory saved reported only), skipping the CUDA-only ones; about a
@@ -34,7 +39,9 @@ minute on 2 idle cores.
 
 from __future__ import annotations
 
+import json
 import math
+import pickle
 import sys
 from collections.abc import Sequence
 from functools import partial
@@ -44,6 +51,7 @@ from checklib import (
     REPO,
     Check,
     Context,
+    RunFailed,
     Verdict,
     finite_losses,
     main,
@@ -120,6 +128,42 @@ def resumes_exactly(check: Check, ctx: Context, args: list[str]) -> Verdict:
     return Verdict(passed, reason, got, {"loss_straight": [r["loss"] for r in want]})
 
 
+def profiles_cuda(check: Check, ctx: Context, args: list[str]) -> Verdict:
+    """Traces with GPU kernels and allocator snapshots, at the steps their freq says."""
+    records = ctx.train(check.name, args)
+    folder, found = ctx.out / check.name, []
+    for step in (3, 6):
+        trace_path = folder / f"profile_traces/step-{step}/rank0.json"
+        snapshot_path = folder / f"memory_snapshot/step-{step}/rank0.pickle"
+        if not (trace_path.is_file() and snapshot_path.is_file()):
+            return Verdict(False, f"missing {trace_path} or {snapshot_path}", records)
+        events = json.loads(trace_path.read_text())["traceEvents"]
+        kernels = sum(e.get("cat") == "kernel" for e in events)
+        with snapshot_path.open("rb") as f:
+            snapshot = pickle.load(f)
+        segments, history = len(snapshot["segments"]), sum(map(len, snapshot["device_traces"]))
+        found.append((step, kernels, segments, history))
+    passed = finite_losses(records) and all(k and s and h for _, k, s, h in found)
+    reason = "; ".join(
+        f"step {step}: {k} kernels traced, {s} segments, {h} allocator events"
+        for step, k, s, h in found
+    )
+    return Verdict(passed, reason + " (each must be > 0)", records)
+
+
+def oom_leaves_snapshot(check: Check, ctx: Context, args: list[str]) -> Verdict:
+    """A run that cannot fit fails with the out-of-memory error, which names its snapshot."""
+    folder = ctx.out / check.name
+    try:
+        records = ctx.train(check.name, args)
+    except RunFailed:
+        snapshot = folder / "memory_snapshot/step-1-oom/rank0.pickle"
+        log = (folder / "output.log").read_text()
+        passed = snapshot.is_file() and "OutOfMemoryError" in log and str(snapshot) in log
+        return Verdict(passed, f"{snapshot} written and named in the error: {passed}", [])
+    return Verdict(False, "the run fitted in memory: raise its batch", records)
+
+
 DEBUG = ("--model.flavor=debug", "--training.steps=20")  # 8 × 256 tokens per step (defaults)
 ONE_B = (
     "--model.flavor=1B",
@@ -131,6 +175,7 @@ ONE_B = (
 COMPILED = ("--compile.enable", "--compile.cache_dir={out}/inductor_cache")
 NO_COMPILE = "compiling a 1B model in bf16 takes many minutes on a CPU"
 NO_FLOAT8 = "a CPU emulates float8 matmuls; their speed needs H100-class tensor cores"
+NO_ALLOCATOR = "the point is the GPU kernels in the traces and the CUDA allocator's snapshots"
 
 CHECKS = (
     Check("debug_bf16_learns", loss_falls, DEBUG),
@@ -159,6 +204,32 @@ CHECKS = (
         "sft_flex_learns",
         sft_learns,
         ("--config=configs/sft_debug.toml", "--training.steps=40", "--validation.freq=20"),
+    ),
+    Check(
+        "profile_cuda",
+        profiles_cuda,
+        (
+            "--model.flavor=debug",
+            "--training.steps=6",
+            "--profiling.enable",
+            "--profiling.freq=3",
+            "--profiling.warmup_steps=1",
+            "--profiling.enable_memory_snapshot",
+            "--profiling.memory_snapshot_freq=3",
+        ),
+        cuda_only=NO_ALLOCATOR,
+    ),
+    Check(
+        "oom_snapshot",
+        oom_leaves_snapshot,
+        (
+            "--model.flavor=1B",
+            "--training.seq_len=2048",
+            "--training.local_batch_size=128",
+            "--training.steps=2",
+            "--profiling.enable_memory_snapshot",
+        ),
+        cuda_only=NO_ALLOCATOR,
     ),
 )
 

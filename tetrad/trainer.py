@@ -30,6 +30,8 @@ from tetrad.components.loss import cross_entropy_sum
 from tetrad.components.lr_scheduler import build_lr_scheduler
 from tetrad.components.metrics import MetricsLogger, host_memory_gib, memory_gib, peak_tflops
 from tetrad.components.optimizer import build_optimizer
+from tetrad.components.phases import PhaseTimeline
+from tetrad.components.profiling import Profiling
 from tetrad.components.validation import Validator
 from tetrad.components.wandb_sink import WandbSink
 from tetrad.config import (
@@ -113,6 +115,19 @@ class Trainer:
         init_logging(
             self.rank, all_ranks=config.debug.log_all_ranks, log_dir=self.dump_folder / "logs"
         )
+        self.phases = PhaseTimeline(
+            self.dump_folder / "logs" / f"phases_rank{self.rank}.jsonl",
+            self.rank,
+            watch_compile=config.compile.enable,
+        )
+        self.profiling = Profiling(
+            config.profiling,
+            gc_freq=config.training.gc_freq,
+            dump_folder=self.dump_folder,
+            rank=self.rank,
+            device=self.device,
+            phases=self.phases,
+        )
         self.parallel_dims = self.build_parallel_dims()
         self.grad_accum_steps = self.build_grad_accumulation()
         self.tokenizer = build_tokenizer(get_model_spec(config.model.name).tokenizer_for(config))
@@ -152,7 +167,10 @@ class Trainer:
             adapters_only=config.lora.save_adapters_only,
             data_ranks=self.parallel_dims.meshes["dp"].size(),
         )
+        began = self.phases.clock()
         self.checkpointer.load(self.resume_from)
+        if self.resume_from is not None:
+            self.phases.record("checkpoint_load", self.train_state.step, began)
         self.replicas = self.build_replica_groups()
         set_collective_timeout(
             config.comm.train_timeout_seconds, self.parallel_dims.meshes.values()
@@ -489,28 +507,34 @@ class Trainer:
     def train_step(self, micro_batches: list[Batch]) -> StepResult:
         """Forward, backward, clip; the optimizer and LR schedule step only if the loss and the
         gradient norm are finite. Reads the step's figures in one host sync, with the agreed
-        stop request (``StopSignals``)."""
-        self.optimizer.zero_grad(set_to_none=True)
-        loss = self.forward_backward(micro_batches)
-        if self.replicas is not None:
-            self.replicas.average_gradients()
-            if not self.replicas.commit():
-                return StepResult(float(loss), math.nan, finite=False, stop=False, committed=False)
-        max_norm = self.config.training.max_norm
-        grad_norm = clip_grad_norm_(
-            [p for part in self.model_parts for p in part.parameters() if p.grad is not None],
-            max_norm if max_norm > 0 else float("inf"),
-            pp_mesh=self.parallel_dims.meshes["pp"],
-        )
-        stop = self.stop_signals.requested() if self.stop_signals else torch.zeros_like(loss)
-        # Loss and norm are global (reduced over every rank), so every rank decides alike.
-        loss_value, norm_value, stop_value = torch.stack(
-            [loss.float(), grad_norm.float(), stop.float()]
-        ).tolist()
+        stop request (``StopSignals``); that sync ends the forward_backward phase (on a GPU it
+        waits for all of the above: ``tetrad.components.phases``)."""
+        step = self.train_state.step
+        with self.phases.phase("forward_backward", step):
+            self.optimizer.zero_grad(set_to_none=True)
+            loss = self.forward_backward(micro_batches)
+            if self.replicas is not None:
+                self.replicas.average_gradients()
+                if not self.replicas.commit():
+                    return StepResult(
+                        float(loss), math.nan, finite=False, stop=False, committed=False
+                    )
+            max_norm = self.config.training.max_norm
+            grad_norm = clip_grad_norm_(
+                [p for part in self.model_parts for p in part.parameters() if p.grad is not None],
+                max_norm if max_norm > 0 else float("inf"),
+                pp_mesh=self.parallel_dims.meshes["pp"],
+            )
+            stop = self.stop_signals.requested() if self.stop_signals else torch.zeros_like(loss)
+            # Loss and norm are global (reduced over every rank), so every rank decides alike.
+            loss_value, norm_value, stop_value = torch.stack(
+                [loss.float(), grad_norm.float(), stop.float()]
+            ).tolist()
         finite = math.isfinite(loss_value) and math.isfinite(norm_value)
         if finite:
-            self.optimizer.step()
-            self.lr_scheduler.step()
+            with self.phases.phase("optimizer", step):
+                self.optimizer.step()
+                self.lr_scheduler.step()
         return StepResult(loss_value, norm_value, finite=finite, stop=stop_value > 0)
 
     def train(self) -> None:
@@ -529,6 +553,7 @@ class Trainer:
         state, first_step = self.train_state, self.train_state.step + 1
         self.metrics.start(after_step=state.step)
         self.stop_signals = StopSignals(self.config.job.stop_signals, self.device)
+        self.profiling.start(first_step)
         try:
             while state.step < t.steps:
                 if self.replicas is not None:
@@ -536,7 +561,8 @@ class Trainer:
                 state.step += 1
                 maybe_inject_fault(self.config.debug, state.step)
                 lr = float(self.lr_scheduler.get_last_lr()[0])
-                micro_batches = [next(data_iter) for _ in range(self.grad_accum_steps)]
+                with self.phases.phase("data_wait", state.step):
+                    micro_batches = [next(data_iter) for _ in range(self.grad_accum_steps)]
                 result = self.train_step(micro_batches)
                 if not result.committed:  # torchft: this step runs again on the next batch
                     state.step -= 1
@@ -557,19 +583,25 @@ class Trainer:
                         grad_norm=result.grad_norm,
                         lr=lr,
                         skipped_steps=state.skipped_steps,
+                        data_wait_s=self.phases.take("data_wait"),
                     )
                     self._log_data_counts()
                 self._check_finite(result)
                 if self.validator is not None and self.validator.due(state.step, t.steps):
-                    begin = time.perf_counter()
-                    record = self.validator.evaluate(self.validation_loss_sum)
-                    seconds = time.perf_counter() - begin
-                    self.metrics.log_validation(state.step, record, seconds=seconds)
-                saved = self.checkpointer.maybe_save(state.step)
+                    with self.phases.phase("validation", state.step) as validation:
+                        record = self.validator.evaluate(self.validation_loss_sum)
+                    self.metrics.log_validation(state.step, record, seconds=validation.seconds)
+                began = self.phases.clock()
+                if saved := self.checkpointer.maybe_save(state.step):
+                    self.phases.record("checkpoint_save", state.step, began)
+                self.profiling.step(state.step)
                 if result.stop and state.step < t.steps:
                     self._stop_on_signal(saved)
                     return
             self.checkpointer.wait()
+        except torch.OutOfMemoryError as e:
+            self.profiling.on_out_of_memory(state.step, e)
+            raise
         finally:
             self.stop_signals.restore()
             self.stop_signals = None
@@ -635,6 +667,8 @@ class Trainer:
         finished work, staged tensors) while the interpreter is fully alive: gloo objects freed
         during interpreter teardown can abort the process at exit ("terminate called without
         an active exception", seen once in CI with FSDP2 and async checkpoints)."""
+        self.profiling.close()
+        self.phases.close()
         if self.replicas is not None:
             self.replicas.shutdown()
         stop_watching()

@@ -27,6 +27,8 @@ SUITES = {
             "resume_exact": "PASS",
             "hf_tiny_learns": "PASS",
             "sft_flex_learns": "PASS",
+            "profile_cuda": "SKIP",
+            "oom_snapshot": "SKIP",
         },
     ),
     "multi_gpu_check": (

@@ -14,7 +14,7 @@ from tetrad.config import load_config
 from tetrad.trainer import Trainer
 
 METRIC_KEYS = {"step", "loss", "grad_norm", "lr", "skipped_steps", "tokens_per_sec", "tflops"}
-METRIC_KEYS |= {"mfu", "memory_gib"}
+METRIC_KEYS |= {"mfu", "memory_gib", "data_wait_share"}
 
 
 def test_debug_model_learns_and_writes_its_run_folder(tmp_path: Path) -> None:

@@ -175,6 +175,12 @@ def test_typo_in_toml_file(tmp_path) -> None:
             ],
             "--training.seq_len 64 must be divisible by 32 × cp = 128",
         ),
+        (["--profiling.freq=0"], "--profiling.freq must be positive, got 0"),
+        (
+            ["--profiling.freq=4", "--profiling.warmup_steps=3", "--profiling.active_steps=2"],
+            "warmup_steps 3 + active_steps 2 must fit in --profiling.freq 4",
+        ),
+        (["--training.gc_freq=-1"], "--training.gc_freq must be >= 0"),
     ],
 )
 def test_bad_combinations(argv: list[str], message: str) -> None:

@@ -208,10 +208,19 @@ class MetricsLogger:
             self.tb_writer = SummaryWriter(log_dir=str(self.tb_folder), purge_step=after_step + 1)
 
     def log(
-        self, step: int, *, loss: float, grad_norm: float, lr: float, skipped_steps: int
+        self,
+        step: int,
+        *,
+        loss: float,
+        grad_norm: float,
+        lr: float,
+        skipped_steps: int,
+        data_wait_s: float,
     ) -> dict[str, Any]:
+        """``data_wait_s``: the seconds spent waiting for batches since the last record."""
         now = time.perf_counter()
-        tokens_per_sec = self._tokens / max(now - self._last_time, 1e-9)
+        elapsed = max(now - self._last_time, 1e-9)
+        tokens_per_sec = self._tokens / elapsed
         tflops = self.flops_per_token * tokens_per_sec / 1e12
         record = {
             "step": step,
@@ -223,14 +232,16 @@ class MetricsLogger:
             "tflops": tflops,
             "mfu": 100.0 * tflops / self.peak_tflops,
             "memory_gib": memory_gib(self.device),
+            "data_wait_share": data_wait_s / elapsed,
         }
         self._tokens, self._last_time = 0, now
         if self.write:
             logger.info(
                 "step %5d  loss %7.4f  grad_norm %7.4f  lr %.2e  tok/s %8.0f  "
-                "TFLOP/s %6.3f  MFU %5.2f%%  mem %5.2f GiB%s",
+                "TFLOP/s %6.3f  MFU %5.2f%%  mem %5.2f GiB  data %2.0f%%%s",
                 step, loss, grad_norm, lr, tokens_per_sec, tflops, record["mfu"],
-                record["memory_gib"], f"  skipped {skipped_steps}" if skipped_steps else "",
+                record["memory_gib"], 100 * record["data_wait_share"],
+                f"  skipped {skipped_steps}" if skipped_steps else "",
             )  # fmt: skip
             if record["mfu"] > 100 and not self._mfu_warned:
                 self._mfu_warned = True

@@ -92,6 +92,11 @@ class TrainingConfig:
     max_consecutive_skips: int = 3
     """With on_nonfinite skip: stop after this many non-finite steps in a row."""
 
+    gc_freq: int = 50
+    """Collect Python garbage (generation 1) every this many steps, with automatic collection
+    off: every rank collects at the same steps instead of one rank stalling the others at a
+    random moment; 0 = Python's automatic collection."""
+
 
 @dataclass(kw_only=True)
 class OptimizerConfig:
@@ -428,6 +433,31 @@ class DebugConfig:
 
 
 @dataclass(kw_only=True)
+class ProfilingConfig:
+    enable: bool = False
+    """Trace windows of steps with torch.profiler (CPU, and CUDA on a GPU): one Chrome/Perfetto
+    JSON per rank at <dump_folder>/profile_traces/step-N/rank<R>.json, N the window's last step."""
+
+    freq: int = 100
+    """Profile the last warmup_steps + active_steps steps of every this many steps."""
+
+    warmup_steps: int = 3
+    """Steps the profiler runs before each recorded window and discards (its start-up cost)."""
+
+    active_steps: int = 1
+    """Steps each trace records."""
+
+    enable_memory_snapshot: bool = False
+    """On CUDA: record the allocator's history and write it (a pickle for
+    pytorch.org/memory_viz) to <dump_folder>/memory_snapshot/step-N/rank<R>.pickle every
+    memory_snapshot_freq steps and on an out-of-memory error. On CPU: the profiler's traces
+    record memory instead (with --profiling.enable)."""
+
+    memory_snapshot_freq: int = 100
+    """Steps between memory snapshots."""
+
+
+@dataclass(kw_only=True)
 class ActivationCheckpointConfig:
     mode: Literal["none", "full", "selective"] = "none"
     """none, full (recompute every block), or selective (see selective_* fields)."""
@@ -529,6 +559,7 @@ class Config:
     validation: ValidationConfig = field(default_factory=ValidationConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     debug: DebugConfig = field(default_factory=DebugConfig)
+    profiling: ProfilingConfig = field(default_factory=ProfilingConfig)
     activation_checkpoint: ActivationCheckpointConfig = field(
         default_factory=ActivationCheckpointConfig
     )

@@ -223,11 +223,30 @@ def validate_config(config: Config) -> None:
             f"--debug.nonfinite_at_step must be >= 0 (0 = off), got {config.debug.nonfinite_at_step}"
         )
     mix_weights(config.data)
+    _validate_profiling(config)
     _validate_lora(config)
     _validate_fault_tolerance(config)
     _resolve_fsdp_reshard(config)
     if config.metrics.enable_wandb and importlib.util.find_spec("wandb") is None:
         raise ConfigError("--metrics.enable_wandb needs wandb: pip install 'tetrad[tracking]'")
+
+
+def _validate_profiling(config: Config) -> None:
+    p = config.profiling
+    for key in ("freq", "active_steps", "memory_snapshot_freq"):
+        if (value := getattr(p, key)) <= 0:
+            raise ConfigError(f"--profiling.{key} must be positive, got {value}")
+    if p.warmup_steps < 0:
+        raise ConfigError(f"--profiling.warmup_steps must be >= 0, got {p.warmup_steps}")
+    if p.warmup_steps + p.active_steps > p.freq:
+        raise ConfigError(
+            f"--profiling.warmup_steps {p.warmup_steps} + active_steps {p.active_steps} must fit "
+            f"in --profiling.freq {p.freq}: raise freq or shorten the window"
+        )
+    if config.training.gc_freq < 0:
+        raise ConfigError(
+            f"--training.gc_freq must be >= 0 (0 = Python's automatic GC), got {config.training.gc_freq}"
+        )
 
 
 def _validate_fault_tolerance(config: Config) -> None:
