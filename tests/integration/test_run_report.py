@@ -51,7 +51,7 @@ def _write_run(
         logger.add_tokens(512)
         loss = 9.5 - 0.1 * step + wobble * ((step * 7) % 5 - 2)
         lr = 1e-3 * min(step, 3) / 3
-        logger.log(step, loss=loss, grad_norm=3.0 / step, lr=lr, skipped_steps=0)
+        logger.log(step, loss=loss, grad_norm=3.0 / step, lr=lr, skipped_steps=0, data_wait_s=0.0)
         if validate and step % 5 == 0:
             val_loss = loss + 0.2 + wobble * step
             logger.log_validation(

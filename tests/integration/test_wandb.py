@@ -153,7 +153,14 @@ def test_a_resume_continues_the_wandb_run_without_logging_a_step_twice(
         metrics.start(after_step=after_step)
         for step in steps:
             metrics.add_tokens(10)
-            metrics.log(step, loss=loss_offset + step, grad_norm=1.0, lr=0.1, skipped_steps=0)
+            metrics.log(
+                step,
+                loss=loss_offset + step,
+                grad_norm=1.0,
+                lr=0.1,
+                skipped_steps=0,
+                data_wait_s=0.0,
+            )
         metrics.close()
 
     try:
