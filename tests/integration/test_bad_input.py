@@ -205,9 +205,10 @@ def test_bad_input(name: str, scratch: Path, capfd: pytest.CaptureFixture[str]) 
     after = tree_digest(run)
     if not row.started:
         assert after == before
-    else:  # the run started: its config and logs, no metrics row, no checkpoint
+    else:  # the run started: its config and logs (the phase timeline's too), no metrics row,
+        # no checkpoint
         changed = {path for path in after if before.get(path) != after[path]}
-        assert changed <= {"config.toml", "logs/rank0.jsonl"}, changed
+        assert changed <= {"config.toml", "logs/rank0.jsonl", "logs/phases_rank0.jsonl"}, changed
         assert after["metrics.jsonl"] == before["metrics.jsonl"]
 
 
@@ -322,4 +323,5 @@ def test_bad_input_nproc(
         assert after == before
     else:
         changed = {path for path in after if before.get(path) != after[path]}
-        assert changed <= {"config.toml", "logs/rank0.jsonl", "logs/rank1.jsonl"}, changed
+        logs = {f"logs/{prefix}rank{r}.jsonl" for prefix in ("", "phases_") for r in (0, 1)}
+        assert changed <= {"config.toml", *logs}, changed
