@@ -17,6 +17,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -26,7 +27,7 @@ from tests.distributed.dcp_checks import model_weights, step_dir
 
 torchft = pytest.importorskip("torchft")
 
-STEPS = 24
+STEPS = 40
 RUN = [
     *TINY_RUN,
     f"--training.steps={STEPS}",
@@ -69,17 +70,32 @@ def _logged_steps(folder: Path) -> list[int]:
     return [json.loads(line)["step"] for line in path.read_text().split("\n")[:-1] if line]
 
 
+def _throttle(proc: subprocess.Popen[bytes], *, until: Callable[[], bool]) -> None:
+    """Run ``proc`` a tenth of the time until ``until()``: paused 0.9 s of every 1, below the
+    lighthouse's 2 s heartbeat timeout, so that it stays in the quorum."""
+    while not until():
+        os.killpg(proc.pid, signal.SIGSTOP)
+        time.sleep(0.9)
+        os.killpg(proc.pid, signal.SIGCONT)
+        time.sleep(0.1)
+
+
+def _has_line(proc: subprocess.Popen[bytes], log: Path, line: str, offset: int) -> bool:
+    """Whether ``log`` holds ``line`` after ``offset`` (or ``proc`` ended: nothing to wait for)."""
+    return proc.poll() is not None or line in _tail(log, offset)
+
+
+def _first_step_together(log: Path) -> int | None:
+    """The first step group 0 took in a quorum of both groups."""
+    together = [int(s) for s, n in ALONE.findall(log.read_text(errors="replace")) if n == "2"]
+    return together[0] if together else None
+
+
 def _wait_for_line(proc: subprocess.Popen[bytes], log: Path, line: str, deadline: float) -> None:
     while line not in log.read_text(errors="replace"):
         assert proc.poll() is None, log.read_text()[-3000:]
         assert time.monotonic() < deadline, f"no {line!r} in time:\n{log.read_text()[-3000:]}"
         time.sleep(0.05)
-
-
-def _stepped_together(first: Path, second: Path) -> bool:
-    """Whether both groups logged a step in common: one they took in the same quorum (a group
-    that joins late recovers past the steps the other took alone, and logs none of them)."""
-    return bool(set(_logged_steps(first)) & set(_logged_steps(second)))
 
 
 def _wait(proc: subprocess.Popen[bytes], timeout: float, log: Path) -> None:
@@ -103,18 +119,19 @@ def test_killed_replica_group_recovers_from_the_survivor(tmp_path: Path) -> None
     survivor_dir, victim_dir = tmp_path / "group0", tmp_path / "group1"
     survivor_log, victim_log = tmp_path / "group0.log", tmp_path / "group1.log"
     try:
-        # A group alone steps at full speed until the other joins and recovers from it: group 0
-        # is paused from its manager's start to group 1's, so that neither finishes alone, and
-        # group 1 is killed only once both have taken a step together (the survivor then holds
-        # the state; killed earlier, group 1 could be the survivor's recovery source).
+        # A group alone steps at full speed: until group 1's manager is up, group 0 runs a tenth
+        # of the time (throttled, see below), so that it cannot finish the run alone however
+        # slowly group 1 starts. Group 1 is killed once both have taken a step in one quorum:
+        # group 0 logged a step with 2 of 2 groups and group 1 logged that step (the survivor
+        # then holds the state; killed earlier, group 1 could be the survivor's recovery source).
         deadline = time.monotonic() + 60
         survivor = _start(survivor_dir, 0, lighthouse.address(), survivor_log)
         _wait_for_line(survivor, survivor_log, JOINED.format(0), deadline)
-        os.killpg(survivor.pid, signal.SIGSTOP)
         victim = _start(victim_dir, 1, lighthouse.address(), victim_log)
-        _wait_for_line(victim, victim_log, JOINED.format(1), deadline)
-        os.killpg(survivor.pid, signal.SIGCONT)
-        while not _stepped_together(survivor_dir, victim_dir):
+        _throttle(survivor, until=lambda: _has_line(victim, victim_log, JOINED.format(1), 0))
+        while (together := _first_step_together(survivor_log)) is None or max(
+            _logged_steps(victim_dir), default=0
+        ) < together:
             assert victim.poll() is None, victim_log.read_text()[-3000:]
             assert survivor.poll() is None, survivor_log.read_text()[-3000:]
             assert time.monotonic() < deadline, "the groups never took a step together"
@@ -127,19 +144,15 @@ def test_killed_replica_group_recovers_from_the_survivor(tmp_path: Path) -> None
         restart_offset = victim_log.stat().st_size
         restarted = _start(victim_dir, 1, lighthouse.address(), victim_log)
         # Until group 1's manager is up again: the survivor steps on alone at full speed for
-        # 3 steps, then runs a tenth of the time (paused 0.9 s of every 1, below the
-        # lighthouse's 2 s heartbeat timeout), so that it cannot finish the run before group 1
-        # is back however slowly that restarts, nor fail to step alone however slowly it runs.
-        while restarted.poll() is None and JOINED.format(1) not in _tail(
-            victim_log, restart_offset
-        ):
-            if max(_logged_steps(survivor_dir), default=0) < kill_step + 3:
-                time.sleep(0.05)
-                continue
-            os.killpg(survivor.pid, signal.SIGSTOP)
-            time.sleep(0.9)
-            os.killpg(survivor.pid, signal.SIGCONT)
-            time.sleep(0.1)
+        # 3 steps, then throttled, so that it cannot finish the run before group 1 is back
+        # however slowly that restarts, nor fail to step alone however slowly it runs.
+        while max(_logged_steps(survivor_dir), default=0) < kill_step + 3:
+            assert survivor.poll() is None, survivor_log.read_text()[-3000:]
+            time.sleep(0.05)
+        _throttle(
+            survivor,
+            until=lambda: _has_line(restarted, victim_log, JOINED.format(1), restart_offset),
+        )
         while max(_logged_steps(victim_dir), default=0) <= kill_step and restarted.poll() is None:
             time.sleep(0.05)
         down_seconds = time.monotonic() - killed_at  # from the kill to its first step back
