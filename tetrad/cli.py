@@ -20,6 +20,7 @@ from typing import Literal
 from tetrad.config import config_from_args, validate_config
 from tetrad.config.args import CONFIG_USAGE, ArgumentParser, add_config_arguments, converter
 from tetrad.errors import EXIT_CODES, INTERRUPTED, LAUNCHED_BY_TETRAD, reported
+from tetrad.tools.progress import quiet_library_bars
 
 
 def _positive(raw: str) -> int:
@@ -222,6 +223,7 @@ def build_parser() -> ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
+    quiet_library_bars()
     argv = list(sys.argv[1:] if argv is None else argv)
     with reported():
         args = build_parser().parse_args(argv)

@@ -81,6 +81,7 @@ from tetrad.models.materialize import init_adapters, materialize_and_init, mater
 from tetrad.models.registry import get_model_spec
 from tetrad.models.spec import DecoderModel, ModelSpec
 from tetrad.tools.logging import init_logging, open_log_files
+from tetrad.tools.progress import heartbeat
 
 logger = logging.getLogger(__name__)
 
@@ -563,7 +564,9 @@ class Trainer:
                 lr = float(self.lr_scheduler.get_last_lr()[0])
                 with self.phases.phase("data_wait", state.step):
                     micro_batches = [next(data_iter) for _ in range(self.grad_accum_steps)]
-                result = self.train_step(micro_batches)
+                warm_up = self.config.compile.enable and state.step == first_step
+                with heartbeat("compiling (first step)", enabled=warm_up):
+                    result = self.train_step(micro_batches)
                 if not result.committed:  # torchft: this step runs again on the next batch
                     state.step -= 1
                     continue

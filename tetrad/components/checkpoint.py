@@ -63,6 +63,7 @@ from tetrad.data.tokenizer import Tokenizer
 from tetrad.errors import CheckpointError, ConfigError, RunStopped
 from tetrad.models.lora import is_adapter
 from tetrad.models.spec import StateDictAdapter
+from tetrad.tools.progress import progress_bar, ticking
 
 logger = logging.getLogger(__name__)
 
@@ -325,7 +326,11 @@ class CheckpointManager:
         if self.group is None:
             error: BaseException | None
             try:
-                dcp.save(states, storage_writer=ChecksumWriter(tmp))
+                writer = ChecksumWriter(tmp)
+                with ticking(
+                    progress_bar(f"saving {step_folder(self.folder, step).name}"), writer.progress
+                ):
+                    dcp.save(states, storage_writer=writer)
                 error = self._finalize(step, begin, time.perf_counter() - begin, names)
             except CheckpointException as e:  # raised on every rank when one rank's write fails
                 error = e

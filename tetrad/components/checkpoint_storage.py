@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import pickle
 import re
 import zlib
@@ -26,12 +27,19 @@ from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
 from torch.distributed.checkpoint._traverse import set_element
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
-from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
-from torch.distributed.checkpoint.planner import ReadItem, SavePlan, SavePlanner
+from torch.distributed.checkpoint.metadata import Metadata, StorageMeta, TensorStorageMetadata
+from torch.distributed.checkpoint.planner import (
+    LoadItemType,
+    LoadPlan,
+    ReadItem,
+    SavePlan,
+    SavePlanner,
+)
 from torch.distributed.checkpoint.storage import WriteResult
 from torch.futures import Future
 
 from tetrad.errors import CheckpointError
+from tetrad.tools.progress import progress_bar, ticking
 
 CRC32_SUFFIX = "crc32.json"
 """A rank's checksums of the files it wrote, ``__R_crc32.json``, until the checkpoint is marked
@@ -51,9 +59,27 @@ def file_crc32(path: Path) -> int:
 
 
 class ChecksumWriter(FileSystemWriter):
-    """DCP's file system writer; each rank also records the CRC-32 of the files it wrote."""
+    """DCP's file system writer; each rank also records the CRC-32 of the files it wrote, and
+    can say how far its writing is (``progress``, read from another thread)."""
+
+    _prefix: str | None = None  # this rank's file names start with it, once writing began
+    _total_bytes: int | None = None
+
+    def progress(self) -> tuple[float, float | None]:
+        """Bytes of this rank's files so far (a little above its tensors' bytes at the end:
+        the files' framing), and its tensors' bytes."""
+        if self._prefix is None:
+            return 0, self._total_bytes
+        written = sum(f.stat().st_size for f in Path(self.path).glob(f"{self._prefix}*.distcp"))
+        return written, self._total_bytes
 
     def write_data(self, plan: SavePlan, planner: SavePlanner) -> Future[list[WriteResult]]:
+        self._total_bytes = sum(
+            math.prod(item.tensor_data.chunk.sizes) * item.tensor_data.properties.dtype.itemsize
+            for item in plan.items
+            if item.tensor_data is not None
+        )
+        self._prefix = plan.storage_data.prefix
         try:
             future = super().write_data(plan, planner)
         except RuntimeError as e:
@@ -89,6 +115,29 @@ class SafeLoadPlanner(DefaultLoadPlanner):
     def __init__(self, path: Path) -> None:
         super().__init__()
         self.path = path
+        self.bytes_read = 0
+        self.total_bytes: int | None = None
+
+    def progress(self) -> tuple[float, float | None]:
+        """Bytes of this rank's tensors read so far, and in all (read from another thread)."""
+        return self.bytes_read, self.total_bytes
+
+    def _bytes(self, item: ReadItem) -> int:
+        assert self.metadata is not None  # set up before any plan
+        stored = self.metadata.state_dict_metadata[item.storage_index.fqn]
+        assert isinstance(stored, TensorStorageMetadata)  # a tensor read item
+        return math.prod(item.lengths) * stored.properties.dtype.itemsize
+
+    def create_local_plan(self) -> LoadPlan:
+        plan = super().create_local_plan()
+        self.total_bytes = sum(
+            self._bytes(item) for item in plan.items if item.type == LoadItemType.TENSOR
+        )
+        return plan
+
+    def commit_tensor(self, read_item: ReadItem, tensor: torch.Tensor) -> None:
+        super().commit_tensor(read_item, tensor)
+        self.bytes_read += self._bytes(read_item)
 
     def load_bytes(self, read_item: ReadItem, value: io.BytesIO) -> None:
         fqn = read_item.dest_index.fqn
@@ -111,13 +160,10 @@ def safe_load(state_dict: dict[Any, Any], path: Path, *, no_dist: bool = False) 
     """``dcp.load`` of ``path`` into ``state_dict`` through ``SafeReader`` and
     ``SafeLoadPlanner``; their CheckpointError comes out as itself, not wrapped in DCP's
     CheckpointException (which would print a traceback per rank)."""
+    planner = SafeLoadPlanner(path)
     try:
-        dcp.load(
-            state_dict,
-            storage_reader=SafeReader(path),
-            planner=SafeLoadPlanner(path),
-            no_dist=no_dist,
-        )
+        with ticking(progress_bar(f"loading {path.name}"), planner.progress):
+            dcp.load(state_dict, storage_reader=SafeReader(path), planner=planner, no_dist=no_dist)
     except CheckpointException as e:
         refused = [error for error, _ in e.failures.values() if isinstance(error, CheckpointError)]
         if refused:

@@ -22,13 +22,13 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 from torch.distributed.tensor import DTensor
-from tqdm import tqdm
 
 from tetrad.data.tokenizer import Tokenizer, save_tokenizer
 from tetrad.distributed.utils import all_gather_objects, barrier, copy_full_, process_rank
 from tetrad.errors import CheckpointError
 from tetrad.models.lora import adapted_linears, is_adapter, merged_weight
 from tetrad.models.spec import StateDictAdapter
+from tetrad.tools.progress import progress_bar
 
 logger = logging.getLogger(__name__)
 
@@ -104,9 +104,10 @@ def load_hf_weights(model: nn.Module, folder: Path, adapter: StateDictAdapter) -
     # Adapters of tied models name the output's HF key(s); the protocol does not require it.
     _check_keys(folder, weight_map, needed, adapter.tied_keys)
     files = {}  # safetensors files open lazily: only the tensors read are loaded
-    for fqn, (key, tensor) in tqdm(
-        targets.items(), desc=f"loading {folder.name}", disable=process_rank() != 0, leave=False
-    ):
+    loading = progress_bar(
+        f"loading {folder.name}", targets.items(), total=len(targets), unit="tensor"
+    )
+    for fqn, (key, tensor) in loading:
         path = weight_map[key]
         if path not in files:
             files[path] = safe_open(path, framework="pt")
@@ -169,7 +170,10 @@ def save_hf_weights(
             shard, shard_bytes = {}, 0
 
     barrier()  # the temporary folder exists
-    for fqn, (key, tensor) in state.items():
+    exporting = progress_bar(
+        f"exporting {folder.name}", state.items(), total=len(state), unit="tensor"
+    )
+    for fqn, (key, tensor) in exporting:
         full = tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
         # W + alpha/r·B·A where adapted; a gathered copy may take the sum in place.
         full = merged_weight(lora_linears, fqn, full, in_place=full is not tensor)
