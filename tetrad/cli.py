@@ -70,9 +70,14 @@ def _train(args: argparse.Namespace, argv: Sequence[str]) -> None:
 
 
 def _launch(
-    nproc: int, argv: Sequence[str], *, stop_signals: Sequence[str], max_restarts: int = 0
+    nproc: int,
+    argv: Sequence[str],
+    *,
+    stop_signals: Sequence[str],
+    max_restarts: int = 0,
+    module: str = "tetrad.train",
 ) -> None:
-    """``torchrun --standalone --nproc-per-node=N -m tetrad.train ARGV``, its launcher in this
+    """``torchrun --standalone --nproc-per-node=N -m MODULE ARGV``, its launcher in this
     process. When ranks stop on a reported error (exit code 2 or 3, the message in their error
     files) and the others were stopped by torchrun (a signal) or failed only after it, this
     command prints that message once and exits with that code, instead of torchrun's failure
@@ -93,7 +98,7 @@ def _launch(
         s for s in ("SIGTERM", "SIGINT", "SIGHUP", "SIGQUIT") if s not in stop_signals
     ]
     launch = ["--standalone", f"--nproc-per-node={nproc}", f"--max-restarts={max_restarts}"]
-    launch += [f"--signals-to-handle={','.join(torchrun_signals)}", "-m", "tetrad.train", *argv]
+    launch += [f"--signals-to-handle={','.join(torchrun_signals)}", "-m", module, *argv]
     os.environ[LAUNCHED_BY_TETRAD] = "1"  # the ranks inherit it
     for name in stop_signals:
         signal.signal(signal.Signals[name], _pass_on_to_children)
@@ -133,6 +138,20 @@ def _convert(args: argparse.Namespace, argv: Sequence[str]) -> None:
     from tetrad.convert import main
 
     main(args)
+
+
+def _generate(args: argparse.Namespace, argv: Sequence[str]) -> None:
+    from tetrad.generate import resolve, run
+
+    if args.nproc == 1:
+        with reported():
+            run(args)
+        return
+    with reported():
+        resolve(args)  # bad input is one line here, before any rank starts
+    ranks_argv = _without_launch_options(argv)
+    with reported():
+        _launch(args.nproc, ranks_argv, stop_signals=(), module="tetrad.generate")
 
 
 def _report(args: argparse.Namespace, argv: Sequence[str]) -> None:
@@ -198,6 +217,7 @@ def build_parser() -> ArgumentParser:
     )
     add_config_arguments(convert, only=("model", "data"))
     convert.set_defaults(run=_convert)
+    _add_generate_parser(commands)
     report = commands.add_parser(
         "report",
         help="an HTML page (and PNGs) of one run's curves, or several runs compared",
@@ -219,6 +239,31 @@ def build_parser() -> ArgumentParser:
     )
     report.set_defaults(run=_report)
     return parser
+
+
+def _add_generate_parser(commands: argparse._SubParsersAction[ArgumentParser]) -> None:
+    from tetrad.generate import add_generate_arguments
+
+    generate = commands.add_parser(
+        "generate",
+        help="sample text from a checkpoint, on one process or tensor parallel",
+        usage="%(prog)s (--checkpoint DIR | --model.name hf --model.hf_path DIR) "
+        "(--prompt TEXT | --prompt-file FILE) [--max-new-tokens N] [--temperature T] "
+        "[--top-k K] [--top-p P] [--seed S] [--nproc N --parallelism.tp N] [--model.* ...]",
+        description="Continue a prompt with a trained model: a DCP checkpoint read with its "
+        "run's config.toml, or\na Hugging Face model. Greedy at --temperature 0. Rank 0 prints "
+        "the completion (stdout)\nand its speed (stderr).",
+    )
+    generate.add_argument(
+        "--nproc",
+        type=_positive,
+        default=1,
+        metavar="N",
+        help="local processes to launch through torchrun, e.g. with --parallelism.tp N "
+        "(default: 1)",
+    )
+    add_generate_arguments(generate)
+    generate.set_defaults(run=_generate)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
