@@ -12,7 +12,7 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import FrameType
 from typing import Literal
@@ -141,17 +141,34 @@ def _convert(args: argparse.Namespace, argv: Sequence[str]) -> None:
 
 
 def _generate(args: argparse.Namespace, argv: Sequence[str]) -> None:
-    from tetrad.generate import resolve, run
+    from tetrad import generate
 
-    if args.nproc == 1:
-        with reported():
+    _run_or_launch(args, argv, generate.resolve, generate.run, module="tetrad.generate")
+
+
+def _eval(args: argparse.Namespace, argv: Sequence[str]) -> None:
+    from tetrad import evaluate
+
+    _run_or_launch(args, argv, evaluate.resolve, evaluate.run, module="tetrad.evaluate")
+
+
+def _run_or_launch(
+    args: argparse.Namespace,
+    argv: Sequence[str],
+    resolve: Callable[[argparse.Namespace], object],
+    run: Callable[[argparse.Namespace], object],
+    *,
+    module: str,
+) -> None:
+    """A command that runs on --nproc ranks: in this process on one, else through torchrun
+    (``python -m MODULE`` per rank) once ``resolve`` found the options good, so bad input is
+    one line before any rank starts."""
+    with reported():
+        if args.nproc == 1:
             run(args)
-        return
-    with reported():
-        resolve(args)  # bad input is one line here, before any rank starts
-    ranks_argv = _without_launch_options(argv)
-    with reported():
-        _launch(args.nproc, ranks_argv, stop_signals=(), module="tetrad.generate")
+            return
+        resolve(args)
+        _launch(args.nproc, _without_launch_options(argv), stop_signals=(), module=module)
 
 
 def _report(args: argparse.Namespace, argv: Sequence[str]) -> None:
@@ -218,6 +235,7 @@ def build_parser() -> ArgumentParser:
     add_config_arguments(convert, only=("model", "data"))
     convert.set_defaults(run=_convert)
     _add_generate_parser(commands)
+    _add_eval_parser(commands)
     report = commands.add_parser(
         "report",
         help="an HTML page (and PNGs) of one run's curves, or several runs compared",
@@ -264,6 +282,29 @@ def _add_generate_parser(commands: argparse._SubParsersAction[ArgumentParser]) -
     )
     add_generate_arguments(generate)
     generate.set_defaults(run=_generate)
+
+
+def _add_eval_parser(commands: argparse._SubParsersAction[ArgumentParser]) -> None:
+    from tetrad.evaluate import add_eval_arguments
+
+    evaluate = commands.add_parser(
+        "eval",
+        help="loss and perplexity of a checkpoint on a dataset, under any layout",
+        usage=f"%(prog)s --checkpoint DIR [--nproc N] {CONFIG_USAGE}",
+        description="The trainer's validation of a checkpoint: --validation.steps global "
+        "batches of the validation\ndata (--validation.*, --data.*), under any layout "
+        "(--parallelism.*). The options default\nto the config.toml of the run the checkpoint "
+        "belongs to. Rank 0 prints val_loss and val_perplexity.",
+    )
+    evaluate.add_argument(
+        "--nproc",
+        type=_positive,
+        default=1,
+        metavar="N",
+        help="local processes to launch through torchrun (default: 1)",
+    )
+    add_eval_arguments(evaluate)
+    evaluate.set_defaults(run=_eval)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
