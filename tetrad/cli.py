@@ -259,9 +259,55 @@ def build_parser() -> ArgumentParser:
     return parser
 
 
-def _add_generate_parser(commands: argparse._SubParsersAction[ArgumentParser]) -> None:
-    from tetrad.generate import add_generate_arguments
+GENERATE_CONFIG_SECTIONS = ("model", "data", "parallelism", "training", "comm")
+"""The config options ``tetrad generate`` takes; the rest come from the run's config.toml."""
 
+
+def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of ``tetrad generate``, which its ranks (``python -m tetrad.generate``) parse
+    too; here, so building this parser imports no torch."""
+    parser.add_argument(
+        "--checkpoint",
+        metavar="DIR",
+        help="a DCP checkpoint folder (a run's checkpoint/step-N); optional with --model.name hf",
+    )
+    parser.add_argument("--prompt", metavar="TEXT", help="the text to continue")
+    parser.add_argument("--prompt-file", metavar="FILE", help="read the prompt from FILE")
+    parser.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=128,
+        metavar="N",
+        help="generate at most N tokens, fewer if the end-of-text token comes (default: 128)",
+    )
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default: 0)")
+    parser.add_argument(
+        "--top-k", type=int, default=0, metavar="K", help="sample from the K likeliest (0 = all)"
+    )
+    parser.add_argument(
+        "--top-p", type=float, default=1.0, metavar="P", help="nucleus sampling (default: 1)"
+    )
+    parser.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
+    parser.add_argument(
+        "--out",
+        metavar="FILE.json",
+        help="also write the prompt's and the completion's token ids, text and timings here",
+    )
+    add_config_arguments(parser, only=GENERATE_CONFIG_SECTIONS)
+
+
+def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of ``tetrad eval`` and of its ranks (``python -m tetrad.evaluate``)."""
+    parser.add_argument(
+        "--checkpoint",
+        metavar="DIR",
+        required=True,
+        help="a DCP checkpoint folder (a run's checkpoint/step-N) or a Hugging Face folder",
+    )
+    add_config_arguments(parser)
+
+
+def _add_generate_parser(commands: argparse._SubParsersAction[ArgumentParser]) -> None:
     generate = commands.add_parser(
         "generate",
         help="sample text from a checkpoint, on one process or tensor parallel",
@@ -285,8 +331,6 @@ def _add_generate_parser(commands: argparse._SubParsersAction[ArgumentParser]) -
 
 
 def _add_eval_parser(commands: argparse._SubParsersAction[ArgumentParser]) -> None:
-    from tetrad.evaluate import add_eval_arguments
-
     evaluate = commands.add_parser(
         "eval",
         help="loss and perplexity of a checkpoint on a dataset, under any layout",

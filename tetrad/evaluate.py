@@ -17,20 +17,11 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
+from tetrad.cli import add_eval_arguments
 from tetrad.components.checkpoint_states import CHECKPOINT_STATES
 from tetrad.config import Config, config_from_args, validate_config
-from tetrad.config.args import ArgumentParser, add_config_arguments
+from tetrad.config.args import ArgumentParser
 from tetrad.errors import CheckpointError, reported
-
-
-def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--checkpoint",
-        metavar="DIR",
-        required=True,
-        help="a DCP checkpoint folder (a run's checkpoint/step-N) or a Hugging Face folder",
-    )
-    add_config_arguments(parser)
 
 
 def resolve(args: argparse.Namespace) -> Config:

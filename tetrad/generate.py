@@ -22,49 +22,20 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from tetrad.cli import add_generate_arguments
 from tetrad.components.checkpoint_folder import check_model_matches, read_metadata
 from tetrad.components.checkpoint_states import ModelState
 from tetrad.components.checkpoint_storage import safe_load
 from tetrad.components.generation import Generation, Sampler, generate
 from tetrad.components.hf_checkpoint import load_hf_weights
 from tetrad.config import Config, config_from_args, validate_config
-from tetrad.config.args import ArgumentParser, add_config_arguments
+from tetrad.config.args import ArgumentParser
 from tetrad.data import Tokenizer, build_tokenizer
 from tetrad.errors import CheckpointError, ConfigError, reported
 from tetrad.models.lora import apply_lora
 from tetrad.models.materialize import materialize_for_loading
 from tetrad.models.registry import get_model_spec
 from tetrad.models.spec import DecoderModel
-
-CONFIG_SECTIONS = ("model", "data", "parallelism", "training", "comm")
-"""The config options ``tetrad generate`` takes; the rest come from the run's config.toml."""
-
-
-def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--checkpoint",
-        metavar="DIR",
-        help="a DCP checkpoint folder (a run's checkpoint/step-N); optional with --model.name hf",
-    )
-    parser.add_argument("--prompt", metavar="TEXT", help="the text to continue")
-    parser.add_argument("--prompt-file", metavar="FILE", help="read the prompt from FILE")
-    parser.add_argument(
-        "--max-new-tokens", type=int, default=128, metavar="N", help="(default: 128)"
-    )
-    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default: 0)")
-    parser.add_argument(
-        "--top-k", type=int, default=0, metavar="K", help="sample from the K likeliest (0 = all)"
-    )
-    parser.add_argument(
-        "--top-p", type=float, default=1.0, metavar="P", help="nucleus sampling (default: 1)"
-    )
-    parser.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
-    parser.add_argument(
-        "--out",
-        metavar="FILE.json",
-        help="also write the prompt's and the completion's token ids, text and timings here",
-    )
-    add_config_arguments(parser, only=CONFIG_SECTIONS)
 
 
 def _prompt(args: argparse.Namespace) -> str:
