@@ -19,7 +19,7 @@ from pathlib import Path
 
 from tetrad.cli import add_eval_arguments
 from tetrad.components.checkpoint_states import CHECKPOINT_STATES
-from tetrad.config import Config, config_from_args, validate_config
+from tetrad.config import Config, config_from_args, saved_run_config, validate_config
 from tetrad.config.args import ArgumentParser
 from tetrad.errors import CheckpointError, reported
 
@@ -35,10 +35,11 @@ def resolve(args: argparse.Namespace) -> Config:
         raise CheckpointError(
             f"--checkpoint {checkpoint} {what if checkpoint.exists() else 'does not exist'}"
         )
-    run_config = checkpoint.parent.parent / "config.toml"
-    if not hf and "config" not in args and run_config.is_file():
-        args.config = str(run_config)
-    config = config_from_args(args)
+    config = (
+        config_from_args(args)
+        if hf
+        else saved_run_config(args, checkpoint.parent.parent / "config.toml")
+    )
     c = config.checkpoint
     c.enable, c.create_seed_checkpoint, c.last_save_in_hf = False, False, False
     c.initial_load_path, c.initial_load_in_hf = str(checkpoint), hf

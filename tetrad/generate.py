@@ -28,7 +28,7 @@ from tetrad.components.checkpoint_states import ModelState
 from tetrad.components.checkpoint_storage import safe_load
 from tetrad.components.generation import Generation, Sampler, generate
 from tetrad.components.hf_checkpoint import load_hf_weights
-from tetrad.config import Config, config_from_args, validate_config
+from tetrad.config import Config, config_from_args, saved_run_config, validate_config
 from tetrad.config.args import ArgumentParser
 from tetrad.data import Tokenizer, build_tokenizer
 from tetrad.errors import CheckpointError, ConfigError, reported
@@ -73,10 +73,9 @@ def resolve(args: argparse.Namespace) -> tuple[Config, str]:
                 f"--checkpoint {checkpoint} {what}; give a run's checkpoint/step-N folder "
                 "(a Hugging Face folder: --model.name hf --model.hf_path DIR)"
             )
-        run_config = checkpoint.parent.parent / "config.toml"
-        if "config" not in args and run_config.is_file():
-            args.config = str(run_config)
-    config = config_from_args(args)
+        config = saved_run_config(args, checkpoint.parent.parent / "config.toml")
+    else:
+        config = config_from_args(args)
     if args.checkpoint is None and config.model.name != "hf":
         raise ConfigError(
             "nothing to generate from: give --checkpoint DIR (a DCP step-N folder) or "

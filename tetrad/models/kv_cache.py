@@ -25,6 +25,9 @@ class KVCache:
         """Tokens cached (of every layer once a forward is complete)."""
         self._layer = 0
 
+    def __repr__(self) -> str:  # names it in errors (HF models that run their own attention)
+        return "tetrad's KV cache"
+
     def __call__(
         self,
         q: torch.Tensor,
