@@ -1,6 +1,6 @@
 """`tetrad eval`: a checkpoint's loss on the validation data is the val_loss its run logged at
-that step (same data, same weights), on one process and under FSDP over two; bad input is one
-line."""
+that step (same data, same weights), on one process, from its Hugging Face export, and under
+FSDP over two; bad input is one line."""
 
 from __future__ import annotations
 
@@ -22,11 +22,11 @@ VAL_RTOL = 1e-5
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A 4-step tiny run validated (2 batches) and checkpointed at steps 2 and 4."""
+    """A 2-step tiny run, validated on 2 batches and checkpointed at its end."""
     folder = tmp_path_factory.mktemp("eval") / "run"
     run_train(
-        folder, *TINY_RUN, "--validation.enable", "--validation.freq=2", "--validation.steps=2",
-        "--checkpoint.enable", "--checkpoint.interval=2", "--checkpoint.last_save_model_only",
+        folder, *TINY_RUN, "--training.steps=2", "--validation.enable", "--validation.steps=2",
+        "--checkpoint.enable", "--checkpoint.last_save_model_only",
     )  # fmt: skip
     return folder
 
@@ -43,16 +43,24 @@ def _printed(out: str) -> tuple[float, float]:
 
 
 def test_eval_equals_the_logged_validation_loss(
-    run: Path, capsys: pytest.CaptureFixture[str]
+    run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     files = {path: path.stat().st_mtime_ns for path in run.rglob("*")}
-    tetrad(["eval", f"--checkpoint={run / 'checkpoint' / 'step-4'}"])
+    tetrad(["eval", f"--checkpoint={run / 'checkpoint' / 'step-2'}"])
     loss, perplexity = _printed(capsys.readouterr().out)
-    assert loss == pytest.approx(_logged(run, 4), rel=VAL_RTOL)
+    assert loss == pytest.approx(_logged(run, 2), rel=VAL_RTOL)
     assert perplexity == pytest.approx(math.exp(loss), rel=1e-4)
     assert {path: path.stat().st_mtime_ns for path in run.rglob("*")} == files, (
         "eval writes nothing into the run's folder"
     )
+
+    # The same weights exported to a Hugging Face folder, the run's options given explicitly.
+    hf = tmp_path / "hf"
+    tetrad(["convert", str(run / "checkpoint" / "step-2"), str(hf)])
+    capsys.readouterr()
+    run_options = ["--model.flavor=tiny", "--training.seq_len=64", "--training.local_batch_size=2"]
+    tetrad(["eval", f"--checkpoint={hf}", *run_options, "--validation.steps=2"])
+    assert _printed(capsys.readouterr().out)[0] == pytest.approx(_logged(run, 2), rel=VAL_RTOL)
 
 
 @pytest.mark.slow
