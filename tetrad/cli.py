@@ -280,14 +280,18 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="N",
         help="generate at most N tokens, fewer if the end-of-text token comes (default: 128)",
     )
-    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default: 0)")
+    parser.add_argument(
+        "--temperature", type=float, default=0.0, metavar="T", help="0 = greedy (default: 0)"
+    )
     parser.add_argument(
         "--top-k", type=int, default=0, metavar="K", help="sample from the K likeliest (0 = all)"
     )
     parser.add_argument(
         "--top-p", type=float, default=1.0, metavar="P", help="nucleus sampling (default: 1)"
     )
-    parser.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
+    parser.add_argument(
+        "--seed", type=int, default=0, metavar="S", help="sampling seed (default: 0)"
+    )
     parser.add_argument(
         "--out",
         metavar="FILE.json",
