@@ -12,7 +12,7 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import FrameType
 from typing import Literal
@@ -71,9 +71,14 @@ def _train(args: argparse.Namespace, argv: Sequence[str]) -> None:
 
 
 def _launch(
-    nproc: int, argv: Sequence[str], *, stop_signals: Sequence[str], max_restarts: int = 0
+    nproc: int,
+    argv: Sequence[str],
+    *,
+    stop_signals: Sequence[str],
+    max_restarts: int = 0,
+    module: str = "tetrad.train",
 ) -> None:
-    """``torchrun --standalone --nproc-per-node=N -m tetrad.train ARGV``, its launcher in this
+    """``torchrun --standalone --nproc-per-node=N -m MODULE ARGV``, its launcher in this
     process. When ranks stop on a reported error (exit code 2 or 3, the message in their error
     files) and the others were stopped by torchrun (a signal) or failed only after it, this
     command prints that message once and exits with that code, instead of torchrun's failure
@@ -94,7 +99,7 @@ def _launch(
         s for s in ("SIGTERM", "SIGINT", "SIGHUP", "SIGQUIT") if s not in stop_signals
     ]
     launch = ["--standalone", f"--nproc-per-node={nproc}", f"--max-restarts={max_restarts}"]
-    launch += [f"--signals-to-handle={','.join(torchrun_signals)}", "-m", "tetrad.train", *argv]
+    launch += [f"--signals-to-handle={','.join(torchrun_signals)}", "-m", module, *argv]
     os.environ[LAUNCHED_BY_TETRAD] = "1"  # the ranks inherit it
     for name in stop_signals:
         signal.signal(signal.Signals[name], _pass_on_to_children)
@@ -134,6 +139,37 @@ def _convert(args: argparse.Namespace, argv: Sequence[str]) -> None:
     from tetrad.convert import main
 
     main(args)
+
+
+def _generate(args: argparse.Namespace, argv: Sequence[str]) -> None:
+    from tetrad import generate
+
+    _run_or_launch(args, argv, generate.resolve, generate.run, module="tetrad.generate")
+
+
+def _eval(args: argparse.Namespace, argv: Sequence[str]) -> None:
+    from tetrad import evaluate
+
+    _run_or_launch(args, argv, evaluate.resolve, evaluate.run, module="tetrad.evaluate")
+
+
+def _run_or_launch(
+    args: argparse.Namespace,
+    argv: Sequence[str],
+    resolve: Callable[[argparse.Namespace], object],
+    run: Callable[[argparse.Namespace], object],
+    *,
+    module: str,
+) -> None:
+    """A command that runs on --nproc ranks: in this process on one, else through torchrun
+    (``python -m MODULE`` per rank) once ``resolve`` found the options good, so bad input is
+    one line before any rank starts."""
+    with reported():
+        if args.nproc == 1:
+            run(args)
+            return
+        resolve(args)
+        _launch(args.nproc, _without_launch_options(argv), stop_signals=(), module=module)
 
 
 def _report(args: argparse.Namespace, argv: Sequence[str]) -> None:
@@ -199,6 +235,8 @@ def build_parser() -> ArgumentParser:
     )
     add_config_arguments(convert, only=("model", "data"))
     convert.set_defaults(run=_convert)
+    _add_generate_parser(commands)
+    _add_eval_parser(commands)
     report = commands.add_parser(
         "report",
         help="an HTML page (and PNGs) of one run's curves, or several runs compared",
@@ -220,6 +258,102 @@ def build_parser() -> ArgumentParser:
     )
     report.set_defaults(run=_report)
     return parser
+
+
+GENERATE_CONFIG_SECTIONS = ("model", "data", "parallelism", "training", "comm")
+"""The config options ``tetrad generate`` takes; the rest come from the run's config.toml."""
+
+
+def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of ``tetrad generate``, which its ranks (``python -m tetrad.generate``) parse
+    too; here, so building this parser imports no torch."""
+    parser.add_argument(
+        "--checkpoint",
+        metavar="DIR",
+        help="a DCP checkpoint folder (a run's checkpoint/step-N); optional with --model.name hf",
+    )
+    parser.add_argument("--prompt", metavar="TEXT", help="the text to continue")
+    parser.add_argument("--prompt-file", metavar="FILE", help="read the prompt from FILE")
+    parser.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=128,
+        metavar="N",
+        help="generate at most N tokens, fewer if the end-of-text token comes (default: 128)",
+    )
+    parser.add_argument(
+        "--temperature", type=float, default=0.0, metavar="T", help="0 = greedy (default: 0)"
+    )
+    parser.add_argument(
+        "--top-k", type=int, default=0, metavar="K", help="sample from the K likeliest (0 = all)"
+    )
+    parser.add_argument(
+        "--top-p", type=float, default=1.0, metavar="P", help="nucleus sampling (default: 1)"
+    )
+    parser.add_argument(
+        "--seed", type=int, default=0, metavar="S", help="sampling seed (default: 0)"
+    )
+    parser.add_argument(
+        "--out",
+        metavar="FILE.json",
+        help="also write the prompt's and the completion's token ids, text and timings here",
+    )
+    add_config_arguments(parser, only=GENERATE_CONFIG_SECTIONS)
+
+
+def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of ``tetrad eval`` and of its ranks (``python -m tetrad.evaluate``)."""
+    parser.add_argument(
+        "--checkpoint",
+        metavar="DIR",
+        required=True,
+        help="a DCP checkpoint folder (a run's checkpoint/step-N) or a Hugging Face folder",
+    )
+    add_config_arguments(parser)
+
+
+def _add_generate_parser(commands: argparse._SubParsersAction[ArgumentParser]) -> None:
+    generate = commands.add_parser(
+        "generate",
+        help="sample text from a checkpoint, on one process or tensor parallel",
+        usage="%(prog)s (--checkpoint DIR | --model.name hf --model.hf_path DIR) "
+        "(--prompt TEXT | --prompt-file FILE) [--max-new-tokens N] [--temperature T] "
+        "[--top-k K] [--top-p P] [--seed S] [--nproc N --parallelism.tp N] [--model.* ...]",
+        description="Continue a prompt with a trained model: a DCP checkpoint read with its "
+        "run's config.toml, or\na Hugging Face model. Greedy at --temperature 0. Rank 0 prints "
+        "the completion (stdout)\nand its speed (stderr).",
+    )
+    generate.add_argument(
+        "--nproc",
+        type=_positive,
+        default=1,
+        metavar="N",
+        help="local processes to launch through torchrun, e.g. with --parallelism.tp N "
+        "(default: 1)",
+    )
+    add_generate_arguments(generate)
+    generate.set_defaults(run=_generate)
+
+
+def _add_eval_parser(commands: argparse._SubParsersAction[ArgumentParser]) -> None:
+    evaluate = commands.add_parser(
+        "eval",
+        help="loss and perplexity of a checkpoint on a dataset, under any layout",
+        usage=f"%(prog)s --checkpoint DIR [--nproc N] {CONFIG_USAGE}",
+        description="The trainer's validation of a checkpoint: --validation.steps global "
+        "batches of the validation\ndata (--validation.*, --data.*), under any layout "
+        "(--parallelism.*). The options default\nto the config.toml of the run the checkpoint "
+        "belongs to. Rank 0 prints val_loss and val_perplexity.",
+    )
+    evaluate.add_argument(
+        "--nproc",
+        type=_positive,
+        default=1,
+        metavar="N",
+        help="local processes to launch through torchrun (default: 1)",
+    )
+    add_eval_arguments(evaluate)
+    evaluate.set_defaults(run=_eval)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -17,9 +17,9 @@ LAYER = {
     "models": 3,
     "components": 4,
     "trainer": 5,
-    "commands": 6,  # cli.py, train.py, convert.py
+    "commands": 6,  # cli.py, train.py, convert.py, generate.py, evaluate.py
 }
-COMMANDS = {"cli", "train", "convert"}
+COMMANDS = {"cli", "train", "convert", "generate", "evaluate"}
 
 
 def _part(module: str) -> str:

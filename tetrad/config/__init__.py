@@ -7,6 +7,7 @@ from tetrad.config.loader import (
     config_to_dict,
     load_config,
     save_config,
+    saved_run_config,
     validate_config,
     validate_device,
 )
@@ -20,6 +21,7 @@ __all__ = [
     "config_to_dict",
     "load_config",
     "save_config",
+    "saved_run_config",
     "validate_config",
     "validate_device",
 ]

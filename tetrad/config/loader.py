@@ -35,6 +35,7 @@ from tetrad.config.job_config import (
     Config,
     DataConfig,
     LRSchedulerConfig,
+    ParallelismConfig,
 )
 from tetrad.errors import ConfigError
 
@@ -86,6 +87,19 @@ def config_from_args(args: argparse.Namespace) -> Config:
         section, dot, name = key.partition(".")
         if dot:
             setattr(getattr(config, section), name, value)
+    return config
+
+
+def saved_run_config(args: argparse.Namespace, run_config: Path) -> Config:
+    """The config of a command that reads a run's checkpoint: the run's saved ``run_config``
+    (unless --config names a file) under the options given, but the layout only as given
+    (--parallelism.*, else the defaults): a checkpoint loads under any layout, and the one to
+    use is the command's, not the training run's."""
+    if "config" in args or not run_config.is_file():
+        return config_from_args(args)
+    config = config_from_args(argparse.Namespace(**vars(args), config=str(run_config)))
+    given = [key.partition(".")[2] for key in vars(args) if key.startswith("parallelism.")]
+    config.parallelism = ParallelismConfig(**{f: getattr(config.parallelism, f) for f in given})
     return config
 
 

@@ -64,12 +64,16 @@ def causal_sdpa(
     document_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Causal attention over the whole sequence on this rank; with ``document_ids``, through a
-    dense block-causal mask (O(T²) memory: the path for CPU and short sequences)."""
+    dense block-causal mask (O(T²) memory: the path for CPU and short sequences). Fewer queries
+    than keys are the last of the sequence (decoding with a ``KVCache``): a lower-right-aligned
+    causal mask."""
     n_rep = q.shape[1] // k.shape[1]
-    mask = None
+    mask: torch.Tensor | CausalBias | None = None
     if document_ids is not None:
         index = torch.arange(q.shape[2], device=q.device)
         mask = document_causal_mask(document_ids, index, index)
+    elif q.shape[2] != k.shape[2]:
+        mask = causal_lower_right(q.shape[2], k.shape[2])
     return F.scaled_dot_product_attention(
         q,
         repeat_kv(k, n_rep),
