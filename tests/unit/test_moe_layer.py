@@ -14,7 +14,12 @@ DIM, HIDDEN, EXPERTS, TOP_K = 16, 24, 6, 2
 
 
 def make_moe(
-    backend: str, *, score_func: str = "softmax", shared: int = 0, route_scale: float = 1.0
+    backend: str,
+    *,
+    score_func: str = "softmax",
+    shared: int = 0,
+    route_scale: float = 1.0,
+    groups: tuple[int, int] = (1, 1),
 ) -> MoE:
     torch.manual_seed(0)
     moe = MoE(
@@ -27,6 +32,8 @@ def make_moe(
         norm_topk_prob=True,
         route_scale=route_scale,
         backend=backend,  # type: ignore[arg-type]
+        n_groups=groups[0],
+        topk_groups=groups[1],
     )
     for p in moe.parameters():
         torch.nn.init.normal_(p, std=0.3)
@@ -35,14 +42,20 @@ def make_moe(
 
 
 def per_token_reference(moe: MoE, x: torch.Tensor) -> torch.Tensor:
-    """Each token on its own: scores, top k of score + bias, weights from the scores alone,
-    renormalised and scaled, then a weighted sum of its experts' SwiGLU outputs."""
+    """Each token on its own: scores, its best groups (by the sum of their two best biased
+    scores), top k of score + bias in them, weights from the scores alone, renormalised and
+    scaled, then a weighted sum of its experts' SwiGLU outputs."""
     r, e = moe.router, moe.experts
+    size = EXPERTS // r.n_groups
     out = []
     for token in x.reshape(-1, DIM):
         logits = r.gate.weight @ token
         scores = logits.softmax(-1) if r.score_func == "softmax" else logits.sigmoid()
-        chosen = torch.topk(scores.detach() + r.expert_bias, TOP_K).indices
+        biased = (scores.detach() + r.expert_bias).tolist()
+        best = [sum(sorted(biased[g * size : (g + 1) * size])[-2:]) for g in range(r.n_groups)]
+        kept = sorted(range(r.n_groups), key=lambda g: -best[g])[: r.topk_groups]
+        allowed = [i for i in range(EXPERTS) if i // size in kept]
+        chosen = torch.tensor(sorted(allowed, key=lambda i: -biased[i])[:TOP_K])
         weights = scores[chosen] / scores[chosen].sum() * r.route_scale
         y = sum(
             w * (e.w2[i] @ (F.silu(e.w1[i] @ token) * (e.w3[i] @ token)))
@@ -65,6 +78,7 @@ def outputs_and_grads(moe: MoE, x: torch.Tensor, forward) -> list[torch.Tensor]:
 CASES = {
     "softmax": {},
     "sigmoid_shared_scaled": {"score_func": "sigmoid", "shared": 1, "route_scale": 2.5},
+    "sigmoid_groups": {"score_func": "sigmoid", "groups": (3, 1)},  # both experts in 1 group
 }
 
 
@@ -78,6 +92,9 @@ def test_moe_equals_per_token_loop(backend: str, case: str) -> None:
     assert len(got) == len(want) == 2 + len(list(moe.parameters()))
     for g, w in zip(got, want, strict=True):
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+    if case == "sigmoid_groups":
+        _, chosen, _ = moe.router(x.reshape(-1, DIM))
+        assert (chosen[:, 0] // 2 == chosen[:, 1] // 2).all()  # 3 groups of 2 experts, keep 1
 
 
 def test_grouped_mm_equals_loop_with_an_idle_expert() -> None:

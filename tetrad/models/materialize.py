@@ -101,7 +101,7 @@ def materialize_and_init(
             finally:
                 module._parameters.update(meta)  # frees the stand-ins, keeps the reference tied
     # Persistent buffers (an MoE's routing biases) are init_buffers' to fill.
-    buffers = {fqn for part in parts for fqn, _ in part.named_buffers()}
+    buffers = {fqn for fqn, _ in reference.named_buffers()}
     if missing := sorted(k for k in set(targets) - filled - buffers if not is_adapter(k)):
         raise RuntimeError(f"no initialiser reached {missing[0]} ({len(missing)} tensors)")
 

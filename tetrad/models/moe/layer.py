@@ -31,7 +31,12 @@ ExpertsBackend = Literal["auto", "grouped_mm", "loop"]
 class Router(nn.Module):
     """Top-k token choice. Scores are softmax or sigmoid of ``gate(x)`` in float32; the top k
     of scores + ``expert_bias`` are chosen; the gate weights are the chosen scores, optionally
-    renormalised to sum to one, times ``route_scale``."""
+    renormalised to sum to one, times ``route_scale``.
+
+    Group-limited routing (DeepSeek-V3's node-limited routing, with groups standing for the
+    nodes their experts live on): experts form ``n_groups`` equal groups, each token keeps the
+    ``topk_groups`` groups whose two best biased scores sum highest, and picks its k experts
+    among those, so a token's experts span at most ``topk_groups`` groups."""
 
     expert_bias: torch.Tensor
 
@@ -44,9 +49,16 @@ class Router(nn.Module):
         score_func: ScoreFunc,
         norm_topk_prob: bool,
         route_scale: float,
+        n_groups: int = 1,
+        topk_groups: int = 1,
     ) -> None:
         super().__init__()
+        if num_experts % n_groups or not 0 < topk_groups <= n_groups:
+            raise ValueError(
+                f"{num_experts} experts do not split into {n_groups} groups, keep {topk_groups}"
+            )
         self.gate = nn.Linear(dim, num_experts, bias=False)
+        self.n_groups, self.topk_groups = n_groups, topk_groups
         self.top_k, self.score_func = top_k, score_func
         self.norm_topk_prob, self.route_scale = norm_topk_prob, route_scale
         # Persistent: a resumed run continues with the bias it had (init_buffers zeroes it).
@@ -57,11 +69,23 @@ class Router(nn.Module):
         logits = self.gate(x).float()
         scores = logits.softmax(-1) if self.score_func == "softmax" else logits.sigmoid()
         # The bias steers the choice only: it is in no gradient and no gate weight.
-        chosen = torch.topk(scores.detach() + self.expert_bias, self.top_k, dim=-1).indices
+        chosen = torch.topk(
+            self._limit_groups(scores.detach() + self.expert_bias), self.top_k
+        ).indices
         weights = scores.gather(-1, chosen)
         if self.norm_topk_prob:
             weights = weights / weights.sum(-1, keepdim=True)
         return scores, chosen, (weights * self.route_scale).type_as(x)
+
+    def _limit_groups(self, biased: torch.Tensor) -> torch.Tensor:
+        """biased scores [N, E] with the experts of each token's unkept groups at -inf."""
+        if self.n_groups == 1:
+            return biased
+        grouped = biased.view(biased.shape[0], self.n_groups, -1)  # [N, G, E / G]
+        group_scores = grouped.topk(min(2, grouped.shape[-1]), dim=-1).values.sum(-1)  # [N, G]
+        kept = group_scores.topk(self.topk_groups, dim=-1).indices
+        dropped = torch.ones_like(group_scores, dtype=torch.bool).scatter_(-1, kept, False)
+        return grouped.masked_fill(dropped.unsqueeze(-1), float("-inf")).flatten(1)
 
     @torch.no_grad()
     def update_bias(self, load: torch.Tensor, rate: float) -> None:
@@ -146,6 +170,8 @@ class MoE(nn.Module):
         norm_topk_prob: bool,
         route_scale: float,
         backend: ExpertsBackend,
+        n_groups: int = 1,
+        topk_groups: int = 1,
     ) -> None:
         super().__init__()
         if not 0 < top_k <= num_experts:
@@ -157,6 +183,8 @@ class MoE(nn.Module):
             score_func=score_func,
             norm_topk_prob=norm_topk_prob,
             route_scale=route_scale,
+            n_groups=n_groups,
+            topk_groups=topk_groups,
         )
         self.experts = GroupedExperts(dim, hidden_dim, num_experts, backend)
         # DeepSeekMoE's shared experts: one SwiGLU as wide as all of them, seen by every token.

@@ -69,6 +69,12 @@ class MoEConfig:
     route_scale: float = 1.0
     """Multiplies the gate weights (DeepSeek-V3 671B: 2.5)."""
 
+    n_expert_groups: int = 1
+    """Group-limited routing: the experts form this many groups (DeepSeek-V3: 8); 1 = off."""
+
+    topk_groups: int = 1
+    """Groups a token's experts may come from, with n_expert_groups > 1 (DeepSeek-V3: 4)."""
+
     aux_loss_coef: float = 0.0
     """Coefficient of the sequence-wise load-balancing loss (mean over MoE layers) added to the
     training loss; 0 = none."""
@@ -141,6 +147,8 @@ class MoETransformer(Transformer):
                 norm_topk_prob=c.norm_topk_prob,
                 route_scale=c.route_scale,
                 backend=c.experts_backend,
+                n_groups=c.n_expert_groups,
+                topk_groups=c.topk_groups,
             )
         return TransformerBlock(c, qk_norm=c.qk_norm, feed_forward=moe)
 

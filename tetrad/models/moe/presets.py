@@ -10,8 +10,8 @@ used in Megatron-style launch scripts for them. Their model cards state 30.5B to
 activated and 235B / 22B; ``tests/unit/test_moe_model.py`` checks the counts against those.
 
 The DeepSeek-V3-style presets keep its MoE design (dense first layers, one shared expert,
-sigmoid router with normalised top-k weights, the auxiliary-loss-free bias at rate 0.001 and
-a small sequence-wise loss, α = 0.0001) with standard grouped-query attention: multi-head
+sigmoid router with normalised top-k weights, group-limited routing, the auxiliary-loss-free
+bias at rate 0.001 and a small sequence-wise loss, α = 0.0001) with standard grouped-query attention: multi-head
 latent attention is not implemented, so the published 16B/671B shapes are not offered.
 """
 
@@ -60,11 +60,11 @@ deepseek_moe_presets: dict[str, MoEConfig] = {
     "tiny": _deepseek_v3_style(
         dim=64, n_layers=3, n_dense_layers=1, n_heads=4, n_kv_heads=2, head_dim=16,
         vocab_size=0, hidden_dim=128, num_experts=8, top_k=2, moe_hidden_dim=32,
-        max_seq_len=512,
+        max_seq_len=512, n_expert_groups=4, topk_groups=2,
     ),
     "debug": _deepseek_v3_style(
         dim=256, n_layers=6, n_dense_layers=1, n_heads=8, n_kv_heads=4, head_dim=32,
         vocab_size=0, hidden_dim=768, num_experts=16, top_k=4, moe_hidden_dim=128,
-        max_seq_len=2048,
+        max_seq_len=2048, n_expert_groups=4, topk_groups=2,
     ),
 }  # fmt: skip
