@@ -525,6 +525,7 @@ class Trainer:
             if self.replicas is not None:
                 self.replicas.average_gradients()
                 if not self.replicas.commit():
+                    self.expert_balance.discard()
                     return StepResult(
                         float(loss), math.nan, finite=False, stop=False, committed=False
                     )

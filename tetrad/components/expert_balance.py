@@ -44,13 +44,17 @@ class ExpertBalance:
         self._aux_sum = detached if self._aux_sum is None else self._aux_sum + detached
         return aux * scale
 
+    def discard(self) -> None:
+        """Forget the step's records: a step that is redone (torchft did not commit it)."""
+        self._loads, self._aux_sum, self._sequences = None, None, 0
+
     def end_step(self, *, update: bool) -> dict[str, float]:
         """Sum the step's loads and loss over the ranks; with ``update`` (the optimizer stepped)
         hand the loads to each model part. Returns the step's figures for metrics.jsonl:
         ``aux_loss`` (the term added to the loss, per sequence) and tokens per expert over
         all MoE layers ``expert_load_min``/``_max``/``_mean``; empty for a dense model."""
         loads, aux, sequences = self._loads, self._aux_sum, self._sequences
-        self._loads, self._aux_sum, self._sequences = None, None, 0
+        self.discard()
         if loads is None:
             return {}
         loads = reduce_sum(loads, self.mesh)
