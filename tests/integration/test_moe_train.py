@@ -1,6 +1,7 @@
 """`tetrad train --model.name qwen3_moe` on one process: the loss falls, metrics.jsonl holds the
-expert loads and the balance loss, the console line stays one line, and the routing biases
-(a buffer, moved after each step) resume from a DCP checkpoint exactly."""
+expert loads and the balance loss, the console line stays one line, the routing biases (a
+buffer, moved after each step) resume from a DCP checkpoint exactly, and gradient accumulation
+changes neither the balance loss nor its gradients."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ import torch
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
 from tests.conftest import TINY_RUN, read_metrics, run_train
+from tetrad.config import load_config
+from tetrad.trainer import Trainer
 
 STEPS, HALF = 8, 4
 ARGS = [
@@ -78,3 +81,32 @@ def test_routing_biases_resume_exactly(runs: tuple[Path, Path, str], tmp_path: P
     for key, bias in final.items():
         assert torch.equal(bias, again[key]), key
         assert not torch.equal(bias, halfway[key]), key  # it kept moving after the resume
+
+
+def test_gradient_accumulation_keeps_the_balance_loss(tmp_path: Path) -> None:
+    """2 micro-batches of one sequence each give the loss, gradients (the balance loss's
+    included), loads and balance loss of the 2-sequence batch: the loss is a mean per
+    sequence whatever the micro-batching."""
+    args = [*TINY_RUN, "--model.name=qwen3_moe", f"--job.dump_folder={tmp_path}"]
+    trainer = Trainer(load_config([*args, "--training.max_norm=0"]))
+    try:
+        (model,) = trainer.model_parts
+        batch = next(iter(trainer.dataloader))  # [2, T]
+        results = []
+        for micro_batches in ([batch], [batch.map(lambda x: x[:1]), batch.map(lambda x: x[1:])]):
+            model.zero_grad(set_to_none=True)
+            loss = trainer.forward_backward(micro_batches)
+            grads = {n: p.grad.clone() for n, p in model.named_parameters()}  # type: ignore[union-attr]
+            results.append((loss, grads, trainer.expert_balance.end_step(update=False)))
+        (full_loss, full_grads, full_figures), (loss, grads, figures) = results
+        torch.testing.assert_close(loss, full_loss, rtol=1e-5, atol=0)
+        for name, grad in full_grads.items():
+            torch.testing.assert_close(grads[name], grad, rtol=1e-5, atol=1e-7, msg=name)
+        assert figures.keys() == full_figures.keys() == {
+            "expert_load_min", "expert_load_max", "expert_load_mean", "aux_loss"
+        }  # fmt: skip
+        for key, value in full_figures.items():
+            assert abs(figures[key] - value) <= 1e-6 * abs(value), key
+        assert full_grads["layers.0.feed_forward.router.gate.weight"].abs().sum() > 0
+    finally:
+        trainer.close()
