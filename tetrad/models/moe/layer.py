@@ -97,7 +97,9 @@ class Router(nn.Module):
 class GroupedExperts(nn.Module):
     """``num_experts`` SwiGLU MLPs, weights stacked [E, out, in]: w1 gate, w3 up, w2 down."""
 
-    def __init__(self, dim: int, hidden_dim: int, num_experts: int, backend: ExpertsBackend):
+    def __init__(
+        self, dim: int, hidden_dim: int, num_experts: int, backend: ExpertsBackend
+    ) -> None:
         super().__init__()
         self.w1 = nn.Parameter(torch.empty(num_experts, hidden_dim, dim))
         self.w2 = nn.Parameter(torch.empty(num_experts, dim, hidden_dim))
