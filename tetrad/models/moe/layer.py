@@ -113,9 +113,11 @@ class GroupedExperts(nn.Module):
             h = F.silu(_grouped_mm(x, self.w1, offsets)) * _grouped_mm(x, self.w3, offsets)
             return _grouped_mm(h, self.w2, offsets)
         outputs = []
-        for e, rows in enumerate(x.split(counts.tolist())):  # one host sync for the counts
-            h = F.silu(rows @ self.w1[e].T) * (rows @ self.w3[e].T)
-            outputs.append(h @ self.w2[e].T)
+        # unbind, not w[e]: its backward stacks the E gradients once, where E selects would
+        # each add a zero-filled [E, out, in] gradient (measured: ~40% of a layer's CPU time).
+        weights = zip(self.w1.unbind(0), self.w2.unbind(0), self.w3.unbind(0), strict=True)
+        for rows, (w1, w2, w3) in zip(x.split(counts.tolist()), weights, strict=True):
+            outputs.append((F.silu(rows @ w1.T) * (rows @ w3.T)) @ w2.T)  # host sync: counts
         return torch.cat(outputs)
 
     def _use_grouped_mm(self, x: torch.Tensor) -> bool:
