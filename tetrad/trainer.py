@@ -12,7 +12,7 @@ import gc
 import logging
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +25,7 @@ from torch.distributed.tensor.parallel import loss_parallel
 from tetrad.components.checkpoint import CheckpointManager
 from tetrad.components.checkpoint_folder import resume_source, will_load_model
 from tetrad.components.checkpoint_states import TrainState, merged_view
+from tetrad.components.expert_balance import ExpertBalance
 from tetrad.components.hf_checkpoint import load_hf_weights
 from tetrad.components.loss import cross_entropy_sum
 from tetrad.components.lr_scheduler import build_lr_scheduler
@@ -97,6 +98,8 @@ class StepResult:
     finite: bool
     stop: bool
     committed: bool = True
+    routing: dict[str, float] = field(default_factory=dict)
+    """A mixture of experts' balance figures (``ExpertBalance.end_step``); empty if dense."""
 
 
 class Trainer:
@@ -144,6 +147,7 @@ class Trainer:
             else None
         )
         self.model_parts = self.build_model()
+        self.expert_balance = ExpertBalance(self.model_parts, self.parallel_dims.meshes["dp_cp"])
         self.optimizer = build_optimizer(self.model_parts, config.optimizer, self.device)
         schedule_steps = config.lr_scheduler.total_steps or config.training.steps
         self.lr_scheduler = build_lr_scheduler(self.optimizer, config.lr_scheduler, schedule_steps)
@@ -430,13 +434,17 @@ class Trainer:
             loss_sum = reduce_sum(loss_sum / scale, self.parallel_dims.meshes["pp"])
             return reduce_sum(loss_sum, loss_mesh) / global_tokens * poison
         (model,) = self.model_parts
+        # An MoE's balance loss is a sum over sequences: averaged over the global batch's.
+        sequences = sum(inputs.shape[0] for inputs, _, _ in prepared)
+        aux_scale = self.parallel_dims.loss_parallel_degree / (sequences * self.parallel_dims.dp)
         for i, (inputs, labels, kwargs) in enumerate(prepared):
             self._set_gradient_sync(last=i == len(prepared) - 1)
             with self._train_context():
                 with self._autocast():
                     logits = model(inputs, **kwargs)
                 loss = cross_entropy_sum(logits, labels)
-                (loss * scale).backward()
+                aux = self.expert_balance.after_forward(model, inputs.shape[0], aux_scale)
+                (loss * scale + aux).backward()
             loss_sum += loss.full_tensor() if isinstance(loss, DTensor) else loss.detach()
         return reduce_sum(loss_sum, loss_mesh) / global_tokens * poison
 
@@ -517,6 +525,7 @@ class Trainer:
             if self.replicas is not None:
                 self.replicas.average_gradients()
                 if not self.replicas.commit():
+                    self.expert_balance.discard()
                     return StepResult(
                         float(loss), math.nan, finite=False, stop=False, committed=False
                     )
@@ -536,7 +545,10 @@ class Trainer:
             with self.phases.phase("optimizer", step):
                 self.optimizer.step()
                 self.lr_scheduler.step()
-        return StepResult(loss_value, norm_value, finite=finite, stop=stop_value > 0)
+        routing = self.expert_balance.end_step(update=finite)  # an MoE's bias update, figures
+        return StepResult(
+            loss_value, norm_value, finite=finite, stop=stop_value > 0, routing=routing
+        )
 
     def train(self) -> None:
         t = self.config.training
@@ -587,6 +599,7 @@ class Trainer:
                         lr=lr,
                         skipped_steps=state.skipped_steps,
                         data_wait_s=self.phases.take("data_wait"),
+                        routing=result.routing,
                     )
                     self._log_data_counts()
                 self._check_finite(result)

@@ -279,7 +279,8 @@ def test_positions() -> None:
 
 def test_unknown_names_suggest_a_match() -> None:
     with pytest.raises(
-        ValueError, match=r"'lama3'; did you mean 'llama3'\? available: llama3, hf$"
+        ValueError,
+        match=r"'lama3'; did you mean 'llama3'\? available: llama3, qwen3_moe, deepseek_moe, hf$",
     ):
         get_model_spec("lama3")
     spec = get_model_spec("llama3")

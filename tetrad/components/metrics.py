@@ -10,6 +10,7 @@ import math
 import os
 import resource
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -136,6 +137,16 @@ def memory_gib(device: torch.device) -> float:
     return host_memory_gib()
 
 
+def _routing_text(routing: Mapping[str, float]) -> str:
+    """The console's summary of an MoE step: tokens per expert min/mean/max, the aux loss."""
+    if not routing:
+        return ""
+    text = "  experts {expert_load_min:.0f}/{expert_load_mean:.0f}/{expert_load_max:.0f}"
+    if "aux_loss" in routing:
+        text += "  aux {aux_loss:.2e}"
+    return text.format(**routing)
+
+
 def _step_of(line: str) -> float:
     """The step of a metrics.jsonl record; infinite for a line a killed run left unfinished."""
     try:
@@ -216,8 +227,12 @@ class MetricsLogger:
         lr: float,
         skipped_steps: int,
         data_wait_s: float,
+        routing: Mapping[str, float] | None = None,
     ) -> dict[str, Any]:
-        """``data_wait_s``: the seconds spent waiting for batches since the last record."""
+        """``data_wait_s``: the seconds spent waiting for batches since the last record.
+        ``routing``: a mixture of experts' figures of this step (``ExpertBalance.end_step``),
+        written as they are and summarised at the end of the console line."""
+        routing = routing or {}
         now = time.perf_counter()
         elapsed = max(now - self._last_time, 1e-9)
         tokens_per_sec = self._tokens / elapsed
@@ -233,15 +248,16 @@ class MetricsLogger:
             "mfu": 100.0 * tflops / self.peak_tflops,
             "memory_gib": memory_gib(self.device),
             "data_wait_share": data_wait_s / elapsed,
+            **routing,
         }
         self._tokens, self._last_time = 0, now
         if self.write:
             logger.info(
                 "step %5d  loss %7.4f  grad_norm %7.4f  lr %.2e  tok/s %8.0f  "
-                "TFLOP/s %6.3f  MFU %5.2f%%  mem %5.2f GiB  data %2.0f%%%s",
+                "TFLOP/s %6.3f  MFU %5.2f%%  mem %5.2f GiB  data %2.0f%%%s%s",
                 step, loss, grad_norm, lr, tokens_per_sec, tflops, record["mfu"],
                 record["memory_gib"], 100 * record["data_wait_share"],
-                f"  skipped {skipped_steps}" if skipped_steps else "",
+                f"  skipped {skipped_steps}" if skipped_steps else "", _routing_text(routing),
             )  # fmt: skip
             if record["mfu"] > 100 and not self._mfu_warned:
                 self._mfu_warned = True

@@ -36,10 +36,12 @@ class JobConfig:
 @dataclass(kw_only=True)
 class ModelConfig:
     name: str = "llama3"
-    """Model family from the registry: llama3, or hf (a Hugging Face model, see hf_path)."""
+    """Model family from the registry: llama3, qwen3_moe, deepseek_moe (mixtures of experts), or
+    hf (a Hugging Face model, see hf_path)."""
 
     flavor: str = "debug"
-    """Preset of the family (llama3: tiny, tiny_pp, debug, 1B, 3B, 8B, 70B, 405B; unused by hf,
+    """Preset of the family (llama3: tiny, tiny_pp, debug, 1B, 3B, 8B, 70B, 405B; qwen3_moe: tiny,
+    debug, 30B-A3B, 235B-A22B; deepseek_moe: tiny, debug; unused by hf,
     whose config.json defines the model)."""
 
     hf_path: str | None = None

@@ -100,7 +100,9 @@ def materialize_and_init(
                         filled.add(target_fqn)
             finally:
                 module._parameters.update(meta)  # frees the stand-ins, keeps the reference tied
-    if missing := sorted(k for k in set(targets) - filled if not is_adapter(k)):
+    # Persistent buffers (an MoE's routing biases) are init_buffers' to fill.
+    buffers = {fqn for fqn, _ in reference.named_buffers()}
+    if missing := sorted(k for k in set(targets) - filled - buffers if not is_adapter(k)):
         raise RuntimeError(f"no initialiser reached {missing[0]} ({len(missing)} tensors)")
 
 

@@ -7,9 +7,12 @@ from typing import Any
 from tetrad.errors import ConfigError
 from tetrad.models.hf import hf_spec
 from tetrad.models.llama3 import llama3_spec
+from tetrad.models.moe import deepseek_moe_spec, qwen3_moe_spec
 from tetrad.models.spec import ModelSpec, did_you_mean
 
-_SPECS: dict[str, ModelSpec[Any]] = {spec.name: spec for spec in (llama3_spec, hf_spec)}
+_SPECS: dict[str, ModelSpec[Any]] = {
+    spec.name: spec for spec in (llama3_spec, qwen3_moe_spec, deepseek_moe_spec, hf_spec)
+}
 
 
 def get_model_spec(name: str) -> ModelSpec[Any]:

@@ -115,6 +115,23 @@ class DecoderModel(nn.Module, ABC):
     def set_attention(self, attention: AttentionFn) -> None:
         """Make every attention layer call ``attention`` (``tetrad.models.attention``)."""
 
+    # Mixture-of-experts models override these three; a dense model has no routing to balance.
+    def auxiliary_loss(self) -> torch.Tensor | None:
+        """The load-balancing loss of the last forward (with its coefficient), summed over the
+        batch's sequences: the trainer divides by the global batch's sequence count and adds it
+        to the loss before backward. None = no auxiliary loss."""
+        return None
+
+    def expert_loads(self) -> torch.Tensor | None:
+        """Tokens the last forward routed to each expert, [MoE layers, experts] float32,
+        detached; None for a model without routed experts."""
+        return None
+
+    def update_after_step(self, loads: torch.Tensor) -> None:
+        """Called after each optimizer step with the step's ``expert_loads`` summed over its
+        micro-batches and data-parallel ranks (auxiliary-loss-free balancing moves its
+        routing biases here); no-op by default."""
+
 
 ParallelizeFn = Callable[[DecoderModel, "ParallelDims", Config], None]
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -106,7 +107,46 @@ class Llama3Config:
         return self.multiple_of * math.ceil(hidden / self.multiple_of)
 
 
-def rope_inv_freq(config: Llama3Config, device: torch.device | None = None) -> torch.Tensor:
+class RotaryAttentionConfig(Protocol):
+    """What rotary attention reads of a config: Llama 3's, or another family's that reuses this
+    attention (Qwen3-MoE: an explicit head_dim and per-head q/k norms)."""
+
+    @property
+    def dim(self) -> int: ...
+    @property
+    def n_heads(self) -> int: ...
+    @property
+    def kv_heads(self) -> int: ...
+    @property
+    def head_dim(self) -> int: ...
+    @property
+    def norm_eps(self) -> float: ...
+    @property
+    def rope_theta(self) -> float: ...
+    @property
+    def rope_scaling(self) -> RopeScaling | None: ...
+    @property
+    def max_seq_len(self) -> int: ...
+
+
+class DecoderConfig(RotaryAttentionConfig, Protocol):
+    """What ``Transformer`` reads of a config (Llama 3's, or a family that reuses it)."""
+
+    @property
+    def n_layers(self) -> int: ...
+    @property
+    def vocab_size(self) -> int: ...
+    @property
+    def hidden_dim(self) -> int: ...
+    @property
+    def tie_embeddings(self) -> bool: ...
+    @property
+    def depth_init(self) -> bool: ...
+
+
+def rope_inv_freq(
+    config: RotaryAttentionConfig, device: torch.device | None = None
+) -> torch.Tensor:
     """Rotary inverse frequencies theta^(-2i/head_dim), float64 [head_dim // 2].
 
     With Llama 3.1 scaling, frequencies that complete more than high_freq_factor periods within
@@ -124,7 +164,7 @@ def rope_inv_freq(config: Llama3Config, device: torch.device | None = None) -> t
 
 
 def rope_tables(
-    config: Llama3Config, device: torch.device | None = None
+    config: RotaryAttentionConfig, device: torch.device | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin of position·inv_freq, float32 [max_seq_len, head_dim // 2].
 
@@ -148,14 +188,19 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return out.flatten(-2).type_as(x)
 
 
-def _trunc_normal_(weight: torch.Tensor, std: float) -> None:
+def trunc_normal_(weight: torch.Tensor, std: float) -> None:
+    """A normal of std ``std`` truncated at ±3 std: no outlier weights at initialisation."""
     nn.init.trunc_normal_(weight, mean=0.0, std=std, a=-3 * std, b=3 * std)
 
 
 class Attention(nn.Module):
-    """Causal grouped-query attention (Ainslie et al. 2023) with rotary position embeddings."""
+    """Causal grouped-query attention (Ainslie et al. 2023) with rotary position embeddings;
+    with ``qk_norm``, an RMSNorm over each query and key head before the rotation (Qwen3)."""
 
-    def __init__(self, config: Llama3Config) -> None:
+    q_norm: nn.RMSNorm | None
+    k_norm: nn.RMSNorm | None
+
+    def __init__(self, config: RotaryAttentionConfig, *, qk_norm: bool = False) -> None:
         super().__init__()
         self.head_dim = config.head_dim
         q_dim, kv_dim = config.n_heads * config.head_dim, config.kv_heads * config.head_dim
@@ -163,6 +208,8 @@ class Attention(nn.Module):
         self.wk = nn.Linear(config.dim, kv_dim, bias=False)
         self.wv = nn.Linear(config.dim, kv_dim, bias=False)
         self.wo = nn.Linear(q_dim, config.dim, bias=False)
+        self.q_norm = nn.RMSNorm(config.head_dim, eps=config.norm_eps) if qk_norm else None
+        self.k_norm = nn.RMSNorm(config.head_dim, eps=config.norm_eps) if qk_norm else None
         self.attend: AttentionFn = causal_sdpa  # the run's choice: DecoderModel.set_attention
 
     def forward(
@@ -178,6 +225,8 @@ class Attention(nn.Module):
         q = self.wq(x).view(bsz, seq_len, -1, self.head_dim)  # [B, T, Hq, head_dim]
         k = self.wk(x).view(bsz, seq_len, -1, self.head_dim)  # [B, T, Hkv, head_dim]
         v = self.wv(x).view(bsz, seq_len, -1, self.head_dim)  # [B, T, Hkv, head_dim]
+        if self.q_norm is not None and self.k_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         out = self.attend(
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), document_ids=document_ids
@@ -199,12 +248,20 @@ class FeedForward(nn.Module):
 
 
 class TransformerBlock(nn.Module):
-    """Pre-norm residual block: h = x + attention(norm(x)); out = h + feed_forward(norm(h))."""
+    """Pre-norm residual block: h = x + attention(norm(x)); out = h + feed_forward(norm(h)).
+    ``feed_forward`` defaults to a SwiGLU MLP of the config's width; another family may pass its
+    own (a mixture of experts) and per-head q/k norms."""
 
-    def __init__(self, config: Llama3Config) -> None:
+    def __init__(
+        self,
+        config: DecoderConfig,
+        *,
+        qk_norm: bool = False,
+        feed_forward: nn.Module | None = None,
+    ) -> None:
         super().__init__()
-        self.attention = Attention(config)
-        self.feed_forward = FeedForward(config.dim, config.hidden_dim)
+        self.attention = Attention(config, qk_norm=qk_norm)
+        self.feed_forward = feed_forward or FeedForward(config.dim, config.hidden_dim)
         self.attention_norm = nn.RMSNorm(config.dim, eps=config.norm_eps)
         self.ffn_norm = nn.RMSNorm(config.dim, eps=config.norm_eps)
 
@@ -232,15 +289,13 @@ class Transformer(DecoderModel):
     rope_cos: torch.Tensor
     rope_sin: torch.Tensor
 
-    def __init__(self, config: Llama3Config) -> None:
+    def __init__(self, config: DecoderConfig) -> None:
         super().__init__()
         if config.vocab_size <= 0:
             raise ValueError("vocab_size is 0: resolve it from the tokenizer (config_for)")
         self.config = config
         self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim)
-        self.layers = nn.ModuleDict(
-            {str(i): TransformerBlock(config) for i in range(config.n_layers)}
-        )
+        self.layers = nn.ModuleDict({str(i): self.build_block(i) for i in range(config.n_layers)})
         self.norm = nn.RMSNorm(config.dim, eps=config.norm_eps)
         self.output = nn.Linear(config.dim, config.vocab_size, bias=False)
         if config.tie_embeddings:
@@ -249,6 +304,10 @@ class Transformer(DecoderModel):
         cos, sin = rope_tables(config)
         self.register_buffer("rope_cos", cos, persistent=False)  # [max_seq_len, head_dim // 2]
         self.register_buffer("rope_sin", sin, persistent=False)  # [max_seq_len, head_dim // 2]
+
+    def build_block(self, layer_id: int) -> nn.Module:
+        """Block ``layer_id``: Llama's are all alike; a family that varies them overrides this."""
+        return TransformerBlock(self.config)
 
     def _out_proj_std(self, layer_id: int) -> float:
         # Each block adds two residual branches; shrinking their output projections with depth
@@ -284,11 +343,11 @@ class Transformer(DecoderModel):
             return
         weight = module.get_parameter("weight")
         if fqn == "output":
-            _trunc_normal_(weight, self.config.dim**-0.5)
+            trunc_normal_(weight, self.config.dim**-0.5)
         elif fqn.endswith((".attention.wo", ".feed_forward.w2")):
-            _trunc_normal_(weight, self._out_proj_std(int(fqn.split(".")[1])))
+            trunc_normal_(weight, self._out_proj_std(int(fqn.split(".")[1])))
         else:  # the token embedding and the other projections
-            _trunc_normal_(weight, _INIT_STD)
+            trunc_normal_(weight, _INIT_STD)
 
     def forward(
         self,
