@@ -17,9 +17,9 @@ from pathlib import Path
 from types import FrameType
 from typing import Literal
 
-from tetrad.config import config_from_args, validate_config
+from tetrad.config import Config, config_from_args, validate_config
 from tetrad.config.args import CONFIG_USAGE, ArgumentParser, add_config_arguments, converter
-from tetrad.errors import EXIT_CODES, INTERRUPTED, LAUNCHED_BY_TETRAD, reported
+from tetrad.errors import EXIT_CODES, INTERRUPTED, LAUNCHED_BY_TETRAD, ConfigError, reported
 
 
 def _positive(raw: str) -> int:
@@ -56,6 +56,9 @@ def _train(args: argparse.Namespace, argv: Sequence[str]) -> None:
     with reported():
         config = config_from_args(args)
         validate_config(config)
+    if args.dry_run or args.world_size is not None or args.dry_run_ranks is not None:
+        _dry_run(config, args)
+        return
     if args.nproc == 1 and args.max_restarts == 0:
         train(config)
         return
@@ -67,6 +70,23 @@ def _train(args: argparse.Namespace, argv: Sequence[str]) -> None:
             stop_signals=config.job.stop_signals,
             max_restarts=args.max_restarts,
         )
+
+
+def _dry_run(config: Config, args: argparse.Namespace) -> None:
+    from tetrad.plan.dry_run import dry_run, format_summaries
+
+    with reported():
+        if not args.dry_run:
+            raise ConfigError("--world-size and --dry-run-ranks go with --dry-run")
+        world_size = args.world_size or args.nproc
+        summaries = dry_run(config, world_size, args.dry_run_ranks)
+    print(format_summaries(config, world_size, summaries))
+
+
+def _ranks(raw: str) -> list[int]:
+    if not all(r.isdigit() for r in raw.split(",")):
+        raise argparse.ArgumentTypeError(f"needs comma-separated ranks, got {raw!r}")
+    return [int(r) for r in raw.split(",")]
 
 
 def _launch(
@@ -155,7 +175,7 @@ def build_parser() -> ArgumentParser:
     train = commands.add_parser(
         "train",
         help="train a model",
-        usage=f"%(prog)s [--nproc N] [--max-restarts R] {CONFIG_USAGE}",
+        usage=f"%(prog)s [--nproc N] [--max-restarts R] [--dry-run --world-size N] {CONFIG_USAGE}",
     )
     train.add_argument(
         "--nproc",
@@ -172,6 +192,28 @@ def build_parser() -> ArgumentParser:
         help="restart every rank up to R times when one fails (torchrun's elastic restart); "
         "with --checkpoint.enable each attempt resumes from the newest complete checkpoint "
         "(default: 0)",
+    )
+    train.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="build the mesh, the model on meta, the pipeline split and the parallelized model "
+        "of chosen ranks of a --world-size run in this one CPU process (a fake process group), "
+        "print what each rank holds; allocates, reads and writes nothing",
+    )
+    train.add_argument(
+        "--world-size",
+        type=_positive,
+        default=None,
+        metavar="N",
+        help="with --dry-run: the ranks of the run to rehearse (default: --nproc)",
+    )
+    train.add_argument(
+        "--dry-run-ranks",
+        type=_ranks,
+        default=None,
+        metavar="R,R",
+        help="with --dry-run: the ranks to build (default: 0, the first of each pipeline "
+        "stage, the last)",
     )
     add_config_arguments(train)
     train.set_defaults(run=_train)

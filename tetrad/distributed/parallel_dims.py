@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
-from tetrad.config.job_config import ParallelismConfig
+from tetrad.config.job_config import ParallelismConfig, TrainingConfig
 from tetrad.errors import ConfigError
 
 MESH_DIM_NAMES = ("pp", "dp_replicate", "dp_shard", "cp", "tp")
@@ -84,6 +84,17 @@ class ParallelDims:
     def loss_parallel_degree(self) -> int:
         """Ranks whose tokens make up one loss average (data and context parallel)."""
         return self.dp * self.cp
+
+    def grad_accumulation_steps(self, t: TrainingConfig) -> int:
+        """Micro-batches per step: the global batch over local_batch_size × dp."""
+        per_step = t.local_batch_size * self.dp
+        global_batch = per_step if t.global_batch_size == -1 else t.global_batch_size
+        if global_batch % per_step:
+            raise ConfigError(
+                f"--training.global_batch_size {global_batch} is not a multiple of "
+                f"local_batch_size {t.local_batch_size} × dp degree {self.dp} = {per_step}"
+            )
+        return global_batch // per_step
 
     @functools.cached_property
     def meshes(self) -> dict[str, DeviceMesh]:
