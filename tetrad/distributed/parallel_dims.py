@@ -28,6 +28,10 @@ class ParallelDims:
     tp: int
     pp: int
     world_size: int
+    target_device_type: str | None = None
+    """The device type the run is for when it is not this process's: the memory estimate
+    rehearses a GPU run's mixed precision on CPU, under fake tensors that compute nothing.
+    None: the mesh's."""
 
     def __post_init__(self) -> None:
         others = self.dp_replicate * self.cp * self.tp * self.pp

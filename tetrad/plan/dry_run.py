@@ -121,6 +121,11 @@ def summarize_rank(config: Config, world_size: int, rank: int, *, vocab_size: in
         )
 
 
+def tokenizer_vocab_size(config: Config) -> int:
+    """The vocabulary the model's embedding takes when its preset leaves it to the tokenizer."""
+    return build_tokenizer(get_model_spec(config.model.name).tokenizer_for(config)).vocab_size
+
+
 def ranks_to_check(config: Config, world_size: int) -> list[int]:
     """Rank 0, the first rank of each pipeline stage group, and the last rank."""
     pp = config.parallelism.pp
@@ -137,7 +142,7 @@ def dry_run(
     ranks = list(ranks) if ranks is not None else ranks_to_check(config, world_size)
     if bad := [r for r in ranks if not 0 <= r < world_size]:
         raise ConfigError(f"--dry-run-ranks {bad[0]} is not a rank of world size {world_size}")
-    vocab_size = build_tokenizer(get_model_spec(config.model.name).tokenizer_for(config)).vocab_size
+    vocab_size = tokenizer_vocab_size(config)
     return [summarize_rank(config, world_size, r, vocab_size=vocab_size) for r in ranks]
 
 
