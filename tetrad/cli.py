@@ -83,6 +83,27 @@ def _dry_run(config: Config, args: argparse.Namespace) -> None:
     print(format_summaries(config, world_size, summaries))
 
 
+def _estimate(args: argparse.Namespace, argv: Sequence[str]) -> None:
+    from tetrad.plan.estimate import estimate, format_estimate
+
+    with reported():
+        config = config_from_args(args)
+        if not 0 <= args.rank < args.world_size:
+            raise ConfigError(f"--rank {args.rank} is not a rank of world size {args.world_size}")
+        memory = estimate(config, args.world_size, args.rank)
+    print(format_estimate(config, args.world_size, args.rank, memory, args.gpu_memory_gib))
+
+
+def _positive_float(raw: str) -> float:
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"needs a positive number, got {raw!r}")
+    return value
+
+
 def _ranks(raw: str) -> list[int]:
     if not all(r.isdigit() for r in raw.split(",")):
         raise argparse.ArgumentTypeError(f"needs comma-separated ranks, got {raw!r}")
@@ -217,6 +238,31 @@ def build_parser() -> ArgumentParser:
     )
     add_config_arguments(train)
     train.set_defaults(run=_train)
+    estimate = commands.add_parser(
+        "estimate",
+        help="a rank's peak memory in training, by component, without the GPUs",
+        usage=f"%(prog)s --world-size N [--gpu-memory-gib G] [--rank R] {CONFIG_USAGE}",
+        description="Builds the rank's model as `tetrad train` would for a GPU run of N ranks "
+        "(a fake process group\nin this CPU process), and runs two training steps on fake "
+        "tensors under torch's memory\ntracker: parameters, gradients, optimizer states, "
+        "activations (under each activation\ncheckpointing mode), backward temporaries and "
+        "FSDP's communication buffers at the peak.",
+    )
+    estimate.add_argument(
+        "--world-size", type=_positive, required=True, metavar="N", help="ranks of the run"
+    )
+    estimate.add_argument(
+        "--gpu-memory-gib",
+        type=_positive_float,
+        default=None,
+        metavar="G",
+        help="say whether the peak fits in G GiB per GPU",
+    )
+    estimate.add_argument(
+        "--rank", type=_non_negative, default=0, metavar="R", help="the rank (default: 0)"
+    )
+    add_config_arguments(estimate)
+    estimate.set_defaults(run=_estimate)
     convert = commands.add_parser(
         "convert",
         help="a model's weights between a DCP checkpoint and a Hugging Face folder",

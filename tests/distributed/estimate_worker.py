@@ -1,6 +1,6 @@
 """Worker (plain, or under torchrun): the real counterpart of ``tetrad estimate``. Builds the
-rank's model as training does (``build_rank``), materialises it, runs the estimator's two
-training steps (``train_steps``) on real tensors, and writes OUT/rank<R>.json with the peak
+rank's model as training does (``build_rank``), materialises it, runs two of the
+estimator's training steps (``train_step``) on real tensors, and writes OUT/rank<R>.json with the peak
 resident set size those steps added, from the kernel's own accounting (VmHWM).
 
     [torchrun --nproc-per-node 2] tests/distributed/estimate_worker.py OUT ARGS...
@@ -19,7 +19,7 @@ from tetrad.components.optimizer import build_optimizer
 from tetrad.config import load_config
 from tetrad.distributed.init import init_distributed
 from tetrad.plan.dry_run import build_rank, tokenizer_vocab_size
-from tetrad.plan.estimate import train_steps
+from tetrad.plan.estimate import train_step
 
 
 def rss_kib(key: str) -> int:
@@ -47,7 +47,8 @@ def peak_bytes(args: list[str]) -> int:
         for p in model.parameters():
             p.normal_(0, 0.02)
     optimizer = build_optimizer(built.parts, config.optimizer, device)
-    train_steps(model, optimizer, inputs, labels, config, dims)
+    for _ in range(2):
+        train_step(model, optimizer, inputs, labels, config, dims)
     return (rss_kib("VmHWM") - before) * 1024
 
 

@@ -20,7 +20,7 @@ import pytest
 
 from tetrad.config import load_config
 from tetrad.plan.dry_run import tokenizer_vocab_size
-from tetrad.plan.estimate import step_peak
+from tetrad.plan.estimate import scaled_peak, step_peak
 from tetrad.plan.fake_world import fake_world
 
 REPO = Path(__file__).resolve().parents[2]
@@ -60,3 +60,19 @@ def test_estimate_within_10_percent_of_measured_peak(world_size: int, tmp_path: 
         )
     measured = measured_peak(tmp_path, world_size)
     assert estimate == pytest.approx(measured, rel=0.10), (estimate, measured)
+
+
+def test_scaled_estimate_equals_the_whole_model() -> None:
+    """The 6-block model's peak, extrapolated from 2 and 3 blocks, under FSDP 2 × TP 2 (bf16
+    compute, selective activation checkpointing), against building all 6."""
+    config = load_config(
+        [
+            *ARGS[:-1], "--parallelism.tp=2", "--activation_checkpoint.mode=selective",
+            "--training.mixed_precision_param=bfloat16",
+        ]
+    )  # fmt: skip
+    vocab_size = tokenizer_vocab_size(config)
+    scaled = scaled_peak(config, 4, 0, vocab_size=vocab_size)
+    with fake_world(0, 4):
+        whole = step_peak(config, 4, vocab_size=vocab_size)
+    assert scaled == pytest.approx(whole, rel=0.01)

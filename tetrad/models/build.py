@@ -4,6 +4,7 @@ memory estimate, so what they report is what training runs."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 from typing import Any
@@ -57,12 +58,21 @@ def attention_for(
 
 
 def build_meta_model(
-    config: Config, parallel_dims: ParallelDims, *, vocab_size: int, attention: AttentionFn
+    config: Config,
+    parallel_dims: ParallelDims,
+    *,
+    vocab_size: int,
+    attention: AttentionFn,
+    n_layers: int | None = None,
 ) -> MetaModel:
     """Build on meta, [split into pipeline stages], parallelize each part: the model parts the
-    rank at ``parallel_dims``' mesh coordinates holds, with no storage allocated."""
+    rank at ``parallel_dims``' mesh coordinates holds, with no storage allocated. ``n_layers``
+    replaces the preset's block count (the memory estimate's scaled builds; families whose
+    model config is a dataclass with an ``n_layers`` field)."""
     spec = get_model_spec(config.model.name)
     model_config = spec.model_config(config, vocab_size=vocab_size)
+    if n_layers is not None:
+        model_config = dataclasses.replace(model_config, n_layers=n_layers)
     model_name = getattr(model_config, "architecture", config.model.flavor)
     seq_len, max_seq_len = config.training.seq_len, model_config.max_seq_len
     if seq_len > max_seq_len:

@@ -89,14 +89,19 @@ def _weight(name: str, p: torch.Tensor) -> WeightSummary:
 
 
 def build_rank(
-    config: Config, world_size: int, *, vocab_size: int
+    config: Config, world_size: int, *, vocab_size: int, n_layers: int | None = None
 ) -> tuple[ParallelDims, MetaModel]:
-    """The mesh and the meta model parts of the rank the (fake) process group says this is."""
+    """The mesh and the meta model parts of the rank the (fake) process group says this is,
+    as a GPU run builds them (its mixed precision and attention)."""
     dims = ParallelDims.from_config(config.parallelism, world_size)
+    dims.target_device_type = "cuda"
     dims.grad_accumulation_steps(config.training)
     cp = ContextParallel(dims.meshes["cp"], config.training.seq_len) if dims.cp > 1 else None
     attention = attention_for(config, cp, "cuda")
-    return dims, build_meta_model(config, dims, vocab_size=vocab_size, attention=attention)
+    built = build_meta_model(
+        config, dims, vocab_size=vocab_size, attention=attention, n_layers=n_layers
+    )
+    return dims, built
 
 
 def summarize_rank(config: Config, world_size: int, rank: int, *, vocab_size: int) -> RankSummary:

@@ -1,13 +1,13 @@
 """``tetrad estimate``: a rank's peak memory in training, by component, for a config and world
 size, without the memory. The rank's model is built as training builds it (``build_rank``) on a
-fake process group, materialised as fake tensors (shapes and dtypes, no storage), and runs two
-training steps — forward, loss, backward, optimizer step — under torch's memory tracker
+fake process group, materialised as fake tensors (shapes and dtypes, no storage), takes one
+training step, and runs the forward and backward of a second under torch's memory tracker
 (``torch.distributed._tools``), which adds up the storages every op would allocate and
 attributes them: parameters, gradients, optimizer states, activations, backward temporaries,
-FSDP's all-gather and reduce-scatter buffers. The second step is the steady state (optimizer
-states held from the start).
+FSDP's all-gather and reduce-scatter buffers. torch.compile is left out (eager memory: compiled
+blocks usually need less).
 
-``train_steps`` also runs on real tensors in real processes: that is how the estimate is checked
+``train_step`` also runs on real tensors in real processes: that is how the estimate is checked
 against a measured peak (tests/distributed/test_estimate.py)."""
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from tetrad.components.loss import cross_entropy_sum
 from tetrad.components.optimizer import build_optimizer
 from tetrad.config import Config, ConfigError, validate_config
 from tetrad.distributed.parallel_dims import ParallelDims
+from tetrad.models.registry import get_model_spec
 from tetrad.plan.dry_run import build_rank, tokenizer_vocab_size
 from tetrad.plan.fake_world import fake_world
 
@@ -68,11 +69,14 @@ class RankMemory:
         return sum(self.peak.values())
 
 
-def step_peak(config: Config, world_size: int, *, vocab_size: int) -> dict[str, int]:
-    """Peak bytes by component of two training steps (``train_steps``) of the rank this
-    process is in the current (fake) process group, on fake tensors: nothing allocated."""
+def step_peak(
+    config: Config, world_size: int, *, vocab_size: int, n_layers: int | None = None
+) -> dict[str, int]:
+    """Peak bytes by component of a training step of the rank this process is in the current
+    (fake) process group, on fake tensors: nothing allocated. ``n_layers``: of a model with
+    that many blocks instead."""
     # Built as for a GPU run (its mixed precision and attention), computed on CPU tensors.
-    dims, built = build_rank(config, world_size, vocab_size=vocab_size)
+    dims, built = build_rank(config, world_size, vocab_size=vocab_size, n_layers=n_layers)
     if dims.pp > 1:
         raise ConfigError(
             "tetrad estimate does not cover pipeline parallel yet: estimate a pp 1 layout of "
@@ -88,6 +92,11 @@ def step_peak(config: Config, world_size: int, *, vocab_size: int) -> dict[str, 
         shape = (t.local_batch_size, t.seq_len // dims.cp)
         inputs = torch.randint(0, vocab_size, shape, device=device)
         labels = torch.randint(0, vocab_size, shape, device=device)
+        # The first step creates the optimizer states; the second one's forward and backward
+        # hold them: the steady state. Its optimizer step is left out: under fake tensors the
+        # tracker counts the update's short-lived temporaries as states (tens of GiB for 8B),
+        # while the fused/foreach update holds little beyond the states it updates in place.
+        train_step(model, optimizer, inputs, labels, config, dims)
         tracker: MemTracker
         if dims.fsdp_enabled:
             tracker = FSDPMemTracker(model, optimizer)
@@ -96,7 +105,7 @@ def step_peak(config: Config, world_size: int, *, vocab_size: int) -> dict[str, 
             tracker = MemTracker()
             tracker.track_external(model, optimizer, inputs, labels)
         with tracker:
-            train_steps(model, optimizer, inputs, labels, config, dims, tracker=tracker)
+            forward_backward(model, inputs, labels, config, dims)
         (snapshot,) = tracker.get_tracker_snapshot("peak").values()
     peak = dict.fromkeys(ROWS, 0)
     for category, size in snapshot.items():
@@ -105,34 +114,70 @@ def step_peak(config: Config, world_size: int, *, vocab_size: int) -> dict[str, 
     return peak
 
 
-def train_steps(
+def forward_backward(
+    model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor, config: Config, dims: ParallelDims
+) -> None:
+    """One micro-batch's forward, loss and backward, as the trainer runs them."""
+    with _loss_context(dims, config):
+        logits = model(inputs)
+        loss = cross_entropy_sum(logits, labels)
+        del logits
+        loss.backward()
+
+
+def train_step(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
     inputs: torch.Tensor,
     labels: torch.Tensor,
     config: Config,
     dims: ParallelDims,
-    *,
-    tracker: MemTracker | None = None,
 ) -> None:
-    """Two training steps as the trainer takes them (one micro-batch each); the second holds
-    the optimizer states from its start: the steady state."""
-    with _loss_context(dims, config):
-        for step in range(2):
-            logits = model(inputs)
-            loss = cross_entropy_sum(logits, labels)
-            del logits
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            if step == 0 and tracker is not None:
-                tracker.reset_mod_stats()  # per-module stats; the peak stays
+    forward_backward(model, inputs, labels, config, dims)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
 
 
 def _loss_context(dims: ParallelDims, config: Config) -> contextlib.AbstractContextManager[None]:
     if dims.tp > 1 and config.parallelism.enable_loss_parallel:
         return loss_parallel()
     return contextlib.nullcontext()
+
+
+@dataclass(frozen=True)
+class DepthProfile:
+    """A rank's peak by component as ``base + per_layer × blocks``."""
+
+    base: dict[str, int]
+    per_layer: dict[str, int]
+
+    def at(self, layers: int) -> dict[str, int]:
+        return {k: self.base[k] + layers * self.per_layer[k] for k in ROWS}
+
+
+def depth_profile(config: Config, world_size: int, rank: int, *, vocab_size: int) -> DepthProfile:
+    """``step_peak`` of models of 2 and 3 blocks (llama3's dataclass config), on a fake
+    world: every block adds the same parameters, gradients, states and saved activations,
+    while the all-gathered blocks, temporaries and communication buffers are the same few
+    blocks' at any depth."""
+    peaks = []
+    for n in (2, 3):
+        with fake_world(rank, world_size):
+            peaks.append(step_peak(config, world_size, vocab_size=vocab_size, n_layers=n))
+    two, three = peaks
+    per_layer = {k: three[k] - two[k] for k in ROWS}
+    return DepthProfile({k: two[k] - 2 * per_layer[k] for k in ROWS}, per_layer)
+
+
+def scaled_peak(config: Config, world_size: int, rank: int, *, vocab_size: int) -> dict[str, int]:
+    """``step_peak`` of the whole model; of a llama3 model of more than 3 blocks, from its
+    ``depth_profile`` (exact: tests/distributed/test_estimate.py). Minutes become seconds."""
+    model_config = get_model_spec(config.model.name).model_config(config, vocab_size=vocab_size)
+    layers = model_config.n_layers
+    if layers <= 3 or not dataclasses.is_dataclass(model_config):
+        with fake_world(rank, world_size):
+            return step_peak(config, world_size, vocab_size=vocab_size)
+    return depth_profile(config, world_size, rank, vocab_size=vocab_size).at(layers)
 
 
 def estimate(config: Config, world_size: int, rank: int = 0) -> RankMemory:
@@ -144,9 +189,9 @@ def estimate(config: Config, world_size: int, rank: int = 0) -> RankMemory:
     by_mode: dict[str, dict[str, int]] = {}
     for mode in AC_MODES:
         ac = dataclasses.replace(config.activation_checkpoint, mode=mode)
-        variant = dataclasses.replace(config, activation_checkpoint=ac)
-        with fake_world(rank, world_size):
-            by_mode[mode] = step_peak(variant, world_size, vocab_size=vocab_size)
+        eager = dataclasses.replace(config.compile, enable=False)
+        variant = dataclasses.replace(config, activation_checkpoint=ac, compile=eager)
+        by_mode[mode] = scaled_peak(variant, world_size, rank, vocab_size=vocab_size)
     return RankMemory(
         peak=by_mode[config.activation_checkpoint.mode],
         activations_by_ac={mode: peak["activations"] for mode, peak in by_mode.items()},
