@@ -94,6 +94,15 @@ def _estimate(args: argparse.Namespace, argv: Sequence[str]) -> None:
     print(format_estimate(config, args.world_size, args.rank, memory, args.gpu_memory_gib))
 
 
+def _plan(args: argparse.Namespace, argv: Sequence[str]) -> None:
+    from tetrad.plan.planner import Planner, format_plan
+
+    with reported():
+        planner = Planner(config_from_args(args), args.gpus, args.gpu_memory_gib, args.gpu)
+        verdicts = planner.plan()
+    print(format_plan(planner, verdicts, args.top))
+
+
 def _positive_float(raw: str) -> float:
     try:
         value = float(raw)
@@ -263,6 +272,26 @@ def build_parser() -> ArgumentParser:
     )
     add_config_arguments(estimate)
     estimate.set_defaults(run=_estimate)
+    plan = commands.add_parser(
+        "plan",
+        help="the layouts of a model on a cluster that fit, fastest first",
+        usage=f"%(prog)s --gpus N --gpu-memory-gib G [--gpu {{h100,h200,a100}}] [--top K] "
+        f"{CONFIG_USAGE}",
+        description="Enumerates FSDP × TP × PP layouts, activation checkpointing modes and "
+        "local batches, keeps\nthose whose estimated peak (tetrad estimate's) fits, and ranks "
+        "them by an estimated step time\n(compute at an MFU ceiling, FSDP and TP traffic over "
+        "the GPU's stated links, pipeline bubble).",
+    )
+    plan.add_argument("--gpus", type=_positive, required=True, metavar="N", help="GPUs in all")
+    plan.add_argument(
+        "--gpu-memory-gib", type=_positive_float, required=True, metavar="G", help="per GPU"
+    )
+    plan.add_argument("--gpu", default="h100", metavar="KIND", help="h100 (default), h200 or a100")
+    plan.add_argument(
+        "--top", type=_positive, default=10, metavar="K", help="layouts to print (default: 10)"
+    )
+    add_config_arguments(plan)
+    plan.set_defaults(run=_plan)
     convert = commands.add_parser(
         "convert",
         help="a model's weights between a DCP checkpoint and a Hugging Face folder",

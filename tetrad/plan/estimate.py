@@ -53,7 +53,8 @@ COMPONENTS = {
     "Other": "inputs",
 }
 ROWS = tuple(dict.fromkeys(COMPONENTS.values()))
-AC_MODES: tuple[Literal["none", "selective", "full"], ...] = ("none", "selective", "full")
+ACMode = Literal["none", "selective", "full"]
+AC_MODES: tuple[ACMode, ...] = ("none", "selective", "full")
 
 
 @dataclass(frozen=True)
