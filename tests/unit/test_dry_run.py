@@ -116,3 +116,18 @@ def test_world_size_that_the_degrees_do_not_make_is_one_line() -> None:
     config = load_config(["--parallelism.tp=8", "--parallelism.dp_shard=8"])
     with pytest.raises(ConfigError, match="≠ world size 48"):
         dry_run(config, 48)
+
+
+def test_commands_print_their_reports(capsys: pytest.CaptureFixture[str]) -> None:
+    """The CLI wiring of `tetrad train --dry-run` and `tetrad estimate`, on the tiny model."""
+    from tetrad.cli import main
+
+    tiny = ["--model.flavor=tiny", "--training.seq_len=64", "--training.local_batch_size=2"]
+    main(["train", "--dry-run", "--world-size=4", "--parallelism.tp=2", *tiny])
+    out = capsys.readouterr().out
+    assert "on 4 ranks: pp 1 × dp_replicate 1 × dp_shard 2 × cp 1 × tp 2" in out
+    assert "rank 3 (pp=0 dp_replicate=0 dp_shard=1 cp=0 tp=1)" in out
+    main(["estimate", "--world-size=2", "--gpu-memory-gib=0.001", *tiny])
+    out = capsys.readouterr().out
+    assert "activations by --activation_checkpoint.mode: none" in out
+    assert "does NOT fit in 0.001 GiB per GPU" in out
