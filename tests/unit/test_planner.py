@@ -38,6 +38,15 @@ def test_published_layouts_fit(flavor: str, gpus: int, memory_gib: float, layout
     assert verdict.step_s > 0
 
 
+def test_hsdp_is_a_candidate_and_fits_like_its_fsdp_group() -> None:
+    """HSDP 32 × FSDP 8 shards each rank's states as FSDP 8 does: the same memory."""
+    p = planner("8B", 256, 80)
+    assert Layout(8, 1, 1, "selective", 1, dp_replicate=32) in p.layouts()
+    hsdp = p.judge(Layout(8, 1, 1, "selective", 1, dp_replicate=32))
+    fsdp_8 = planner("8B", 8, 80).judge(Layout(8, 1, 1, "selective", 1))
+    assert hsdp.fits and hsdp.memory_gib == pytest.approx(fsdp_8.memory_gib)
+
+
 def test_tensor_parallel_across_nodes_is_rejected() -> None:
     verdict = planner("70B", 256, 80).judge(Layout(16, 16, 1, "full", 1))
     assert not verdict.fits and "spans nodes" in verdict.reason

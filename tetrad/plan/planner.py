@@ -65,6 +65,8 @@ class Layout:
     ac: ACMode
     local_batch: int
     """Sequences per rank per step; under pipeline parallel, 1F1B micro-batches of one."""
+    dp_replicate: int = 1
+    """HSDP: replicas of the FSDP group, gradients all-reduced between them."""
 
     @property
     def microbatches(self) -> int:
@@ -72,7 +74,8 @@ class Layout:
 
     def describe(self) -> str:
         pp = f" × pp {self.pp} (1F1B, {self.microbatches} mb)" if self.pp > 1 else ""
-        return f"fsdp {self.dp_shard} × tp {self.tp}{pp}"
+        hsdp = f"hsdp {self.dp_replicate} × " if self.dp_replicate > 1 else ""
+        return f"{hsdp}fsdp {self.dp_shard} × tp {self.tp}{pp}"
 
 
 @dataclass(frozen=True)
@@ -104,19 +107,23 @@ class Planner:
         self._profiles: dict[tuple[int, ACMode], DepthProfile] = {}
 
     def layouts(self) -> list[Layout]:
-        """Every candidate: tp and pp powers of two, FSDP over the rest, each AC mode."""
+        """Every candidate: tp and pp powers of two, FSDP over the rest or (HSDP) over one
+        node's worth of ranks with replicas across, each AC mode."""
         found = []
         for tp, pp in itertools.product((1, 2, 4, 8), (1, 2, 4, 8)):
             if self.gpus % (tp * pp):
                 continue
+            dp = self.gpus // (tp * pp)
+            node_shard = max(1, self.gpu.per_node // tp)
+            replicas = {1} | ({dp // node_shard} if dp % node_shard == 0 else set())
             batches = (1, 2) if pp == 1 else (pp, 2 * pp)
-            for ac, batch in itertools.product(AC_MODES, batches):
-                found.append(Layout(self.gpus // (tp * pp), tp, pp, ac, batch))
+            for r, ac, batch in itertools.product(sorted(replicas), AC_MODES, batches):
+                found.append(Layout(dp // r, tp, pp, ac, batch, dp_replicate=r))
         return found
 
     def judge(self, layout: Layout) -> Verdict:
         """Whether ``layout`` fits and, if so, its estimated step time."""
-        world = layout.dp_shard * layout.tp * layout.pp
+        world = layout.dp_replicate * layout.dp_shard * layout.tp * layout.pp
         if world != self.gpus:
             return Verdict(layout, False, f"uses {world} GPUs, not {self.gpus}")
         if layout.tp > self.gpu.per_node:
@@ -189,14 +196,21 @@ class Planner:
         stage_params = self.params / (layout.pp * layout.tp)  # what one rank all-gathers
         # bf16 all-gather in forward and again in backward, fp32 reduce-scatter of gradients.
         fsdp_bytes = stage_params * (2 + 2 + 4) * (layout.dp_shard - 1) / layout.dp_shard
-        intra = layout.dp_shard * layout.tp <= g.per_node
-        fsdp = fsdp_bytes / ((g.nvlink_gbps if intra else g.network_gbps) * 1e9)
+        shard_group = layout.dp_shard * layout.tp
+        fsdp = fsdp_bytes / (self._bandwidth(shard_group <= g.per_node) * 1e9)
+        # HSDP: the fp32 gradient shards all-reduced across the replicas (a ring: twice).
+        r = layout.dp_replicate
+        hsdp_bytes = 2 * stage_params / layout.dp_shard * 4 * (r - 1) / r
+        fsdp += hsdp_bytes / (self._bandwidth(shard_group * r <= g.per_node) * 1e9)
         # Sequence parallel: per block 2 all-gathers + 2 reduce-scatters forward, as many
         # backward, of [tokens, dim] bf16 activations.
         tp_bytes = 8 * tokens * m.dim * 2 * (layout.tp - 1) / layout.tp * self.stage_layers(layout)
         tp = tp_bytes / (g.nvlink_gbps * 1e9)
         bubble = (compute + tp) * (layout.pp - 1) / (layout.microbatches + layout.pp - 1)
         return {"compute": compute, "fsdp": fsdp, "tp": tp, "bubble": bubble}
+
+    def _bandwidth(self, intra_node: bool) -> float:
+        return self.gpu.nvlink_gbps if intra_node else self.gpu.network_gbps
 
     def plan(self) -> list[Verdict]:
         """Every candidate's verdict, the fitting ones fastest first."""
