@@ -27,10 +27,13 @@ OUT_DIR/gpu_check.json and exits 1 if a check failed. bf16 throughout (the GPU d
   profile_cuda              debug, 6 steps, profiler windows of 3 and memory snapshots every 3:
                             the traces of steps 3 and 6 hold CUDA kernels, the snapshots of steps
                             3 and 6 load (pickle) with allocator segments and a history
+  estimate_matches_peak     1B as 1b_compile_sac without compile, 5 steps: `tetrad estimate
+                            --world-size 1` of the same options (fake tensors) within 10% of
+                            the run's torch.cuda.max_memory_allocated
   oom_snapshot              1B, 128 × 2048 tokens (~300 GB of activations): the run fails with
                             an OutOfMemoryError whose message names the snapshot of step 1
 
-Cost, estimated (no GPU has run it yet): ~8.5 minutes on one H100 into an empty OUT_DIR, most
+Cost, estimated (no GPU has run it yet): ~9.5 minutes on one H100 into an empty OUT_DIR, most
 of it the three cold compiles of the 1B model; less on a rerun into the same OUT_DIR, whose
 Inductor cache they reuse. --dry-run: the same checks on the CPU with the tiny preset, fp32 and
 3 steps (a fall of ≥ 0.1 nat; memory saved reported only), skipping the CUDA-only ones; about a
@@ -42,6 +45,7 @@ from __future__ import annotations
 import json
 import math
 import pickle
+import re
 import sys
 from collections.abc import Sequence
 from functools import partial
@@ -128,6 +132,19 @@ def resumes_exactly(check: Check, ctx: Context, args: list[str]) -> Verdict:
     return Verdict(passed, reason, got, {"loss_straight": [r["loss"] for r in want]})
 
 
+def estimate_matches_peak(check: Check, ctx: Context, args: list[str]) -> Verdict:
+    """The estimator's total against the measured peak of the same options."""
+    records = ctx.train(check.name, args)
+    measured = summary(records)["memory_gib"]
+    log = ctx.out / check.name / "estimate.log"
+    ctx.execute([sys.executable, "-m", "tetrad.cli", "estimate", "--world-size=1", *args], log)
+    total = re.search(r"^  total +([0-9.]+) GiB$", log.read_text(), re.MULTILINE)
+    estimate = float(total.group(1)) if total else math.nan
+    passed = finite_losses(records) and abs(estimate - measured) <= 0.10 * measured
+    reason = f"estimate {estimate:.2f} GiB, measured {measured:.2f} GiB (must be within 10%)"
+    return Verdict(passed, reason, records, {"estimate_gib": estimate})
+
+
 def profiles_cuda(check: Check, ctx: Context, args: list[str]) -> Verdict:
     """Traces with GPU kernels and allocator snapshots, at the steps their freq says."""
     records = ctx.train(check.name, args)
@@ -175,6 +192,7 @@ ONE_B = (
 COMPILED = ("--compile.enable", "--compile.cache_dir={out}/inductor_cache")
 NO_COMPILE = "compiling a 1B model in bf16 takes many minutes on a CPU"
 NO_FLOAT8 = "a CPU emulates float8 matmuls; their speed needs H100-class tensor cores"
+NO_CUDA_PEAK = "the reference is torch.cuda.max_memory_allocated; a CPU reports the RSS"
 NO_ALLOCATOR = "the point is the GPU kernels in the traces and the CUDA allocator's snapshots"
 
 CHECKS = (
@@ -218,6 +236,12 @@ CHECKS = (
             "--profiling.memory_snapshot_freq=3",
         ),
         cuda_only=NO_ALLOCATOR,
+    ),
+    Check(
+        "estimate_matches_peak",
+        estimate_matches_peak,
+        (*ONE_B[:3], "--training.steps=5", *ONE_B[4:]),
+        cuda_only=NO_CUDA_PEAK,
     ),
     Check(
         "oom_snapshot",

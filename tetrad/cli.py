@@ -17,9 +17,9 @@ from pathlib import Path
 from types import FrameType
 from typing import Literal
 
-from tetrad.config import config_from_args, validate_config
+from tetrad.config import Config, config_from_args, validate_config
 from tetrad.config.args import CONFIG_USAGE, ArgumentParser, add_config_arguments, converter
-from tetrad.errors import EXIT_CODES, INTERRUPTED, LAUNCHED_BY_TETRAD, reported
+from tetrad.errors import EXIT_CODES, INTERRUPTED, LAUNCHED_BY_TETRAD, ConfigError, reported
 from tetrad.tools.progress import quiet_library_bars
 
 
@@ -57,6 +57,9 @@ def _train(args: argparse.Namespace, argv: Sequence[str]) -> None:
     with reported():
         config = config_from_args(args)
         validate_config(config)
+    if args.dry_run or args.world_size is not None or args.dry_run_ranks is not None:
+        _dry_run(config, args)
+        return
     if args.nproc == 1 and args.max_restarts == 0:
         train(config)
         return
@@ -68,6 +71,53 @@ def _train(args: argparse.Namespace, argv: Sequence[str]) -> None:
             stop_signals=config.job.stop_signals,
             max_restarts=args.max_restarts,
         )
+
+
+def _dry_run(config: Config, args: argparse.Namespace) -> None:
+    from tetrad.plan.dry_run import dry_run, format_summaries
+
+    with reported():
+        if not args.dry_run:
+            raise ConfigError("--world-size and --dry-run-ranks go with --dry-run")
+        world_size = args.world_size or args.nproc
+        summaries = dry_run(config, world_size, args.dry_run_ranks)
+    print(format_summaries(config, world_size, summaries))
+
+
+def _estimate(args: argparse.Namespace, argv: Sequence[str]) -> None:
+    from tetrad.plan.estimate import estimate, format_estimate
+
+    with reported():
+        config = config_from_args(args)
+        if not 0 <= args.rank < args.world_size:
+            raise ConfigError(f"--rank {args.rank} is not a rank of world size {args.world_size}")
+        memory = estimate(config, args.world_size, args.rank)
+    print(format_estimate(config, args.world_size, args.rank, memory, args.gpu_memory_gib))
+
+
+def _plan(args: argparse.Namespace, argv: Sequence[str]) -> None:
+    from tetrad.plan.planner import Planner, format_plan
+
+    with reported():
+        planner = Planner(config_from_args(args), args.gpus, args.gpu_memory_gib, args.gpu)
+        verdicts = planner.plan()
+    print(format_plan(planner, verdicts, args.top))
+
+
+def _positive_float(raw: str) -> float:
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"needs a positive number, got {raw!r}")
+    return value
+
+
+def _ranks(raw: str) -> list[int]:
+    if not all(r.isdigit() for r in raw.split(",")):
+        raise argparse.ArgumentTypeError(f"needs comma-separated ranks, got {raw!r}")
+    return [int(r) for r in raw.split(",")]
 
 
 def _launch(
@@ -192,7 +242,7 @@ def build_parser() -> ArgumentParser:
     train = commands.add_parser(
         "train",
         help="train a model",
-        usage=f"%(prog)s [--nproc N] [--max-restarts R] {CONFIG_USAGE}",
+        usage=f"%(prog)s [--nproc N] [--max-restarts R] [--dry-run --world-size N] {CONFIG_USAGE}",
     )
     train.add_argument(
         "--nproc",
@@ -210,8 +260,75 @@ def build_parser() -> ArgumentParser:
         "with --checkpoint.enable each attempt resumes from the newest complete checkpoint "
         "(default: 0)",
     )
+    train.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="build the mesh, the model on meta, the pipeline split and the parallelized model "
+        "of chosen ranks of a --world-size run in this one CPU process (a fake process group), "
+        "print what each rank holds; allocates, reads and writes nothing",
+    )
+    train.add_argument(
+        "--world-size",
+        type=_positive,
+        default=None,
+        metavar="N",
+        help="with --dry-run: the ranks of the run to rehearse (default: --nproc)",
+    )
+    train.add_argument(
+        "--dry-run-ranks",
+        type=_ranks,
+        default=None,
+        metavar="R,R",
+        help="with --dry-run: the ranks to build (default: 0, the first of each pipeline "
+        "stage, the last)",
+    )
     add_config_arguments(train)
     train.set_defaults(run=_train)
+    estimate = commands.add_parser(
+        "estimate",
+        help="a rank's peak memory in training, by component, without the GPUs",
+        usage=f"%(prog)s --world-size N [--gpu-memory-gib G] [--rank R] {CONFIG_USAGE}",
+        description="Builds the rank's model as `tetrad train` would for a GPU run of N ranks "
+        "(a fake process group\nin this CPU process), and runs two training steps on fake "
+        "tensors under torch's memory\ntracker: parameters, gradients, optimizer states, "
+        "activations (under each activation\ncheckpointing mode), backward temporaries and "
+        "FSDP's communication buffers at the peak.",
+    )
+    estimate.add_argument(
+        "--world-size", type=_positive, required=True, metavar="N", help="ranks of the run"
+    )
+    estimate.add_argument(
+        "--gpu-memory-gib",
+        type=_positive_float,
+        default=None,
+        metavar="G",
+        help="say whether the peak fits in G GiB per GPU",
+    )
+    estimate.add_argument(
+        "--rank", type=_non_negative, default=0, metavar="R", help="the rank (default: 0)"
+    )
+    add_config_arguments(estimate)
+    estimate.set_defaults(run=_estimate)
+    plan = commands.add_parser(
+        "plan",
+        help="the layouts of a model on a cluster that fit, fastest first",
+        usage=f"%(prog)s --gpus N --gpu-memory-gib G [--gpu {{h100,h200,a100}}] [--top K] "
+        f"{CONFIG_USAGE}",
+        description="Enumerates FSDP × TP × PP layouts, activation checkpointing modes and "
+        "local batches, keeps\nthose whose estimated peak (tetrad estimate's) fits, and ranks "
+        "them by an estimated step time\n(compute at an MFU ceiling, FSDP and TP traffic over "
+        "the GPU's stated links, pipeline bubble).",
+    )
+    plan.add_argument("--gpus", type=_positive, required=True, metavar="N", help="GPUs in all")
+    plan.add_argument(
+        "--gpu-memory-gib", type=_positive_float, required=True, metavar="G", help="per GPU"
+    )
+    plan.add_argument("--gpu", default="h100", metavar="KIND", help="h100 (default), h200 or a100")
+    plan.add_argument(
+        "--top", type=_positive, default=10, metavar="K", help="layouts to print (default: 10)"
+    )
+    add_config_arguments(plan)
+    plan.set_defaults(run=_plan)
     convert = commands.add_parser(
         "convert",
         help="a model's weights between a DCP checkpoint and a Hugging Face folder",

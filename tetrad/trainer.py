@@ -67,17 +67,11 @@ from tetrad.distributed.init import (
     set_determinism,
 )
 from tetrad.distributed.parallel_dims import ParallelDims
-from tetrad.distributed.pipeline import Pipeline, plan_pipeline, split_model
+from tetrad.distributed.pipeline import Pipeline
 from tetrad.distributed.stop_signals import StopSignals
 from tetrad.distributed.utils import clip_grad_norm_, local_numel, reduce_sum
 from tetrad.errors import RunStopped
-from tetrad.models.attention import (
-    AttentionFn,
-    ContextParallelAttention,
-    FlexDocumentAttention,
-    causal_sdpa,
-)
-from tetrad.models.lora import apply_lora, lora_flops_per_token
+from tetrad.models.build import attention_for, build_meta_model
 from tetrad.models.materialize import init_adapters, materialize_and_init, materialize_for_loading
 from tetrad.models.registry import get_model_spec
 from tetrad.models.spec import DecoderModel, ModelSpec
@@ -133,7 +127,7 @@ class Trainer:
             phases=self.phases,
         )
         self.parallel_dims = self.build_parallel_dims()
-        self.grad_accum_steps = self.build_grad_accumulation()
+        self.grad_accum_steps = self.parallel_dims.grad_accumulation_steps(config.training)
         self.tokenizer = build_tokenizer(get_model_spec(config.model.name).tokenizer_for(config))
         self.pipeline: Pipeline | None = None
         # Where the run starts from is decided once, before building: a model whose weights a
@@ -201,56 +195,23 @@ class Trainer:
             )  # fmt: skip
         return dims
 
-    def build_grad_accumulation(self) -> int:
-        t, dp = self.config.training, self.parallel_dims.dp
-        per_step = t.local_batch_size * dp
-        global_batch = per_step if t.global_batch_size == -1 else t.global_batch_size
-        if global_batch % per_step:
-            raise ConfigError(
-                f"--training.global_batch_size {global_batch} is not a multiple of "
-                f"local_batch_size {t.local_batch_size} × dp degree {dp} = {per_step}"
-            )
-        return global_batch // per_step
-
     def build_model(self) -> list[DecoderModel]:
-        """Build on meta, [split into pipeline stages], parallelize each part, materialise on the
-        device, initialise every weight. Returns the model parts this rank holds."""
-        spec = get_model_spec(self.config.model.name)
-        self.model_config = spec.model_config(self.config, vocab_size=self.tokenizer.vocab_size)
+        """Build on meta, [split into pipeline stages], parallelize each part
+        (``build_meta_model``), materialise on the device, initialise every weight. Returns the
+        model parts this rank holds."""
+        begin = time.perf_counter()
+        built = build_meta_model(
+            self.config,
+            self.parallel_dims,
+            vocab_size=self.tokenizer.vocab_size,
+            attention=attention_for(self.config, self.context_parallel, self.device.type),
+        )
+        spec, self.model_config, model_name = built.spec, built.model_config, built.model_name
         self.hf_adapter = (
             spec.state_dict_adapter(self.model_config) if spec.state_dict_adapter else None
         )
-        model_name = getattr(self.model_config, "architecture", self.config.model.flavor)
-        seq_len, max_seq_len = self.config.training.seq_len, self.model_config.max_seq_len
-        if seq_len > max_seq_len:
-            raise ConfigError(
-                f"--training.seq_len {seq_len} exceeds {model_name}'s rotary table "
-                f"of {max_seq_len} positions; use a shorter --training.seq_len or a model with a longer context"
-            )
-        if spec.check_parallelism is not None:
-            spec.check_parallelism(self.model_config, self.config)
-        begin = time.perf_counter()
-        with torch.device("meta"):
-            model = spec.build_model(self.model_config)
-        model.set_attention(self.attention_fn())
-        if self.config.lora.rank > 0:
-            roles = spec.decoder_roles(self.model_config) if spec.decoder_roles else None
-            apply_lora(model, roles, self.config.lora, model_name=model_name)
-        self.flops_per_token = spec.num_flops_per_token(
-            self.model_config, self.config.training.seq_len
-        )
-        if self.config.lora.rank > 0:
-            self.flops_per_token = lora_flops_per_token(model, self.flops_per_token)
-        total_params = sum(p.numel() for p in model.parameters())
-        parts: list[DecoderModel] = [model]
-        plan = None
-        if self.parallel_dims.pp > 1:
-            pp_mesh = self.parallel_dims.meshes["pp"]
-            block_names = [name for name, _ in model.blocks().named_children()]
-            plan = plan_pipeline(self.config, block_names, pp_mesh.get_local_rank())
-            parts = split_model(model, plan, first=spec.pipeline_first, last=spec.pipeline_last)
-        for part in parts:
-            spec.parallelize_fn(part, self.parallel_dims, self.config)
+        self.flops_per_token, total_params = built.flops_per_token, built.total_params
+        parts, plan = built.parts, built.plan
         if will_load_model(self.config.checkpoint, self.resume_from):
             materialize_for_loading(parts, self.device)  # the checkpoint fills every weight
         elif (weights := self._hf_weights_folder(spec)) is not None:
@@ -288,16 +249,6 @@ class Trainer:
             self.flops_per_token / 1e6, time.perf_counter() - begin, host_memory_gib(), device_peak,
         )  # fmt: skip
         return parts
-
-    def attention_fn(self) -> AttentionFn:
-        """The attention every layer computes: across the cp ranks under context parallel;
-        FlexAttention for packed documents on GPU; else SDPA over the local sequence (with a
-        dense block-causal mask for packed documents)."""
-        if self.context_parallel is not None:
-            return ContextParallelAttention(self.context_parallel)
-        if self.config.data.document_masked and self.device.type == "cuda":
-            return FlexDocumentAttention()
-        return causal_sdpa
 
     def _hf_weights_folder(self, spec: ModelSpec[Any]) -> Path | None:
         """The Hugging Face folder to start from: --checkpoint.initial_load_path with

@@ -1,4 +1,4 @@
-"""The layers import only downwards: config ← data, distributed ← models ← components ← trainer
+"""The layers import only downwards: config ← data, distributed ← models ← components ← trainer, plan
 ← commands, with errors and tools below everything. Read from the source with ``ast``."""
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ LAYER = {
     "models": 3,
     "components": 4,
     "trainer": 5,
+    "plan": 5,  # dry run, memory estimate, layout planner: beside the trainer, not on it
     "commands": 6,  # cli.py, train.py, convert.py, generate.py, evaluate.py
 }
 COMMANDS = {"cli", "train", "convert", "generate", "evaluate"}

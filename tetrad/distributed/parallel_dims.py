@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
-from tetrad.config.job_config import ParallelismConfig
+from tetrad.config.job_config import ParallelismConfig, TrainingConfig
 from tetrad.errors import ConfigError
 
 MESH_DIM_NAMES = ("pp", "dp_replicate", "dp_shard", "cp", "tp")
@@ -28,6 +28,10 @@ class ParallelDims:
     tp: int
     pp: int
     world_size: int
+    target_device_type: str | None = None
+    """The device type the run is for when it is not this process's: the memory estimate
+    rehearses a GPU run's mixed precision on CPU, under fake tensors that compute nothing.
+    None: the mesh's."""
 
     def __post_init__(self) -> None:
         others = self.dp_replicate * self.cp * self.tp * self.pp
@@ -84,6 +88,17 @@ class ParallelDims:
     def loss_parallel_degree(self) -> int:
         """Ranks whose tokens make up one loss average (data and context parallel)."""
         return self.dp * self.cp
+
+    def grad_accumulation_steps(self, t: TrainingConfig) -> int:
+        """Micro-batches per step: the global batch over local_batch_size × dp."""
+        per_step = t.local_batch_size * self.dp
+        global_batch = per_step if t.global_batch_size == -1 else t.global_batch_size
+        if global_batch % per_step:
+            raise ConfigError(
+                f"--training.global_batch_size {global_batch} is not a multiple of "
+                f"local_batch_size {t.local_batch_size} × dp degree {self.dp} = {per_step}"
+            )
+        return global_batch // per_step
 
     @functools.cached_property
     def meshes(self) -> dict[str, DeviceMesh]:

@@ -82,7 +82,7 @@ def apply_parallelisms(
     mp_policy = mixed_precision_policy(
         config.training.mixed_precision_param,
         config.training.mixed_precision_reduce,
-        meshes["world"].device_type,
+        parallel_dims.target_device_type or meshes["world"].device_type,
     )
     block_list = list(blocks.children())  # after AC/compile: the wrapped blocks
     if parallel_dims.fsdp_enabled:
