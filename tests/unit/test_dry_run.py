@@ -24,6 +24,7 @@ WORLD_SIZES = {
     "llama3_8b": 8,
     "llama3_debug": 2,
     "qwen2.5_7b": 8,
+    "qwen3_moe_debug": 2,
     "sft_debug": 1,
     "sft_qwen3": 8,
 }
