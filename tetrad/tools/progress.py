@@ -9,7 +9,7 @@ import os
 import sys
 import threading
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import TYPE_CHECKING, Any, TypeVar
 
 if TYPE_CHECKING:
@@ -81,13 +81,13 @@ def ticking(
 
 
 def heartbeat(description: str, *, enabled: bool = True) -> AbstractContextManager[Any]:
-    """Time passing while the block runs, for a wait nothing can count (a compile)."""
+    """Time passing while the block runs, for a wait nothing can count (a compile); nothing at
+    all (no bar object) where it would not be shown."""
+    if not (enabled and show_progress()):
+        return nullcontext()
     from tqdm import tqdm
 
-    shown = enabled and show_progress()
-    return ticking(
-        tqdm(desc=description, bar_format="{desc}: {elapsed}", leave=False, disable=not shown)
-    )
+    return ticking(tqdm(desc=description, bar_format="{desc}: {elapsed}", leave=False))
 
 
 def quiet_library_bars() -> None:
