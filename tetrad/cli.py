@@ -20,6 +20,7 @@ from typing import Literal
 from tetrad.config import config_from_args, validate_config
 from tetrad.config.args import CONFIG_USAGE, ArgumentParser, add_config_arguments, converter
 from tetrad.errors import EXIT_CODES, INTERRUPTED, LAUNCHED_BY_TETRAD, reported
+from tetrad.tools.exit import exit_without_collecting
 
 
 def _positive(raw: str) -> int:
@@ -222,6 +223,10 @@ def build_parser() -> ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
+    """Run the command ``argv`` (None: this process's command line, and the process ends with
+    it)."""
+    if argv is None:
+        exit_without_collecting()
     argv = list(sys.argv[1:] if argv is None else argv)
     with reported():
         args = build_parser().parse_args(argv)
