@@ -20,6 +20,7 @@ from typing import Literal
 from tetrad.config import Config, config_from_args, validate_config
 from tetrad.config.args import CONFIG_USAGE, ArgumentParser, add_config_arguments, converter
 from tetrad.errors import EXIT_CODES, INTERRUPTED, LAUNCHED_BY_TETRAD, ConfigError, reported
+from tetrad.tools.exit import exit_without_collecting
 from tetrad.tools.progress import quiet_library_bars
 
 
@@ -474,6 +475,10 @@ def _add_eval_parser(commands: argparse._SubParsersAction[ArgumentParser]) -> No
 
 
 def main(argv: Sequence[str] | None = None) -> None:
+    """Run the command ``argv`` (None: this process's command line, and the process ends with
+    it)."""
+    if argv is None:
+        exit_without_collecting()
     quiet_library_bars()
     argv = list(sys.argv[1:] if argv is None else argv)
     with reported():

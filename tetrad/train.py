@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from tetrad.components.run_folder import hold_run_folder
 from tetrad.config import Config, load_config, validate_config, validate_device
 from tetrad.errors import reported
+from tetrad.tools.exit import exit_without_collecting
 from tetrad.tools.progress import quiet_library_bars
 
 logger = logging.getLogger(__name__)
@@ -68,6 +69,10 @@ def train(config: Config) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
+    """Train with the options ``argv`` (None: this process's command line, and the process ends
+    with it)."""
+    if argv is None:
+        exit_without_collecting()
     quiet_library_bars()
     train(parse_config(sys.argv[1:] if argv is None else argv))
 

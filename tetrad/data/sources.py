@@ -2,7 +2,13 @@
 
 Everything is streamed so that a source of any size starts at once, and so that
 `split_dataset_by_node` and `IterableDataset.state_dict()` give per-rank sharding and exact resume.
+
+`datasets` is imported where a source is opened, not with this module: `tetrad train --nproc`
+checks the local files (``check_local_files``) in the launcher, which opens no dataset and
+would pay its import (~1 s) before starting the ranks.
 """
+
+from __future__ import annotations
 
 import logging
 import os
@@ -10,21 +16,18 @@ import random
 import sysconfig
 from collections.abc import Callable, Iterator
 from pathlib import Path
-
-import datasets
-from datasets import IterableDataset as Dataset
+from typing import TYPE_CHECKING, Any
 
 from tetrad.config.job_config import DataConfig
 from tetrad.config.loader import mix_weights
 from tetrad.data import stdlib_qa
 from tetrad.data.chat import CHAT_COLUMNS
 from tetrad.data.file_checks import check_start, first_bad_record
-from tetrad.data.mixture import MESSAGES_COLUMN, TEXT_COLUMN, mix_sources
 from tetrad.errors import ConfigError, DataError, NetworkError
 
-# `load_dataset` pings the hub to count downloads, local files included: an offline machine waits
-# out a DNS timeout (5 s measured here) per local source opened.
-datasets.config.HF_UPDATE_DOWNLOAD_COUNTS = False
+if TYPE_CHECKING:
+    from datasets import IterableDataset as Dataset
+
 # Its JSON builder logs a failure before raising it; tetrad's one line names the file and line.
 logging.getLogger("datasets.packaged_modules.json.json").setLevel(logging.CRITICAL)
 
@@ -62,7 +65,20 @@ def _read_files(files: list[str]) -> Iterator[dict[str, str]]:
         yield {"text": Path(file).read_text(encoding="utf-8", errors="replace")}
 
 
+def _load_dataset(*args: Any, **kwargs: Any) -> Dataset:
+    """`datasets.load_dataset`, streaming."""
+    import datasets
+
+    # It pings the hub to count downloads, local files included: an offline machine waits out a
+    # DNS timeout (5 s measured here) per local source opened.
+    datasets.config.HF_UPDATE_DOWNLOAD_COUNTS = False
+    ds: Dataset = datasets.load_dataset(*args, **kwargs, streaming=True)
+    return ds
+
+
 def _default_source(path: str | None, dataset_config: str | None, split: str) -> Dataset:
+    import datasets
+
     # One shard per file, so ranks split the corpus by files and resume within a file.
     return datasets.IterableDataset.from_generator(
         _read_files,
@@ -72,6 +88,8 @@ def _default_source(path: str | None, dataset_config: str | None, split: str) ->
 
 
 def _stdlib_qa_source(path: str | None, dataset_config: str | None, split: str) -> Dataset:
+    import datasets
+
     # One shard per module, so ranks split the conversations by modules.
     message = {"role": datasets.Value("string"), "content": datasets.Value("string")}
     return datasets.IterableDataset.from_generator(
@@ -112,7 +130,7 @@ def _local_source(path: str | None, dataset_config: str | None, split: str) -> D
         )
     builder, files = _local_files(path)
     check_start(files, builder)
-    return datasets.load_dataset(builder, data_files={split: files}, split=split, streaming=True)
+    return _load_dataset(builder, data_files={split: files}, split=split)
 
 
 def check_local_files(data: DataConfig) -> None:
@@ -134,7 +152,7 @@ def local_files(data: DataConfig) -> list[tuple[str, list[str]]]:
 
 def _hub_source(name: str, dataset_config: str | None, split: str) -> Dataset:
     try:
-        return datasets.load_dataset(name, dataset_config, split=split, streaming=True)
+        return _load_dataset(name, dataset_config, split=split)
     except Exception as err:  # the hub client raises many types; all mean "cannot open it"
         reason = f"{type(err).__name__}: {' '.join(str(err).split())}"
         raise NetworkError(
@@ -224,6 +242,8 @@ def build_text_source(data: DataConfig, *, seed: int = 0) -> tuple[Dataset, str]
     A `path` means a local source whatever `dataset` says; a `mix` means the weighted mixture of
     its sources, drawn with `seed`.
     """
+    from tetrad.data.mixture import MESSAGES_COLUMN, TEXT_COLUMN, mix_sources
+
     if data.mix is None:
         return _open("local" if data.path is not None else data.dataset, data.path, data)
     weights = mix_weights(data)
