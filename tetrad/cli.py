@@ -39,6 +39,16 @@ def _non_negative(raw: str) -> int:
 _LAUNCH_OPTIONS = ("--nproc", "--max-restarts")
 
 
+def _add_nproc(parser: argparse.ArgumentParser, more_help: str) -> None:
+    parser.add_argument(
+        "--nproc",
+        type=_positive,
+        default=1,
+        metavar="N",
+        help=f"local processes to launch through torchrun, {more_help}",
+    )
+
+
 def _without_launch_options(argv: Sequence[str]) -> list[str]:
     """The train options to hand each rank: argv less ``--nproc N`` and ``--max-restarts R``
     (the launcher's, already parsed)."""
@@ -245,13 +255,7 @@ def build_parser() -> ArgumentParser:
         help="train a model",
         usage=f"%(prog)s [--nproc N] [--max-restarts R] [--dry-run --world-size N] {CONFIG_USAGE}",
     )
-    train.add_argument(
-        "--nproc",
-        type=_positive,
-        default=1,
-        metavar="N",
-        help="local processes to launch through torchrun (default: 1, no torchrun)",
-    )
+    _add_nproc(train, "(default: 1, no torchrun)")
     train.add_argument(
         "--max-restarts",
         type=_non_negative,
@@ -441,14 +445,7 @@ def _add_generate_parser(commands: argparse._SubParsersAction[ArgumentParser]) -
         "run's config.toml, or\na Hugging Face model. Greedy at --temperature 0. Rank 0 prints "
         "the completion (stdout)\nand its speed (stderr).",
     )
-    generate.add_argument(
-        "--nproc",
-        type=_positive,
-        default=1,
-        metavar="N",
-        help="local processes to launch through torchrun, e.g. with --parallelism.tp N "
-        "(default: 1)",
-    )
+    _add_nproc(generate, "e.g. with --parallelism.tp N (default: 1)")
     add_generate_arguments(generate)
     generate.set_defaults(run=_generate)
 
@@ -463,13 +460,7 @@ def _add_eval_parser(commands: argparse._SubParsersAction[ArgumentParser]) -> No
         "(--parallelism.*). The options default\nto the config.toml of the run the checkpoint "
         "belongs to. Rank 0 prints val_loss and val_perplexity.",
     )
-    evaluate.add_argument(
-        "--nproc",
-        type=_positive,
-        default=1,
-        metavar="N",
-        help="local processes to launch through torchrun (default: 1)",
-    )
+    _add_nproc(evaluate, "(default: 1)")
     add_eval_arguments(evaluate)
     evaluate.set_defaults(run=_eval)
 
