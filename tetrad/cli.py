@@ -45,7 +45,7 @@ def _add_nproc(parser: argparse.ArgumentParser, more_help: str) -> None:
         type=_positive,
         default=1,
         metavar="N",
-        help=f"local processes to launch through torchrun, {more_help}",
+        help=f"local processes to launch through torchrun {more_help}",
     )
 
 
@@ -445,7 +445,7 @@ def _add_generate_parser(commands: argparse._SubParsersAction[ArgumentParser]) -
         "run's config.toml, or\na Hugging Face model. Greedy at --temperature 0. Rank 0 prints "
         "the completion (stdout)\nand its speed (stderr).",
     )
-    _add_nproc(generate, "e.g. with --parallelism.tp N (default: 1)")
+    _add_nproc(generate, "(e.g. with --parallelism.tp N; default: 1)")
     add_generate_arguments(generate)
     generate.set_defaults(run=_generate)
 
