@@ -42,8 +42,8 @@ def hf_folder(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, torch.nn.
     torch.manual_seed(0)
     hf = transformers.Qwen3MoeForCausalLM(hf_config).eval()
     with torch.no_grad():
-        for p in hf.parameters():
-            p.normal_(std=0.05)
+        for p in hf.parameters():  # logits of std ~1: every expert's rows move the loss
+            p.normal_(mean=1.0 if p.dim() == 1 else 0.0, std=0.2)
     folder = tmp_path_factory.mktemp("qwen3moe-hf")
     hf.save_pretrained(folder)
     return folder, hf
