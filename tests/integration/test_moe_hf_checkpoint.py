@@ -149,3 +149,14 @@ def test_missing_expert_or_other_expert_shape_is_one_line(
         with pytest.raises(CheckpointError) as error:
             load_hf_weights(model, src, Qwen3MoeStateDictAdapter(model_config))
         assert message in str(error.value) and "\n" not in str(error.value)
+
+
+def test_export_of_a_biased_run_fails_before_training(tmp_path: Path) -> None:
+    """qwen3_moe tiny moves routing biases, which the format cannot hold: --checkpoint
+    .last_save_in_hf is refused at start, not after the run."""
+    args = ["--model.name=qwen3_moe", "--checkpoint.enable", "--checkpoint.last_save_in_hf"]
+    result = run_train(tmp_path, *TINY_RUN, *args, expect_ok=False)
+    assert result.returncode == 2
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith("tetrad: error: ") and "auxiliary-loss-free biases" in line
+    assert not (tmp_path / "metrics.jsonl").exists()

@@ -113,6 +113,8 @@ class CheckpointManager:
                 "this model family has no Hugging Face state-dict adapter: "
                 "--checkpoint.last_save_in_hf is not available for it"
             )
+        if config.last_save_in_hf:
+            hf_adapter.hf_config()  # a model the format cannot hold fails before training
         self.folder = folder
         self.total_steps = total_steps
         self.train_state = train_state
