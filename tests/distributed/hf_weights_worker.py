@@ -28,13 +28,15 @@ class SameKeys:
         self.config = config
         self.tied_keys: set[str] = set()
 
-    def hf_key(self, fqn: str) -> str:
-        return fqn
+    def hf_keys(self, fqn: str) -> list[str]:
+        return [fqn]
 
-    def to_hf(self, fqn: str, tensor: torch.Tensor) -> torch.Tensor:
+    def to_hf(self, fqn: str, tensor: torch.Tensor) -> list[torch.Tensor]:
+        return [tensor]
+
+    def from_hf(self, fqn: str, tensors: list[torch.Tensor]) -> torch.Tensor:
+        (tensor,) = tensors
         return tensor
-
-    from_hf = to_hf
 
     def hf_config(self) -> dict:
         return self.config.to_dict()

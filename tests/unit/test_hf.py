@@ -75,7 +75,7 @@ def load_pair(folder: Path, *args: str):
     hf = transformers.AutoModelForCausalLM.from_pretrained(folder, attn_implementation="sdpa")
     hf_state = hf.state_dict()
     adapter = HFStateDictAdapter(model_config)
-    state = {fqn: hf_state[adapter.hf_key(fqn)] for fqn in model.state_dict()}
+    state = {fqn: hf_state[adapter.hf_keys(fqn)[0]] for fqn in model.state_dict()}
     model.load_state_dict(state)
     model.init_buffers()
     return model, hf.train()
@@ -121,7 +121,7 @@ def test_export_keys_are_the_safetensors_keys(folders: dict[str, Path]) -> None:
     adapter = HFStateDictAdapter(model_config)
     with safe_open(folders["qwen3"] / "model.safetensors", "pt") as f:
         stored = set(f.keys())
-    assert {adapter.hf_key(fqn) for fqn in model.state_dict()} == stored
+    assert {key for fqn in model.state_dict() for key in adapter.hf_keys(fqn)} == stored
     assert adapter.hf_config()["num_hidden_layers"] == 2
 
 
@@ -319,8 +319,8 @@ def test_missing_transformers_is_one_line_error(monkeypatch: pytest.MonkeyPatch)
 
 def test_llama3_adapter_unknown_fqn_is_config_error() -> None:
     adapter = Llama3StateDictAdapter(Llama3Config(dim=64, n_layers=2, n_heads=4, vocab_size=256))
-    assert (
-        adapter.hf_key("layers.0.attention.wq.weight") == "model.layers.0.self_attn.q_proj.weight"
-    )
+    assert adapter.hf_keys("layers.0.attention.wq.weight") == [
+        "model.layers.0.self_attn.q_proj.weight"
+    ]
     with pytest.raises(CheckpointError, match=r"'layers\.0\.extra\.weight' has no Hugging Face"):
-        adapter.hf_key("layers.0.extra.weight")
+        adapter.hf_keys("layers.0.extra.weight")

@@ -108,11 +108,13 @@ class CheckpointManager:
         self.config = config
         self.hf_adapter = hf_adapter
         self.tokenizer, self.chat_template = tokenizer, chat_template  # for Hugging Face exports
-        if config.last_save_in_hf and hf_adapter is None:
-            raise ConfigError(
-                "this model family has no Hugging Face state-dict adapter: "
-                "--checkpoint.last_save_in_hf is not available for it"
-            )
+        if config.last_save_in_hf:
+            if hf_adapter is None:
+                raise ConfigError(
+                    "this model family has no Hugging Face state-dict adapter: "
+                    "--checkpoint.last_save_in_hf is not available for it"
+                )
+            hf_adapter.hf_config()  # a model the format cannot hold fails before training
         self.folder = folder
         self.total_steps = total_steps
         self.train_state = train_state

@@ -2,7 +2,8 @@
 
 Loading reads one tensor at a time and only the keys this rank holds, then keeps the rank's own
 slice of each (``distribute_tensor`` with ``src_data_rank=None`` slices locally, no
-communication). Saving gathers each tensor once per group of ranks that hold the same
+communication). A tensor stacked from several HF keys along dim 0 (routed experts, one key per
+expert) reads only the keys of the rows in the rank's shard. Saving gathers each tensor once per group of ranks that hold the same
 parameters (a pipeline stage), and that group's first rank writes them, so no rank ever holds
 the whole model; rank 0 then names the files as ``transformers`` expects and writes the index,
 ``config.json`` and the run's tokenizer (tokenizer.json, tokenizer_config.json with the chat
@@ -16,12 +17,14 @@ import json
 import logging
 import shutil
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
-from torch.distributed.tensor import DTensor
+from torch.distributed.tensor import DTensor, Replicate, Shard
+from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
 from tetrad.data.tokenizer import Tokenizer, save_tokenizer
 from tetrad.distributed.utils import all_gather_objects, barrier, copy_full_, process_rank
@@ -57,13 +60,15 @@ def _model_keys(local: set[str]) -> set[str]:
     return set().union(*all_gather_objects(local))
 
 
-def _hf_tensors(model: nn.Module, adapter: StateDictAdapter) -> dict[str, tuple[str, torch.Tensor]]:
-    """tetrad FQN → (HF key, the model's tensor) for every tensor the HF format stores: not a
+def _hf_tensors(
+    model: nn.Module, adapter: StateDictAdapter
+) -> dict[str, tuple[list[str], torch.Tensor]]:
+    """tetrad FQN → (HF keys, the model's tensor) for every tensor the HF format stores: not a
     tied copy, not a LoRA adapter (an export merges the adapters into the base weights)."""
     return {
-        fqn: (key, tensor)
+        fqn: (keys, tensor)
         for fqn, tensor in model.state_dict().items()
-        if not is_adapter(fqn) and (key := adapter.hf_key(fqn)) is not None
+        if not is_adapter(fqn) and (keys := adapter.hf_keys(fqn))
     }
 
 
@@ -100,25 +105,53 @@ def load_hf_weights(model: nn.Module, folder: Path, adapter: StateDictAdapter) -
     folder = Path(folder)
     weight_map = hf_weight_map(folder)
     targets = _hf_tensors(model, adapter)
-    needed = _model_keys({key for key, _ in targets.values()})
+    needed = _model_keys({key for keys, _ in targets.values() for key in keys})
     # Adapters of tied models name the output's HF key(s); the protocol does not require it.
     _check_keys(folder, weight_map, needed, adapter.tied_keys)
     files = {}  # safetensors files open lazily: only the tensors read are loaded
     loading = progress_bar(
         f"loading {folder.name}", targets.items(), total=len(targets), unit="tensor"
     )
-    for fqn, (key, tensor) in loading:
-        path = weight_map[key]
-        if path not in files:
-            files[path] = safe_open(path, framework="pt")
-        full = adapter.from_hf(fqn, files[path].get_tensor(key))
-        if full.shape != tensor.shape:
+    for fqn, (keys, tensor) in loading:
+        box = _local_box(tensor) if len(keys) > 1 else None
+        rows = slice(box[1][0], box[1][0] + box[0][0]) if box else slice(None)
+        if not keys[rows]:
+            continue  # an uneven shard with no rows here
+        read = []
+        for key in keys[rows]:
+            path = weight_map[key]
+            if path not in files:
+                files[path] = safe_open(path, framework="pt")
+            read.append(files[path].get_tensor(key))
+        value = adapter.from_hf(fqn, read)
+        want = [len(keys[rows]), *tensor.shape[1:]] if len(keys) > 1 else list(tensor.shape)
+        if list(value.shape) != want:
+            named = f"'{keys[0]}' has" if len(keys) == 1 else f"'{keys[rows][0]}'.. stack to"
             raise CheckpointError(
-                f"Hugging Face checkpoint {folder}: '{key}' has shape {list(full.shape)}, "
-                f"the model expects {list(tensor.shape)} for '{fqn}'"
+                f"Hugging Face checkpoint {folder}: {named} shape {list(value.shape)}, "
+                f"the model expects {want} for '{fqn}'"
             )
-        copy_full_(tensor, full)
+        if box is None:
+            copy_full_(tensor, value)
+            continue
+        assert isinstance(tensor, DTensor)  # _local_box: only a sharded tensor has a box
+        for dim in range(1, value.dim()):
+            value = value.narrow(dim, box[1][dim], box[0][dim])
+        tensor.to_local().copy_(value)
     logger.info("loaded %d tensors from Hugging Face checkpoint %s", len(targets), folder)
+
+
+def _local_box(tensor: torch.Tensor) -> tuple[list[int], list[int]] | None:
+    """(shape, offset) of the block of the full tensor this rank's shard of a DTensor is, when
+    it is one block (every placement a plain Shard or Replicate); None = read the whole tensor."""
+    if not isinstance(tensor, DTensor) or not all(
+        type(p) is Shard or isinstance(p, Replicate) for p in tensor.placements
+    ):
+        return None
+    shape, offset = compute_local_shape_and_global_offset(
+        tensor.shape, tensor.device_mesh, tensor.placements
+    )
+    return list(shape), list(offset)
 
 
 def _writer_group(keys: list[str]) -> tuple[bool, int]:
@@ -150,6 +183,7 @@ def save_hf_weights(
     tmp = folder.with_name(folder.name + ".tmp")
     if folder.exists():
         raise CheckpointError(f"{folder} already exists; remove it or choose another export folder")
+    hf_config = adapter.hf_config()  # before writing: a model the format cannot hold fails here
     if process_rank() == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
@@ -173,25 +207,26 @@ def save_hf_weights(
     exporting = progress_bar(
         f"exporting {folder.name}", state.items(), total=len(state), unit="tensor"
     )
-    for fqn, (key, tensor) in exporting:
+    for fqn, (keys, tensor) in exporting:
         full = tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
         # W + alpha/r·B·A where adapted; a gathered copy may take the sum in place.
         full = merged_weight(lora_linears, fqn, full, in_place=full is not tensor)
         if not is_writer:
             continue
-        full = adapter.to_hf(fqn, full.detach().to("cpu", dtype)).contiguous()
-        size = full.numel() * full.element_size()
-        if shard and shard_bytes + size > max_bytes:
-            flush()
-        shard[key] = full
-        shard_bytes += size
+        pieces = adapter.to_hf(fqn, full.detach().to("cpu", dtype))
+        for key, piece in zip(keys, pieces, strict=True):
+            size = piece.numel() * piece.element_size()
+            if shard and shard_bytes + size > max_bytes:
+                flush()
+            shard[key] = piece.contiguous()
+            shard_bytes += size
     flush()
     written = all_gather_objects((writer_index, files) if is_writer else None)
     files_by_writer = [f for _, f in sorted(w for w in written if w is not None)]
     if process_rank() == 0:
         if tokenizer is not None:
             save_tokenizer(tokenizer, tmp, chat_template)
-        _finish(tmp, folder, files_by_writer, adapter, dtype)
+        _finish(tmp, folder, files_by_writer, hf_config, dtype)
     barrier()
     logger.info("exported Hugging Face checkpoint %s", folder)
 
@@ -200,7 +235,7 @@ def _finish(
     tmp: Path,
     folder: Path,
     files_by_writer: list[list[tuple[list[str], int]]],
-    adapter: StateDictAdapter,
+    hf_config: dict[str, Any],
     dtype: torch.dtype,
 ) -> None:
     """Rename the writers' parts to transformers' names, write the index and config.json, and
@@ -222,6 +257,6 @@ def _finish(
             weight_map |= dict.fromkeys(keys, name)
         index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
         (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
-    config = adapter.hf_config() | {"torch_dtype": str(dtype).removeprefix("torch.")}
+    config = hf_config | {"torch_dtype": str(dtype).removeprefix("torch.")}
     (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     tmp.rename(folder)

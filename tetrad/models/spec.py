@@ -31,22 +31,28 @@ def did_you_mean(name: str, choices: Iterable[str]) -> str:
 
 class StateDictAdapter(Protocol):
     """Maps one model config's parameters to and from the Hugging Face layout, one tensor at a
-    time, so a rank can load or export only the tensors it holds."""
+    time, so a rank can load or export only the tensors it holds.
+
+    A tensor is usually one HF key; a tensor HF stores in pieces along dim 0 (a routed expert
+    tensor [E, out, in], one key per expert) is several, and a rank whose shard holds only some
+    of its rows reads only those rows' keys."""
 
     tied_keys: set[str]
     """HF keys of a tied model's shared copy (lm_head.weight), which checkpoints may hold or
     not; empty for an untied model."""
 
-    def hf_key(self, fqn: str) -> str | None:
-        """The HF key of tetrad's ``fqn``; None for a tensor HF does not store (a tied output)."""
+    def hf_keys(self, fqn: str) -> list[str]:
+        """The HF keys of tetrad's ``fqn``: one; none for a tensor HF does not store (a tied
+        output); several, in row order, for a tensor stacked along dim 0 from HF's pieces."""
         ...
 
-    def to_hf(self, fqn: str, tensor: torch.Tensor) -> torch.Tensor:
-        """A full (unsharded) tensor in tetrad's layout → HF's layout."""
+    def to_hf(self, fqn: str, tensor: torch.Tensor) -> list[torch.Tensor]:
+        """A full (unsharded) tensor in tetrad's layout → the tensors of ``hf_keys(fqn)``."""
         ...
 
-    def from_hf(self, fqn: str, tensor: torch.Tensor) -> torch.Tensor:
-        """The inverse of ``to_hf``."""
+    def from_hf(self, fqn: str, tensors: list[torch.Tensor]) -> torch.Tensor:
+        """The inverse of ``to_hf``; for a stacked tensor, the pieces of any contiguous run of
+        its rows (a shard's) → those rows."""
         ...
 
     def hf_config(self) -> dict[str, Any]:

@@ -25,14 +25,15 @@ class HFStateDictAdapter:
         tied = set(getattr(cls, "_tied_weights_keys", None) or ())
         self.tied_keys: set[str] = tied if config.tie_embeddings else set()
 
-    def hf_key(self, fqn: str) -> str | None:
+    def hf_keys(self, fqn: str) -> list[str]:
         key = f"model.{fqn}" if self.config.native and not fqn.startswith("lm_head.") else fqn
-        return None if key in self.tied_keys else key
+        return [] if key in self.tied_keys else [key]
 
-    def to_hf(self, fqn: str, tensor: torch.Tensor) -> torch.Tensor:
-        return tensor
+    def to_hf(self, fqn: str, tensor: torch.Tensor) -> list[torch.Tensor]:
+        return [tensor]
 
-    def from_hf(self, fqn: str, tensor: torch.Tensor) -> torch.Tensor:
+    def from_hf(self, fqn: str, tensors: list[torch.Tensor]) -> torch.Tensor:
+        (tensor,) = tensors
         return tensor
 
     def hf_config(self) -> dict[str, Any]:

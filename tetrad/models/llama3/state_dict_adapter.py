@@ -59,13 +59,13 @@ class Llama3StateDictAdapter:
         # HF keys of tied copies: not exported, ignored where a checkpoint stores them anyway.
         self.tied_keys: set[str] = {"lm_head.weight"} if config.tie_embeddings else set()
 
-    def hf_key(self, fqn: str) -> str | None:
+    def hf_keys(self, fqn: str) -> list[str]:
         if fqn == "output.weight" and self.config.tie_embeddings:
-            return None  # HF stores the tied matrix once, as the embedding
+            return []  # HF stores the tied matrix once, as the embedding
         if fqn in _TOP_LEVEL:
-            return _TOP_LEVEL[fqn]
+            return [_TOP_LEVEL[fqn]]
         if (m := _BLOCK.match(fqn)) and m[2] in _IN_BLOCK:
-            return f"model.layers.{m[1]}.{_IN_BLOCK[m[2]]}"
+            return [f"model.layers.{m[1]}.{_IN_BLOCK[m[2]]}"]
         raise CheckpointError(
             f"'{fqn}' has no Hugging Face LlamaForCausalLM counterpart: the Llama 3 adapter "
             "maps only tetrad's llama3 Transformer's parameters"
@@ -78,11 +78,12 @@ class Llama3StateDictAdapter:
             return self.config.kv_heads
         return None
 
-    def to_hf(self, fqn: str, tensor: torch.Tensor) -> torch.Tensor:
+    def to_hf(self, fqn: str, tensor: torch.Tensor) -> list[torch.Tensor]:
         heads = self._heads(fqn)
-        return tensor if heads is None else interleaved_to_half(tensor, heads)
+        return [tensor if heads is None else interleaved_to_half(tensor, heads)]
 
-    def from_hf(self, fqn: str, tensor: torch.Tensor) -> torch.Tensor:
+    def from_hf(self, fqn: str, tensors: list[torch.Tensor]) -> torch.Tensor:
+        (tensor,) = tensors
         heads = self._heads(fqn)
         return tensor if heads is None else half_to_interleaved(tensor, heads)
 

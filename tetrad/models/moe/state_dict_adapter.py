@@ -2,14 +2,14 @@
 on the hub and as ``save_pretrained`` writes them): a config from ``config.json`` and tensors
 by key.
 
-Two things differ from the dense adapters (``StateDictAdapter``, one HF key per tensor):
+Two things differ from the dense adapters:
 - a routed expert tensor [E, out, in] is E checkpoint tensors
   (``mlp.experts.{e}.gate_proj.weight`` ...), so ``hf_keys`` lists several keys and
-  ``from_hf``/``to_hf`` stack and split;
+  ``from_hf``/``to_hf`` stack and split (a shard's run of experts: the loader reads only those);
 - besides wq/wk's rows, the per-head q/k norms' weights take the rotary channel order
   (tetrad's interleaved pairs, see ``tetrad.models.llama3.state_dict_adapter``).
-The Hugging Face loader and exporter (``tetrad.components.hf_checkpoint``) read one key per
-tensor today; growing them to ``hf_keys`` is the next step (issue 17, items 4–5).
+The routing biases of auxiliary-loss-free balancing have no place in the format: a model that
+moves them (``bias_update_rate`` > 0) loads from it (biases start at zero) but does not export.
 """
 
 from __future__ import annotations
@@ -106,8 +106,7 @@ class Qwen3MoeStateDictAdapter:
             layer, name = m[1], m[2]
             if name in _IN_BLOCK:
                 return [f"model.layers.{layer}.{_IN_BLOCK[name]}"]
-            if name in _EXPERTS:
-                proj = _EXPERTS[name]
+            if proj := _EXPERTS.get(name):
                 experts = range(self.config.num_experts)
                 return [f"model.layers.{layer}.mlp.experts.{e}.{proj}.weight" for e in experts]
             if name == "feed_forward.router.expert_bias":
@@ -127,9 +126,15 @@ class Qwen3MoeStateDictAdapter:
                 return heads
         return None
 
+    @staticmethod
+    def _stacked(fqn: str) -> bool:
+        """Whether ``fqn`` is a routed expert tensor, stacked from one key per expert."""
+        return (m := _BLOCK.match(fqn)) is not None and m[2] in _EXPERTS
+
     def from_hf(self, fqn: str, tensors: list[torch.Tensor]) -> torch.Tensor:
-        """The checkpoint's tensors of ``hf_keys(fqn)``, in that order → tetrad's tensor."""
-        if len(tensors) > 1:
+        """The checkpoint's tensors of ``hf_keys(fqn)`` (of a run of experts), in that order →
+        tetrad's tensor (those experts' rows)."""
+        if self._stacked(fqn):
             return torch.stack(tensors)
         (tensor,) = tensors
         if (heads := self._rotary_heads(fqn)) is None:
@@ -138,7 +143,7 @@ class Qwen3MoeStateDictAdapter:
 
     def to_hf(self, fqn: str, tensor: torch.Tensor) -> list[torch.Tensor]:
         """The inverse of ``from_hf``."""
-        if len(self.hf_keys(fqn)) > 1:
+        if self._stacked(fqn):
             return list(tensor.unbind(0))
         if (heads := self._rotary_heads(fqn)) is None:
             return [tensor]
@@ -147,6 +152,12 @@ class Qwen3MoeStateDictAdapter:
     def hf_config(self) -> dict[str, Any]:
         """The ``config.json`` that ``transformers.AutoConfig`` reads for this model."""
         c = self.config
+        if c.bias_update_rate:
+            raise CheckpointError(
+                f"this qwen3_moe model routes with auxiliary-loss-free biases (bias_update_rate "
+                f"{c.bias_update_rate}), which Qwen3MoeForCausalLM has no place for: its export "
+                "would route differently; export a model trained without them"
+            )
         return {
             "architectures": ["Qwen3MoeForCausalLM"],
             "model_type": "qwen3_moe",
