@@ -17,13 +17,14 @@ import torch
 from tetrad.errors import CheckpointError
 from tetrad.models.llama3.model import Llama3Config
 
-_BLOCK = re.compile(r"^layers\.(\d+)\.(.+)$")
-_TOP_LEVEL = {
+BLOCK_FQN = re.compile(r"^layers\.(\d+)\.(.+)$")
+"""A block's parameter: its index and its name inside the block."""
+TOP_LEVEL_KEYS = {
     "tok_embeddings.weight": "model.embed_tokens.weight",
     "norm.weight": "model.norm.weight",
     "output.weight": "lm_head.weight",
 }
-_IN_BLOCK = {
+BLOCK_KEYS = {
     "attention.wq.weight": "self_attn.q_proj.weight",
     "attention.wk.weight": "self_attn.k_proj.weight",
     "attention.wv.weight": "self_attn.v_proj.weight",
@@ -62,10 +63,10 @@ class Llama3StateDictAdapter:
     def hf_keys(self, fqn: str) -> list[str]:
         if fqn == "output.weight" and self.config.tie_embeddings:
             return []  # HF stores the tied matrix once, as the embedding
-        if fqn in _TOP_LEVEL:
-            return [_TOP_LEVEL[fqn]]
-        if (m := _BLOCK.match(fqn)) and m[2] in _IN_BLOCK:
-            return [f"model.layers.{m[1]}.{_IN_BLOCK[m[2]]}"]
+        if fqn in TOP_LEVEL_KEYS:
+            return [TOP_LEVEL_KEYS[fqn]]
+        if (m := BLOCK_FQN.match(fqn)) and m[2] in BLOCK_KEYS:
+            return [f"model.layers.{m[1]}.{BLOCK_KEYS[m[2]]}"]
         raise CheckpointError(
             f"'{fqn}' has no Hugging Face LlamaForCausalLM counterpart: the Llama 3 adapter "
             "maps only tetrad's llama3 Transformer's parameters"

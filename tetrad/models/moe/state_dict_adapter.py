@@ -14,34 +14,24 @@ moves them (``bias_update_rate`` > 0) loads from it (biases start at zero) but d
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 import torch
 
 from tetrad.errors import CheckpointError, ConfigError
-from tetrad.models.llama3.state_dict_adapter import half_to_interleaved, interleaved_to_half
+from tetrad.models.llama3.state_dict_adapter import (
+    BLOCK_FQN,
+    BLOCK_KEYS,
+    TOP_LEVEL_KEYS,
+    half_to_interleaved,
+    interleaved_to_half,
+)
 from tetrad.models.moe.model import MoEConfig
 
-_BLOCK = re.compile(r"^layers\.(\d+)\.(.+)$")
-_TOP_LEVEL = {
-    "tok_embeddings.weight": "model.embed_tokens.weight",
-    "norm.weight": "model.norm.weight",
-    "output.weight": "lm_head.weight",
-}
-_IN_BLOCK = {
-    "attention.wq.weight": "self_attn.q_proj.weight",
-    "attention.wk.weight": "self_attn.k_proj.weight",
-    "attention.wv.weight": "self_attn.v_proj.weight",
-    "attention.wo.weight": "self_attn.o_proj.weight",
+_IN_BLOCK = BLOCK_KEYS | {
     "attention.q_norm.weight": "self_attn.q_norm.weight",
     "attention.k_norm.weight": "self_attn.k_norm.weight",
-    "feed_forward.w1.weight": "mlp.gate_proj.weight",
-    "feed_forward.w2.weight": "mlp.down_proj.weight",
-    "feed_forward.w3.weight": "mlp.up_proj.weight",
     "feed_forward.router.gate.weight": "mlp.gate.weight",
-    "attention_norm.weight": "input_layernorm.weight",
-    "ffn_norm.weight": "post_attention_layernorm.weight",
 }
 _EXPERTS = {
     "feed_forward.experts.w1": "gate_proj",
@@ -100,9 +90,9 @@ class Qwen3MoeStateDictAdapter:
         for a tied output or the routing bias (tetrad's own, a buffer HF has no place for)."""
         if fqn == "output.weight" and self.config.tie_embeddings:
             return []
-        if fqn in _TOP_LEVEL:
-            return [_TOP_LEVEL[fqn]]
-        if m := _BLOCK.match(fqn):
+        if fqn in TOP_LEVEL_KEYS:
+            return [TOP_LEVEL_KEYS[fqn]]
+        if m := BLOCK_FQN.match(fqn):
             layer, name = m[1], m[2]
             if name in _IN_BLOCK:
                 return [f"model.layers.{layer}.{_IN_BLOCK[name]}"]
@@ -129,7 +119,7 @@ class Qwen3MoeStateDictAdapter:
     @staticmethod
     def _stacked(fqn: str) -> bool:
         """Whether ``fqn`` is a routed expert tensor, stacked from one key per expert."""
-        return (m := _BLOCK.match(fqn)) is not None and m[2] in _EXPERTS
+        return (m := BLOCK_FQN.match(fqn)) is not None and m[2] in _EXPERTS
 
     def from_hf(self, fqn: str, tensors: list[torch.Tensor]) -> torch.Tensor:
         """The checkpoint's tensors of ``hf_keys(fqn)`` (of a run of experts), in that order →
