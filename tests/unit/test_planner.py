@@ -15,6 +15,8 @@ import functools
 import pytest
 
 from tetrad.config import load_config
+from tetrad.plan.dry_run import summarize_rank, tokenizer_vocab_size
+from tetrad.plan.estimate import estimate
 from tetrad.plan.planner import SCHEDULES, Layout, Planner
 
 
@@ -109,3 +111,28 @@ def test_schedule_the_trainer_refuses_is_rejected_with_its_reason() -> None:
     )
     assert not verdict.fits
     assert "at least as many micro-batches as stages" in verdict.reason
+
+
+def test_estimate_of_a_pipeline_rank() -> None:
+    """tetrad estimate on pp 2 (tiny: one block a stage), last stage, 8 micro-batches: its
+    parameters are the stage's own (the dry run's count, plus the rotary tables the tracker
+    files as parameters: within 2%), and its activations those of the micro-batches the
+    schedule keeps in flight: 1F1B min(pp, m) = 2, GPipe all m = 8. The last stage's peak
+    comes as its forward ends, when it holds exactly one micro-batch's, so GPipe / 1F1B = 4."""
+    activations = {}
+    for schedule in ("1F1B", "GPipe"):
+        config = load_config(
+            [
+                "--model.flavor=tiny",
+                "--training.seq_len=64",
+                "--training.local_batch_size=8",
+                "--parallelism.pp=2",
+                "--parallelism.pp_microbatches=8",
+                f"--parallelism.pp_schedule={schedule}",
+            ]
+        )
+        memory = estimate(config, 2, rank=1)
+        stage = summarize_rank(config, 2, 1, vocab_size=tokenizer_vocab_size(config))
+        assert memory.peak["parameters"] == pytest.approx(stage.local_param_bytes, rel=0.02)
+        activations[schedule] = memory.peak["activations"]
+    assert activations["GPipe"] / activations["1F1B"] == pytest.approx(8 / 2, rel=1e-6)

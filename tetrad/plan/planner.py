@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -33,6 +33,7 @@ from tetrad.distributed.pipeline import plan_pipeline
 from tetrad.models.registry import get_model_spec
 from tetrad.plan.dry_run import tokenizer_vocab_size
 from tetrad.plan.estimate import AC_MODES, GIB, ROWS, ACMode, DepthProfile, depth_profile
+from tetrad.plan.schedules import SCHEDULES
 
 SHARDED = ("parameters", "gradients", "optimizer states")
 PER_TOKEN = ("activations", "backward temporaries", "inputs")
@@ -65,52 +66,6 @@ MIN_CP_TOKENS = 4096
 small share of a block's work and the K/V exchange outweighs what cp saves."""
 RECOMPUTE = {"none": 1.0, "selective": 1.1, "full": 4 / 3}
 """Compute factor: full recomputes the forward (a third of a step); selective its cheap ops."""
-
-
-@dataclass(frozen=True)
-class Schedule:
-    """A pipeline schedule's cost on ``p`` ranks with ``m`` micro-batches, at stages_per_rank
-    ``v``, with a micro-batch's forward, input-gradient and weight-gradient passes taking
-    equal time (the zero-bubble papers' assumption)."""
-
-    stages_per_rank: int
-    bubble: Callable[[int, int], float]
-    """Idle time over compute time (the bubble fraction of Narayanan et al. 2021, §2.2)."""
-    in_flight: Callable[[int, int], float]
-    """Micro-batches' activations of the rank's blocks that the busiest rank holds at once."""
-
-
-def _interleaved_memory(p: int, m: int) -> float:
-    # Korthikanti et al. 2022 ("Reducing Activation Recomputation"), §4.2.3: the first rank
-    # of the interleaved schedule holds 1 + (p - 1) / (p·v) times 1F1B's p micro-batches.
-    return min(p, m) * (1 + (p - 1) / (2 * p))
-
-
-def _zero_bubble_v(p: int, m: int) -> float:
-    # Qi et al. 2024 ("Zero Bubble Pipeline Parallelism", §4): ZB-V fills the bubble once
-    # there are 2p micro-batches; with fewer, ZB-H1's third of the interleaved bubble.
-    return 0.0 if m >= 2 * p else (p - 1) / (3 * 2 * m)
-
-
-SCHEDULES: dict[PipelineScheduleName, Schedule] = {
-    # GPipe (Huang et al. 2019): every forward before any backward, all m in flight.
-    "GPipe": Schedule(1, lambda p, m: (p - 1) / m, lambda p, m: m),
-    # 1F1B / PipeDream-Flush (Narayanan et al. 2021): the first rank holds p in flight.
-    "1F1B": Schedule(1, lambda p, m: (p - 1) / m, lambda p, m: min(p, m)),
-    # Interleaved 1F1B (same paper): v = 2 stages per rank divide the bubble by v.
-    "Interleaved1F1B": Schedule(2, lambda p, m: (p - 1) / (2 * m), _interleaved_memory),
-    # Breadth-first looping (Lamy-Poirier 2023): the interleaved bubble, but all m micro-
-    # batches' forwards run before the backwards, as in GPipe.
-    "LoopedBFS": Schedule(2, lambda p, m: (p - 1) / (2 * m), lambda p, m: m),
-    # ZB-H1 interleaved (Qi et al. 2024, §3): deferring weight gradients leaves a third of
-    # the bubble, at the interleaved schedule's memory.
-    "InterleavedZeroBubble": Schedule(2, lambda p, m: (p - 1) / (3 * 2 * m), _interleaved_memory),
-    # ZB-V (Qi et al. 2024, §4): 1F1B's peak activation memory, p micro-batches.
-    "ZBVZeroBubble": Schedule(2, _zero_bubble_v, lambda p, m: min(p, m)),
-    # DualPipeV (DeepSeek-V3 report, Table 2: p + 1 micro-batches in flight); its bubble is
-    # taken as ZB-V's (computation-communication overlap is not modelled).
-    "DualPipeV": Schedule(2, _zero_bubble_v, lambda p, m: p + 1),
-}
 
 
 @dataclass(frozen=True)
@@ -182,8 +137,10 @@ class Planner:
             if self.gpus % (tp * pp * cp):
                 continue
             dp = self.gpus // (tp * pp * cp)
-            node_shard = max(1, self.gpu.per_node // (tp * cp))
-            replicas = {1} | ({dp // node_shard} if dp % node_shard == 0 else set())
+            # HSDP: an FSDP group (dp_shard × cp × tp ranks) of one node, replicas across.
+            node_shard = self.gpu.per_node // (tp * cp)
+            hsdp = node_shard >= 1 and dp % node_shard == 0
+            replicas = {1} | ({dp // node_shard} if hsdp else set())
             batches = (1, 2) if pp == 1 else (pp, 2 * pp, 4 * pp)
             schedules = ("1F1B",) if pp == 1 else tuple(SCHEDULES)
             for r, ac, batch, schedule in itertools.product(
@@ -361,13 +318,13 @@ def format_plan(planner: Planner, verdicts: Sequence[Verdict], top: int) -> str:
         f"seq_len {c.training.seq_len}; {len(fitting)} of {len(verdicts)} layouts fit. Step "
         f"time: compute at {MFU_CEILING:.0%} of {g.bf16_tflops:g} TFLOPS, links "
         f"{g.nvlink_gbps:g} GB/s in a node, {g.network_gbps:g} GB/s between nodes",
-        f"{'layout':<36} {'AC':<9} {'batch':>5} {'GiB':>6} {'step s':>7} {'tok/s/GPU':>9}  "
+        f"{'layout':<52} {'AC':<9} {'batch':>5} {'GiB':>6} {'step s':>7} {'tok/s/GPU':>9}  "
         "dominant term",
     ]
     for v in fitting[:top]:
         lo = v.layout
         lines.append(
-            f"{lo.describe():<36} {lo.ac:<9} {lo.local_batch:>5} {v.memory_gib:>6.1f} "
+            f"{lo.describe():<52} {lo.ac:<9} {lo.local_batch:>5} {v.memory_gib:>6.1f} "
             f"{v.step_s:>7.2f} {v.tokens_per_gpu_s:>9.0f}  {v.reason}"
         )
     if not fitting:
