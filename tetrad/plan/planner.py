@@ -296,9 +296,17 @@ class Planner:
         return self.gpu.nvlink_gbps if intra_node else self.gpu.network_gbps
 
     def plan(self) -> list[Verdict]:
-        """Every candidate's verdict, the fitting ones fastest first."""
+        """Every candidate's verdict, the fitting ones fastest first; within 3 significant
+        digits of each other (below the model's precision), the simpler first: fewer
+        pipeline stages, then less context and tensor parallel, then fewer micro-batches."""
         verdicts = [self.judge(layout) for layout in self.layouts()]
-        return sorted(verdicts, key=lambda v: (not v.fits, -v.tokens_per_gpu_s))
+
+        def key(v: Verdict) -> tuple[bool, float, int, int, int, int]:
+            lo = v.layout
+            speed = float(f"{v.tokens_per_gpu_s:.3g}")
+            return (not v.fits, -speed, lo.pp, lo.cp, lo.tp, lo.local_batch)
+
+        return sorted(verdicts, key=key)
 
 
 _WHY = {
