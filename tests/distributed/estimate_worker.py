@@ -48,7 +48,7 @@ def peak_bytes(args: list[str]) -> int:
             p.normal_(0, 0.02)
     optimizer = build_optimizer(built.parts, config.optimizer, device)
     for _ in range(2):
-        train_step(model, optimizer, inputs, labels, config, dims)
+        train_step([model], optimizer, inputs, labels, config, dims)
     return (rss_kib("VmHWM") - before) * 1024
 
 

@@ -151,6 +151,17 @@ class LRSchedulerConfig:
     is stopped early and resumed, or extended."""
 
 
+PipelineScheduleName = Literal[
+    "GPipe",
+    "1F1B",
+    "Interleaved1F1B",
+    "LoopedBFS",
+    "InterleavedZeroBubble",
+    "ZBVZeroBubble",
+    "DualPipeV",
+]
+
+
 @dataclass(kw_only=True)
 class ParallelismConfig:
     dp_replicate: int = 1
@@ -185,15 +196,7 @@ class ParallelismConfig:
     (InterleavedZeroBubble, ZBVZeroBubble, DualPipeV): they compute weight gradients after
     FSDP would have resharded, so they need false."""
 
-    pp_schedule: Literal[
-        "GPipe",
-        "1F1B",
-        "Interleaved1F1B",
-        "LoopedBFS",
-        "InterleavedZeroBubble",
-        "ZBVZeroBubble",
-        "DualPipeV",
-    ] = "1F1B"
+    pp_schedule: PipelineScheduleName = "1F1B"
     """Pipeline schedule (with --parallelism.pp > 1). GPipe and 1F1B run one stage per rank;
     Interleaved1F1B, LoopedBFS and InterleavedZeroBubble two or more (virtual) stages per rank;
     ZBVZeroBubble and DualPipeV exactly two per rank, in V order."""

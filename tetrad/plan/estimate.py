@@ -7,6 +7,10 @@ attributes them: parameters, gradients, optimizer states, activations, backward 
 FSDP's all-gather and reduce-scatter buffers. torch.compile is left out (eager memory: compiled
 blocks usually need less).
 
+A pipeline rank runs one micro-batch through its stages (a later stage on a hidden state, a
+middle one's backward from a sum) and its activations are multiplied by the micro-batches its
+schedule keeps in flight (``tetrad.plan.schedules``).
+
 ``train_step`` also runs on real tensors in real processes: that is how the estimate is checked
 against a measured peak (tests/distributed/test_estimate.py)."""
 
@@ -14,8 +18,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -31,6 +36,7 @@ from tetrad.distributed.parallel_dims import ParallelDims
 from tetrad.models.registry import get_model_spec
 from tetrad.plan.dry_run import build_rank, tokenizer_vocab_size
 from tetrad.plan.fake_world import fake_world
+from tetrad.plan.schedules import SCHEDULES
 
 GIB = 2**30
 
@@ -78,63 +84,99 @@ def step_peak(
     that many blocks instead."""
     # Built as for a GPU run (its mixed precision and attention), computed on CPU tensors.
     dims, built = build_rank(config, world_size, vocab_size=vocab_size, n_layers=n_layers)
-    if dims.pp > 1:
-        raise ConfigError(
-            "tetrad estimate does not cover pipeline parallel yet: estimate a pp 1 layout of "
-            "the same stage size, or use tetrad train --dry-run for the shapes"
-        )
-    (model,) = built.parts
+    parts = built.parts
     device = torch.device("cpu")
     t = config.training
+    microbatches = built.plan.microbatches if built.plan else 1
     with FakeTensorMode(allow_non_fake_inputs=True):
-        model.to_empty(device=device)
-        model.init_buffers(device)
-        optimizer = build_optimizer(built.parts, config.optimizer, device)
-        shape = (t.local_batch_size, t.seq_len // dims.cp)
-        inputs = torch.randint(0, vocab_size, shape, device=device)
+        for part in parts:
+            part.to_empty(device=device)
+            part.init_buffers(device)
+        optimizer = build_optimizer(parts, config.optimizer, device)
+        shape = (t.local_batch_size // microbatches, t.seq_len // dims.cp)
         labels = torch.randint(0, vocab_size, shape, device=device)
+        if getattr(parts[0], "tok_embeddings", None) is not None:
+            inputs = torch.randint(0, vocab_size, shape, device=device)
+        elif dims.tp > 1:
+            raise ConfigError(
+                "tetrad estimate covers tensor parallel only on the first pipeline stage's "
+                "ranks (--rank with pp coordinate 0), not yet on later stages"
+            )
+        else:  # a later pipeline stage: the previous one's hidden states
+            inputs = torch.randn(*shape, built.model_config.dim, device=device)
         # The first step creates the optimizer states; the second one's forward and backward
         # hold them: the steady state. Its optimizer step is left out: under fake tensors the
         # tracker counts the update's short-lived temporaries as states (tens of GiB for 8B),
         # while the fused/foreach update holds little beyond the states it updates in place.
-        train_step(model, optimizer, inputs, labels, config, dims)
+        train_step(parts, optimizer, inputs, labels, config, dims)
         tracker: MemTracker
-        if dims.fsdp_enabled:
-            tracker = FSDPMemTracker(model, optimizer)
+        if dims.fsdp_enabled and len(parts) == 1:
+            tracker = FSDPMemTracker(parts[0], optimizer)
             tracker.track_inputs((inputs, labels))
-        else:
-            tracker = MemTracker()
-            tracker.track_external(model, optimizer, inputs, labels)
+        else:  # FSDPMemTracker takes one FSDP root: several stages' all-gathers count as
+            tracker = MemTracker()  # parameters and backward temporaries here
+            tracker.track_external(*parts, optimizer, inputs, labels)
+        held: list[dict[str, int]] = []  # after the forward, before the backward
+
+        def after_forward() -> None:
+            held.append(_rows(tracker.get_tracker_snapshot("current")))
+
         with tracker:
-            forward_backward(model, inputs, labels, config, dims)
-        (snapshot,) = tracker.get_tracker_snapshot("peak").values()
-    peak = dict.fromkeys(ROWS, 0)
-    for category, size in snapshot.items():
-        if category != "Total":
-            peak[COMPONENTS[getattr(category, "value", category)]] += size
+            forward_backward(parts, inputs, labels, config, dims, after_forward)
+        peak = _rows(tracker.get_tracker_snapshot("peak"))
+    if built.plan:
+        # The other micro-batches its schedule keeps in flight hold what this one holds at
+        # the end of its forward (its saved activations) through this one's whole step.
+        in_flight = SCHEDULES[config.parallelism.pp_schedule].in_flight(dims.pp, microbatches)
+        peak["activations"] += int(held[0]["activations"] * (in_flight - 1))
     return peak
 
 
+def _rows(snapshot: dict[torch.device, dict[Any, int]]) -> dict[str, int]:
+    """A tracker snapshot (one device) by the table's rows."""
+    (by_category,) = snapshot.values()
+    rows = dict.fromkeys(ROWS, 0)
+    for category, size in by_category.items():
+        if category != "Total":
+            rows[COMPONENTS[getattr(category, "value", category)]] += size
+    return rows
+
+
 def forward_backward(
-    model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor, config: Config, dims: ParallelDims
+    parts: Sequence[nn.Module],
+    inputs: torch.Tensor,
+    labels: torch.Tensor,
+    config: Config,
+    dims: ParallelDims,
+    after_forward: Callable[[], None] | None = None,
 ) -> None:
-    """One micro-batch's forward, loss and backward, as the trainer runs them."""
+    """One micro-batch's forward, loss and backward, as the trainer runs them. A pipeline
+    rank's stages run one after the other, on a hidden state when the first lacks the
+    embeddings, to a sum when the last lacks the output: the activations of one micro-batch
+    through all of the rank's blocks."""
+    h = inputs
     with _loss_context(dims, config):
-        logits = model(inputs)
-        loss = cross_entropy_sum(logits, labels)
-        del logits
+        for part in parts:
+            h = part(h)
+        if getattr(parts[-1], "output", None) is not None:
+            loss = cross_entropy_sum(h, labels)
+        else:  # the gradient the next stage sends back has the hidden state's shape
+            loss = h.float().sum()
+        del h
+        if after_forward is not None:
+            after_forward()
         loss.backward()
 
 
 def train_step(
-    model: nn.Module,
+    parts: Sequence[nn.Module],
     optimizer: torch.optim.Optimizer,
     inputs: torch.Tensor,
     labels: torch.Tensor,
     config: Config,
     dims: ParallelDims,
 ) -> None:
-    forward_backward(model, inputs, labels, config, dims)
+    forward_backward(parts, inputs, labels, config, dims)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
 
@@ -172,10 +214,12 @@ def depth_profile(config: Config, world_size: int, rank: int, *, vocab_size: int
 
 def scaled_peak(config: Config, world_size: int, rank: int, *, vocab_size: int) -> dict[str, int]:
     """``step_peak`` of the whole model; of a llama3 model of more than 3 blocks, from its
-    ``depth_profile`` (exact: tests/distributed/test_estimate.py). Minutes become seconds."""
+    ``depth_profile`` (exact: tests/distributed/test_estimate.py). Minutes become seconds.
+    Under pipeline parallel, of the rank's whole stages (2- and 3-block models do not split
+    into pp stages)."""
     model_config = get_model_spec(config.model.name).model_config(config, vocab_size=vocab_size)
     layers = model_config.n_layers
-    if layers <= 3 or not dataclasses.is_dataclass(model_config):
+    if layers <= 3 or config.parallelism.pp > 1 or not dataclasses.is_dataclass(model_config):
         with fake_world(rank, world_size):
             return step_peak(config, world_size, vocab_size=vocab_size)
     return depth_profile(config, world_size, rank, vocab_size=vocab_size).at(layers)
