@@ -3,11 +3,12 @@
 Loading reads one tensor at a time and only the keys this rank holds, then keeps the rank's own
 slice of each (``distribute_tensor`` with ``src_data_rank=None`` slices locally, no
 communication). A tensor stacked from several HF keys along dim 0 (routed experts, one key per
-expert) reads only the keys of the rows in the rank's shard. Saving gathers each tensor once per group of ranks that hold the same
-parameters (a pipeline stage), and that group's first rank writes them, so no rank ever holds
-the whole model; rank 0 then names the files as ``transformers`` expects and writes the index,
-``config.json`` and the run's tokenizer (tokenizer.json, tokenizer_config.json with the chat
-template and special tokens), so ``AutoTokenizer`` and ``apply_chat_template`` work on it.
+expert) reads only the keys of the rows in the rank's shard. Saving gathers each tensor once per
+group of ranks that hold the same parameters (a pipeline stage), and that group's first rank
+writes them, so no rank ever holds the whole model; rank 0 then names the files as
+``transformers`` expects and writes the index, ``config.json`` and the run's tokenizer
+(tokenizer.json, tokenizer_config.json with the chat template and special tokens), so
+``AutoTokenizer`` and ``apply_chat_template`` work on it.
 Everything is written under ``<folder>.tmp`` and renamed at the end.
 """
 
