@@ -1,10 +1,10 @@
 """Throughput of the debug preset as the training log reports it: median tokens/s and MFU.
 
-Runs `tetrad train` for each layout (1 process; FSDP 2; TP 2; and, with --layouts, CP 2 and
-PP 2 with 1F1B) with seq_len 256 and 2048 tokens per data-parallel rank per step, skips the first
+Runs `tetrad train` for each layout (1 process; FSDP 2; TP 2; and, with --layouts, CP 2,
+PP 2 with 1F1B, and EP 2 for a MoE model) with seq_len 256 and 2048 tokens per data-parallel rank per step, skips the first
 steps (warm-up), and prints one line per layout.
 
-    python benchmarks/bench_train.py [--steps 40] [--layouts single,fsdp2,tp2,cp2,pp2] [train args]
+    python benchmarks/bench_train.py [--steps 40] [--layouts single,fsdp2,tp2,cp2,pp2,ep2] [train args]
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ LAYOUTS = {
     "tp2": (2, ["--parallelism.tp=2", "--parallelism.dp_shard=1"]),
     "cp2": (2, ["--parallelism.cp=2", "--parallelism.dp_shard=1"]),
     "pp2": (2, ["--parallelism.pp=2", "--parallelism.dp_shard=1"]),
+    "ep2": (2, ["--parallelism.ep=2"]),  # MoE models: --model.name qwen3_moe
 }
 WARMUP_STEPS = 5
 

@@ -193,6 +193,11 @@ class Trainer:
                 "FSDP over %d ranks, reshard after forward: %s",
                 dims.meshes["fsdp"].size(), self.config.parallelism.fsdp_reshard_after_forward,
             )  # fmt: skip
+        if dims.ep_enabled:
+            logger.info(
+                "expert parallel over %d ranks; experts' FSDP over %d",
+                dims.ep, dims.meshes["efsdp"].size(),
+            )  # fmt: skip
         return dims
 
     def build_model(self) -> list[DecoderModel]:
@@ -395,7 +400,8 @@ class Trainer:
                     logits = model(inputs, **kwargs)
                 loss = cross_entropy_sum(logits, labels)
                 aux = self.expert_balance.after_forward(model, inputs.shape[0], aux_scale)
-                (loss * scale + aux).backward()
+                # Two roots: under loss parallel the loss is a DTensor, the auxiliary loss not.
+                torch.autograd.backward([loss * scale, *([aux] if torch.is_tensor(aux) else [])])
             loss_sum += loss.full_tensor() if isinstance(loss, DTensor) else loss.detach()
         return reduce_sum(loss_sum, loss_mesh) / global_tokens * poison
 

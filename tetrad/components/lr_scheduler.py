@@ -83,22 +83,17 @@ def follow_current_schedule(scheduler: LambdaLR, base_lrs: list[float]) -> list[
     that saved it): this run's peak LRs ``base_lrs`` and schedule decide the LR of its first
     step, so a changed --optimizer.lr, or a run extended past its old end (whose LR had decayed
     to the floor), takes effect at once. Returns what changed, to be logged."""
-    changes = [
-        f"peak lr {saved:g} → {base:g}"
-        for saved, base in zip(scheduler.base_lrs, base_lrs, strict=True)
-        if saved != base
-    ]
+    # Every param group follows the one schedule; how many groups there are follows the layout
+    # (one per kind of tensor: ``group_by_tensor_kind``), so a resharded resume may differ.
+    saved, peak = float(scheduler.base_lrs[0]), base_lrs[0]
+    changes = [f"peak lr {saved:g} → {peak:g}"] if saved != peak else []
     step = scheduler.last_epoch
     lrs: list[float | torch.Tensor] = [
         base * fn(step) for base, fn in zip(base_lrs, scheduler.lr_lambdas, strict=True)
     ]
-    if any(
-        not math.isclose(float(old), float(new))
-        for old, new in zip(scheduler.get_last_lr(), lrs, strict=True)
-    ):
-        changes.append(
-            f"lr of step {step + 1} {float(scheduler.get_last_lr()[0]):.3g} → {float(lrs[0]):.3g}"
-        )
+    last = float(scheduler.get_last_lr()[0])
+    if not math.isclose(last, float(lrs[0])):
+        changes.append(f"lr of step {step + 1} {last:.3g} → {float(lrs[0]):.3g}")
     peaks: list[float | torch.Tensor] = list(base_lrs)
     scheduler.base_lrs = peaks
     scheduler._last_lr = lrs  # what get_last_lr() reports

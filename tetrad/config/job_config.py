@@ -179,6 +179,11 @@ class ParallelismConfig:
     cp: int = 1
     """Context-parallel degree."""
 
+    ep: int = 1
+    """Expert-parallel degree (MoE models): routed experts are split over this many ranks,
+    which exchange tokens by all-to-all. Borrowed from dp_shard × cp, not an extra factor of
+    the world size: it must be a multiple of cp that divides dp_shard × cp."""
+
     enable_sequence_parallel: bool = True
     """Under tensor parallel, also shard norms and residuals along the sequence."""
 

@@ -28,6 +28,10 @@ class ParallelDims:
     tp: int
     pp: int
     world_size: int
+    ep: int = 1
+    """Expert parallel, borrowed from dp_shard × cp (its ranks hold different tokens): the
+    innermost ``ep / cp`` of dp_shard with all of cp. Routed experts shard over ep and, with
+    FSDP, over what dp_shard leaves (``efsdp``)."""
     target_device_type: str | None = None
     """The device type the run is for when it is not this process's: the memory estimate
     rehearses a GPU run's mixed precision on CPU, under fake tensors that compute nothing.
@@ -47,6 +51,11 @@ class ParallelDims:
                 f"parallelism degrees {self._arithmetic()} = {others * self.dp_shard} ≠ world size"
                 f" {self.world_size}; make their product equal it (dp_shard=-1 fills the rest)"
             )
+        if self.ep > 1 and (self.ep % self.cp or self.dp_shard % (self.ep // self.cp)):
+            raise ConfigError(
+                f"--parallelism.ep {self.ep} must be a multiple of cp {self.cp} that divides "
+                f"dp_shard × cp = {self.dp_shard * self.cp}: expert parallel borrows those ranks"
+            )
 
     @classmethod
     def from_config(cls, p: ParallelismConfig, world_size: int) -> ParallelDims:
@@ -58,6 +67,7 @@ class ParallelDims:
             cp=p.cp,
             tp=p.tp,
             pp=p.pp,
+            ep=p.ep,
             world_size=world_size,
         )
 
@@ -77,6 +87,10 @@ class ParallelDims:
     @property
     def fsdp_enabled(self) -> bool:
         return self.dp_shard * self.cp > 1
+
+    @property
+    def ep_enabled(self) -> bool:
+        return self.ep > 1
 
     @property
     def model_parallel_degree(self) -> int:
@@ -104,7 +118,9 @@ class ParallelDims:
     def meshes(self) -> dict[str, DeviceMesh]:
         """The world mesh under "world", each of its dimensions by name, and flattened views:
         dp (data loading), dp_shard_cp (FSDP shards), dp_cp (loss and gradient reductions),
-        and fsdp (dp_shard_cp, with dp_replicate in front for HSDP)."""
+        and fsdp (dp_shard_cp, with dp_replicate in front for HSDP). With expert parallel also
+        ep (dp_shard's innermost ep / cp ranks × cp) and efsdp, the routed experts' FSDP mesh
+        (the rest of dp_shard, with dp_replicate in front for HSDP)."""
         from tetrad.distributed.init import device_type
 
         world = init_device_mesh(
@@ -122,4 +138,15 @@ class ParallelDims:
             meshes["fsdp"] = world["dp_replicate", "dp_shard"]
         else:
             meshes["fsdp"] = world["dp_replicate", "dp_shard_cp"]
+        if self.ep_enabled:
+            in_ep = self.ep // self.cp
+            split = world._unflatten(
+                "dp_shard", (self.dp_shard // in_ep, in_ep), ("efsdp_shard", "ep_shard")
+            )
+            meshes["ep"] = split["ep_shard", "cp"]._flatten("ep")
+            meshes["efsdp"] = (
+                split["dp_replicate", "efsdp_shard"]
+                if self.dp_replicate > 1
+                else split["efsdp_shard"]
+            )
         return meshes

@@ -1,11 +1,12 @@
 """The fixed order in which parallelisms wrap a (meta, possibly float8-converted) model:
-TP/SP → activation checkpointing → compile → FSDP/HSDP/DDP, each step wrapping what the
-previous one produced. A family supplies only its module names for tensor parallel's roles
-and its container of blocks."""
+TP/SP → EP → activation checkpointing → compile → FSDP/HSDP/DDP, each step wrapping what the
+previous one produced. A family supplies only its module names for tensor parallel's roles,
+its container of blocks and its mixture-of-experts layers."""
 
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
 
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
@@ -15,6 +16,7 @@ from tetrad.config.job_config import Float8Config
 from tetrad.distributed.activation_checkpoint import apply_activation_checkpointing
 from tetrad.distributed.compile import apply_compile
 from tetrad.distributed.data_parallel import apply_ddp, apply_fsdp, mixed_precision_policy
+from tetrad.distributed.expert_parallel import apply_expert_parallel
 from tetrad.distributed.parallel_dims import ParallelDims
 from tetrad.distributed.tensor_parallel import (
     TORCH_STYLES,
@@ -55,11 +57,14 @@ def apply_parallelisms(
     config: Config,
     *,
     tp_roles: DecoderRoles | None,
+    moe_layers: Sequence[nn.Module] = (),
 ) -> None:
     """Apply every configured parallelism to ``model`` (on meta) in place. ``blocks`` is its
     ModuleDict or ModuleList of transformer blocks (the unit of checkpointing, compile and
     FSDP); ``tp_roles`` name its modules for tensor parallel (None: a model tensor parallel
-    cannot split, which the family's ``check_parallelism`` rejects before this)."""
+    cannot split, which the family's ``check_parallelism`` rejects before this);
+    ``moe_layers`` are its mixture-of-experts feed-forwards, each with its routed experts as
+    ``.experts`` (see ``expert_parallel``)."""
     meshes, p = parallel_dims.meshes, config.parallelism
     tp_enabled = parallel_dims.tp > 1
     if tp_enabled:
@@ -72,9 +77,14 @@ def apply_parallelisms(
             _tensor_parallel_styles(config.float8, blocks),
             sequence_parallel=p.enable_sequence_parallel,
             loss_parallel=p.enable_loss_parallel,
+            whole_mlps=moe_layers,
         )
         if p.enable_async_tp:
             _enable_async_tp(meshes["tp"])
+    experts = [layer.get_submodule("experts") for layer in moe_layers]
+    if parallel_dims.ep_enabled:
+        for module in experts:
+            apply_expert_parallel(module, meshes["ep"])
     apply_activation_checkpointing(blocks, config.activation_checkpoint)
     # Tensor parallel's DTensor backward breaks across per-block graphs: compile it whole.
     apply_compile(model, blocks, config.compile, whole_model=tp_enabled)
@@ -93,6 +103,7 @@ def apply_parallelisms(
             mp_policy=mp_policy,
             reshard_after_forward=p.fsdp_reshard_after_forward,
             cpu_offload=config.training.enable_cpu_offload,
+            experts=(experts, meshes["efsdp"]) if parallel_dims.ep_enabled else None,
         )
     elif parallel_dims.dp_replicate > 1:
         apply_ddp(model, block_list, meshes["dp_replicate"], mp_policy=mp_policy)

@@ -11,6 +11,7 @@ for loss parallel.
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -20,6 +21,7 @@ from torch.distributed.tensor import Replicate, Shard
 from torch.distributed.tensor.parallel import (
     ColwiseParallel,
     PrepareModuleInput,
+    PrepareModuleInputOutput,
     RowwiseParallel,
     SequenceParallel,
     parallelize_module,
@@ -73,8 +75,12 @@ def apply_tensor_parallel(
     *,
     sequence_parallel: bool,
     loss_parallel: bool,
+    whole_mlps: Collection[nn.Module] = (),
 ) -> None:
-    """Shard ``model`` (on meta, in place) over ``tp_mesh`` by ``roles``."""
+    """Shard ``model`` (on meta, in place) over ``tp_mesh`` by ``roles``. A block whose MLP is
+    one of ``whole_mlps`` (a mixture of experts) keeps it whole: it gets every token of the
+    batch, gathered, and each tp rank computes it alike (its experts split by expert parallel
+    instead), handing the residual stream back in its layout."""
     residual = Shard(1) if sequence_parallel else Replicate()
     root_plan: dict[str, Any] = {
         roles.embedding: RowwiseParallel(input_layouts=Replicate(), output_layouts=residual),
@@ -99,6 +105,7 @@ def apply_tensor_parallel(
             input_kwarg_layouts={r.attention_input_kwarg: residual},
             desired_input_kwarg_layouts={r.attention_input_kwarg: Replicate()},
         )
+    whole = {id(m) for m in whole_mlps}
     for block in blocks.children():
         plan: dict[str, Any] = {
             r.attention: gather_attention_input,
@@ -106,13 +113,23 @@ def apply_tensor_parallel(
             f"{r.attention}.{r.k}": styles.colwise(),
             f"{r.attention}.{r.v}": styles.colwise(),
             f"{r.attention}.{r.o}": styles.rowwise(output_layouts=residual),
-            r.mlp: styles.prepare_input(
-                input_layouts=(residual,), desired_input_layouts=(Replicate(),)
-            ),
-            f"{r.mlp}.{r.gate}": styles.colwise(),
-            f"{r.mlp}.{r.up}": styles.colwise(),
-            f"{r.mlp}.{r.down}": styles.rowwise(output_layouts=residual),
         }
+        if id(block.get_submodule(r.mlp)) in whole:
+            plan[r.mlp] = PrepareModuleInputOutput(
+                input_layouts=(residual,),
+                desired_input_layouts=(Replicate(),),
+                use_local_input=True,
+                output_layouts=(Replicate(),),
+                desired_output_layouts=(residual,),
+                use_local_output=True,
+            )
+        else:
+            plan[r.mlp] = styles.prepare_input(
+                input_layouts=(residual,), desired_input_layouts=(Replicate(),)
+            )
+            plan[f"{r.mlp}.{r.gate}"] = styles.colwise()
+            plan[f"{r.mlp}.{r.up}"] = styles.colwise()
+            plan[f"{r.mlp}.{r.down}"] = styles.rowwise(output_layouts=residual)
         for name in r.head_norms:
             # [B, T, local heads, head_dim] is sharded on dim 2; the norm weights' gradients
             # are summed over the tp ranks.

@@ -76,14 +76,13 @@ def copy_full_(target: torch.Tensor, full: torch.Tensor) -> None:
 
 
 def group_by_tensor_kind(tensors: Iterable[torch.Tensor]) -> list[list[torch.Tensor]]:
-    """DTensors and plain tensors in separate non-empty lists: foreach and fused kernels take one
-    kind per call, and TP without sequence parallel leaves the norm weights plain."""
-    tensors = list(tensors)
-    groups: list[list[torch.Tensor]] = [
-        [t for t in tensors if isinstance(t, DTensor)],
-        [t for t in tensors if not isinstance(t, DTensor)],
-    ]
-    return [group for group in groups if group]
+    """Plain tensors, and DTensors by mesh, in separate non-empty lists: foreach and fused
+    kernels take one kind per call, TP without sequence parallel leaves the norm weights plain,
+    and expert parallel's experts live on a mesh of their own."""
+    groups: dict[DeviceMesh | None, list[torch.Tensor]] = {}
+    for t in tensors:
+        groups.setdefault(t.device_mesh if isinstance(t, DTensor) else None, []).append(t)
+    return list(groups.values())
 
 
 def clip_grad_norm_(
@@ -93,8 +92,8 @@ def clip_grad_norm_(
 ) -> torch.Tensor:
     """Clip gradients by their global L2 norm over every mesh dimension; return the norm.
 
-    DTensor gradients (FSDP, TP) reduce over their own meshes inside ``get_total_norm``; plain
-    gradients are whole on each rank. Pipeline stages hold disjoint parameters, so their squared
+    DTensor gradients (FSDP, TP, EP) reduce over their own meshes; plain gradients are whole
+    on each rank. Pipeline stages hold disjoint parameters, so their squared
     norms are summed across ``pp``.
     """
     groups = group_by_tensor_kind(p for p in parameters if p.grad is not None)

@@ -85,6 +85,11 @@ def build_meta_model(
     with torch.device("meta"):
         model = spec.build_model(model_config)
     model.set_attention(attention)
+    if parallel_dims.ep_enabled and not model.moe_layers():
+        raise ConfigError(
+            f"--parallelism.ep {parallel_dims.ep}: {model_name} has no routed experts to split; "
+            "use --parallelism.ep 1"
+        )
     if config.lora.rank > 0:
         roles = spec.decoder_roles(model_config) if spec.decoder_roles else None
         apply_lora(model, roles, config.lora, model_name=model_name)

@@ -1,7 +1,7 @@
 """Where a decoder meets the mesh, for every family: convert to float8 (a model conversion),
 then apply the parallelisms in their fixed order with tensor parallel's plan by module role
-(``tetrad.distributed.tensor_parallel``). A family contributes its role names and the checks
-of what its configs allow."""
+(``tetrad.distributed.tensor_parallel``) and expert parallel on its MoE layers. A family
+contributes its role names and the checks of what its configs allow."""
 
 from __future__ import annotations
 
@@ -23,9 +23,16 @@ def parallelize_decoder(
     output_fqn: str,
 ) -> None:
     """Apply float8 and every configured parallelism to ``model`` (on meta) in place. The
-    output projection (``output_fqn``) stays in high precision: its logits feed the loss."""
-    apply_float8(model, config.float8, skip_fqns={output_fqn})
-    apply_parallelisms(model, model.blocks(), parallel_dims, config, tp_roles=roles)
+    output projection (``output_fqn``) stays in high precision: its logits feed the loss; so
+    do MoE routers: a token's choice of experts should not flip with a float8 rounding (the
+    stacked experts are no ``nn.Linear``, so float8 leaves them too)."""
+    moe_layers = model.moe_layers()
+    moe_ids = {id(m) for m in moe_layers}
+    routers = {f"{fqn}.router.gate" for fqn, m in model.named_modules() if id(m) in moe_ids}
+    apply_float8(model, config.float8, skip_fqns={output_fqn, *routers})
+    apply_parallelisms(
+        model, model.blocks(), parallel_dims, config, tp_roles=roles, moe_layers=moe_layers
+    )
 
 
 def check_heads_split(name: str, n_heads: int, kv_heads: int, tp: int) -> None:

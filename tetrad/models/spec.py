@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Generic, Protocol, TypeVar
@@ -121,7 +121,13 @@ class DecoderModel(nn.Module, ABC):
     def set_attention(self, attention: AttentionFn) -> None:
         """Make every attention layer call ``attention`` (``tetrad.models.attention``)."""
 
-    # Mixture-of-experts models override these three; a dense model has no routing to balance.
+    # Mixture-of-experts models override these four; a dense model has no routing to balance.
+    def moe_layers(self) -> Sequence[nn.Module]:
+        """The mixture-of-experts feed-forwards this model (part) holds, in order: each routes
+        tokens with ``router.gate`` (a linear) to ``experts``, which takes rows sorted by
+        expert (``tetrad.distributed.expert_parallel``'s contract)."""
+        return []
+
     def auxiliary_loss(self) -> torch.Tensor | None:
         """The load-balancing loss of the last forward (with its coefficient), summed over the
         batch's sequences: the trainer divides by the global batch's sequence count and adds it

@@ -68,8 +68,8 @@ def optimizer_state_bytes(config: Config, parts: Sequence[nn.Module]) -> int:
 
 
 def _weights(parts: Sequence[DecoderModel]) -> list[WeightSummary]:
-    """A few representative weights: those outside the blocks (embeddings, final norm, output)
-    and the 2-D ones of this rank's first block."""
+    """A few representative weights: those outside the blocks (embeddings, final norm, output),
+    the 2-D ones of this rank's first block and its first routed experts' (an MoE's)."""
     part = parts[0]
     blocks = part.blocks()
     prefix = next(n for n, m in part.named_modules() if m is blocks)
@@ -77,7 +77,9 @@ def _weights(parts: Sequence[DecoderModel]) -> list[WeightSummary]:
     params = [(clean_name(n), p) for part in parts for n, p in part.named_parameters()]
     outside = [(n, p) for n, p in params if not n.startswith(f"{prefix}.")]
     block = [(n, p) for n, p in params if n.startswith(f"{prefix}.{first}.") and p.ndim == 2]
-    return [_weight(n, p) for n, p in outside[:1] + block[:2] + outside[1:][-2:]]
+    experts = [(n, p) for n, p in params if ".experts." in n]
+    chosen = outside[:1] + block[:2] + experts[:1] + outside[1:][-2:]
+    return [_weight(n, p) for n, p in chosen]
 
 
 def _weight(name: str, p: torch.Tensor) -> WeightSummary:
@@ -155,6 +157,8 @@ def format_summaries(config: Config, world_size: int, summaries: Sequence[RankSu
     p = config.parallelism
     dims = ParallelDims.from_config(p, world_size)
     mesh = " × ".join(f"{n} {getattr(dims, n)}" for n in MESH_DIM_NAMES)
+    if dims.ep_enabled:
+        mesh += f" (experts: ep {dims.ep} of dp_shard × cp)"
     lines = [
         f"dry run of {config.model.name}/{config.model.flavor} on {world_size} ranks: {mesh}; "
         f"{summaries[0].total_params:,} parameters; seq_len {config.training.seq_len}, "

@@ -21,6 +21,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from tetrad.models.llama3.model import FeedForward
 
@@ -108,16 +109,20 @@ class GroupedExperts(nn.Module):
 
     def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """x [M, dim]: rows sorted by expert, ``counts`` [E] rows per expert → [M, dim]."""
+        # Expert parallel hands this rank's experts as a DTensor shard: compute on them.
+        w1, w2, w3 = (
+            w.to_local() if isinstance(w, DTensor) else w for w in (self.w1, self.w2, self.w3)
+        )
         if self._use_grouped_mm(x):
             offsets = counts.cumsum(0).to(torch.int32)
-            h = F.silu(_grouped_mm(x, self.w1, offsets)) * _grouped_mm(x, self.w3, offsets)
-            return _grouped_mm(h, self.w2, offsets)
+            h = F.silu(_grouped_mm(x, w1, offsets)) * _grouped_mm(x, w3, offsets)
+            return _grouped_mm(h, w2, offsets)
         outputs = []
         # unbind, not w[e]: its backward stacks the E gradients once, where E selects would
         # each add a zero-filled [E, out, in] gradient (measured: ~40% of a layer's CPU time).
-        weights = zip(self.w1.unbind(0), self.w2.unbind(0), self.w3.unbind(0), strict=True)
-        for rows, (w1, w2, w3) in zip(x.split(counts.tolist()), weights, strict=True):
-            outputs.append((F.silu(rows @ w1.T) * (rows @ w3.T)) @ w2.T)  # host sync: counts
+        weights = zip(w1.unbind(0), w2.unbind(0), w3.unbind(0), strict=True)
+        for rows, (gate, down, up) in zip(x.split(counts.tolist()), weights, strict=True):
+            outputs.append((F.silu(rows @ gate.T) * (rows @ up.T)) @ down.T)  # host sync: counts
         return torch.cat(outputs)
 
     def _use_grouped_mm(self, x: torch.Tensor) -> bool:

@@ -1,37 +1,42 @@
-"""Where a MoE decoder meets the mesh. This step: FSDP (with HSDP, activation checkpointing,
-compile and float8 of the dense linears) over whole blocks, experts included. Expert parallel,
-tensor parallel of the dense parts and pipeline stages come with ``--parallelism.ep``; until
-then ``check_parallelism`` refuses them in one line."""
+"""Where a MoE decoder meets the mesh: Llama 3's roles for attention and the dense
+feed-forwards (tensor parallel splits those; MoE layers stay whole under it and split their
+experts over expert parallel), and what MoE configs allow under each layout."""
 
 from __future__ import annotations
 
+import dataclasses
+
 from tetrad.config import Config
 from tetrad.distributed.parallel_dims import ParallelDims
-from tetrad.distributed.parallelize import apply_parallelisms
 from tetrad.errors import ConfigError
-from tetrad.models.float8 import apply_float8
-from tetrad.models.moe.layer import Router
-from tetrad.models.moe.model import MoEConfig
+from tetrad.models.llama3.parallelize import LLAMA3_ROLES
+from tetrad.models.moe.model import MoEConfig, MoETransformer
+from tetrad.models.parallelize import check_heads_split, parallelize_decoder
 from tetrad.models.spec import DecoderModel
+
+# Qwen3's per-head q/k norms: under tensor parallel their gradients sum over the tp ranks.
+_QK_NORM_ROLES = dataclasses.replace(LLAMA3_ROLES, head_norms=("q_norm", "k_norm"))
 
 
 def parallelize_moe(model: DecoderModel, parallel_dims: ParallelDims, config: Config) -> None:
-    """Float8 for the attention and dense MLP linears (not the routers: a token's choice of
-    experts should not flip with a float8 rounding; the stacked experts are no ``nn.Linear``),
-    then the configured parallelisms, block by block."""
-    routers = {f"{fqn}.gate" for fqn, m in model.named_modules() if isinstance(m, Router)}
-    apply_float8(model, config.float8, skip_fqns={"output", *routers})
-    apply_parallelisms(model, model.blocks(), parallel_dims, config, tp_roles=None)
+    assert isinstance(model, MoETransformer)
+    roles = _QK_NORM_ROLES if model.config.qk_norm else LLAMA3_ROLES
+    parallelize_decoder(model, parallel_dims, config, roles=roles, output_fqn="output")
 
 
 def check_parallelism(model_config: MoEConfig, config: Config) -> None:
     p = config.parallelism
-    for degree, what in ((p.tp, "tp"), (p.pp, "pp")):
-        if degree > 1:
-            raise ConfigError(
-                f"--parallelism.{what} {degree}: MoE models train with data parallel (FSDP, "
-                f"HSDP, DDP) for now; use --parallelism.{what} 1"
-            )
+    check_heads_split(config.model.flavor, model_config.n_heads, model_config.kv_heads, p.tp)
+    if p.pp > 1:
+        raise ConfigError(
+            f"--parallelism.pp {p.pp}: MoE models do not take pipeline parallel yet; "
+            "use --parallelism.pp 1"
+        )
+    if model_config.num_experts % p.ep:
+        raise ConfigError(
+            f"--parallelism.ep {p.ep} does not divide {config.model.flavor}'s "
+            f"{model_config.num_experts} routed experts"
+        )
     if p.cp > 1 and model_config.aux_loss_coef > 0:
         raise ConfigError(
             f"--parallelism.cp {p.cp}: the sequence-wise balance loss needs whole sequences on "

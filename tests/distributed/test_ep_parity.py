@@ -1,0 +1,116 @@
+"""Expert parallel against a single-process run of the same global batch, as
+tests/distributed/test_parity.py does for the dense layouts: loss and gradient norm per step
+within RTOL, every parameter's step-1 gradient within GRAD_RTOL (routed experts included, read
+back whole from the checkpoints), and each routed expert tensor written in ep × efsdp pieces.
+
+Dropless routing makes the layouts exact up to summation order: every token reaches the same k
+experts in every layout, and the expert loads and auxiliary loss in metrics.jsonl must equal the
+reference's. The run is qwen3_moe tiny from its initialisation, with the sequence-wise balance
+loss on (coefficient 1e-3).
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import TINY_RUN, read_metrics, run_train
+from tests.distributed.dcp_checks import metadata, step_dir
+from tests.distributed.test_parity import (
+    GRAD_RTOL,
+    RTOL,
+    assert_gradient_parity,
+    assert_metrics_parity,
+    reference,
+    train,
+)
+
+pytestmark = pytest.mark.slow
+
+MOE = ["--model.name=qwen3_moe"]
+# name: (nproc, reference dp, layout)
+CASES = {
+    "ep2": (2, 2, ["--parallelism.ep=2"]),
+    # Experts split over ep 2 and FSDP-sharded over the other 2 ranks of dp_shard.
+    "ep2_fsdp4": (4, 4, ["--parallelism.ep=2"]),
+    # Attention and the output are tensor parallel; the MoE layers get every token, gathered.
+    "ep2_fsdp2_tp2": (4, 2, ["--parallelism.ep=2", "--parallelism.tp=2"]),
+    # HSDP: experts replicated over dp_replicate, each replica group an ep group.
+    "ep2_hsdp2x2": (4, 4, ["--parallelism.ep=2", "--parallelism.dp_replicate=2"]),
+}
+ROUTING = ("expert_load_min", "expert_load_max", "expert_load_mean", "aux_loss")
+
+
+def expert_chunks(folder: Path) -> dict[str, int]:
+    """Pieces each routed expert weight was written in."""
+    md = metadata(folder).state_dict_metadata
+    return {k: len(v.chunks) for k, v in md.items() if ".experts.w" in k and k.startswith("model.")}
+
+
+@pytest.fixture(scope="module")
+def ep2_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The ep2 case's run, which the resume tests start from (a checkpoint every step)."""
+    return train(tmp_path_factory.mktemp("ep2"), None, *MOE, *CASES["ep2"][2], nproc=2)
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_expert_parallel_matches_single_process(
+    name: str, tmp_path: Path, tmp_path_factory: pytest.TempPathFactory, ep2_run: Path
+) -> None:
+    nproc, dp, layout = CASES[name]
+    got = ep2_run if name == "ep2" else train(tmp_path, None, *MOE, *layout, nproc=nproc)
+    want = reference(tmp_path_factory, None, dp, 1, *MOE)
+    got_metrics = assert_metrics_parity(got, want, rtol=RTOL)
+    for g, w in zip(got_metrics, read_metrics(want), strict=True):
+        for key in ROUTING:
+            assert g[key] == pytest.approx(w[key], rel=RTOL), f"step {g['step']} {key}"
+    assert_gradient_parity(got, want, grad_rtol=GRAD_RTOL)
+    # Routed experts: dim 0 over ep, dim 1 over the rest of dp_shard; never over tp.
+    replicated = math.prod(
+        int(a.split("=")[1]) for a in layout if a.split("=")[0].endswith(("tp", "dp_replicate"))
+    )
+    chunks = expert_chunks(step_dir(got, 1))
+    assert chunks and set(chunks.values()) == {nproc // replicated}, chunks
+
+
+def test_resume_under_expert_parallel_is_exact(ep2_run: Path, tmp_path: Path) -> None:
+    """EP 2 resumed from its step-2 checkpoint: steps 3 and 4 equal the uninterrupted run's,
+    bit for bit (weights, moments, routing biases and the data position all come back)."""
+    shutil.copytree(step_dir(ep2_run, 2), step_dir(tmp_path, 2))
+    train(tmp_path, None, *MOE, *CASES["ep2"][2], nproc=2)
+    want = {r["step"]: r for r in read_metrics(ep2_run)}
+    got = read_metrics(tmp_path)
+    assert [r["step"] for r in got] == [3, 4]
+    for g in got:
+        w = want[g["step"]]
+        assert [g[k] for k in ("loss", "grad_norm", *ROUTING)] == [
+            w[k] for k in ("loss", "grad_norm", *ROUTING)
+        ]
+
+
+def test_expert_parallel_checkpoint_reshards_to_one_process(
+    ep2_run: Path, tmp_path: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """EP 2's step-2 checkpoint (experts split over 2 ranks) continues in one process exactly
+    as the single-process reference's step-2 checkpoint does: same step-3 loss and gradient
+    norm (the data position of 2 dp ranks cannot go to 1, so both start the data afresh)."""
+    reference_run = reference(tmp_path_factory, None, 2, 1, *MOE)
+    continued = {}
+    for name, source in (("ep2", ep2_run), ("reference", reference_run)):
+        folder = tmp_path / name
+        run_train(
+            folder,
+            *TINY_RUN,
+            *MOE,
+            f"--checkpoint.initial_load_path={step_dir(source, 2)}",
+            "--checkpoint.exclude_from_loading=dataloader",
+            "--training.steps=3",
+        )
+        (continued[name],) = read_metrics(folder)
+    got, want = continued["ep2"], continued["reference"]
+    assert got["step"] == want["step"] == 3
+    assert got["loss"] == pytest.approx(want["loss"], rel=RTOL)
+    assert got["grad_norm"] == pytest.approx(want["grad_norm"], rel=RTOL)
