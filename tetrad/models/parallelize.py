@@ -5,6 +5,8 @@ of what its configs allow."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from tetrad.config import Config
 from tetrad.distributed.parallel_dims import ParallelDims
 from tetrad.distributed.parallelize import apply_parallelisms
@@ -21,10 +23,12 @@ def parallelize_decoder(
     *,
     roles: DecoderRoles | None,
     output_fqn: str,
+    high_precision: Iterable[str] = (),
 ) -> None:
     """Apply float8 and every configured parallelism to ``model`` (on meta) in place. The
-    output projection (``output_fqn``) stays in high precision: its logits feed the loss."""
-    apply_float8(model, config.float8, skip_fqns={output_fqn})
+    output projection (``output_fqn``) stays in high precision: its logits feed the loss; so
+    do the linears named in ``high_precision`` (a mixture's routers)."""
+    apply_float8(model, config.float8, skip_fqns={output_fqn, *high_precision})
     apply_parallelisms(model, model.blocks(), parallel_dims, config, tp_roles=roles)
 
 
