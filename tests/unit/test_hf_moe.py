@@ -147,7 +147,8 @@ def test_layouts_the_swap_cannot_take(
 @pytest.fixture(scope="module")
 def qwen3_moe_run(folders: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Any:
     """Two steps of one process on the global batch of a dp 2 run (tests/distributed/
-    reference.py), the exported model and its logits, and that dp 2 run under FSDP."""
+    reference.py), the exported model and its logits, and that dp 2 run under FSDP with
+    activation checkpointing (its recomputed forwards must not count tokens twice)."""
     folder, root = folders["qwen3_moe"], tmp_path_factory.mktemp("qwen3_moe_run")
     args = [*RUN, f"--model.hf_path={folder}"]
     config = load_config([*args, f"--job.dump_folder={root / 'one'}"])
@@ -166,7 +167,8 @@ def qwen3_moe_run(folders: dict[str, Path], tmp_path_factory: pytest.TempPathFac
             logits = model(TOKENS)
     finally:
         trainer.close()
-    run_train(root / "fsdp", *args, "--parallelism.dp_shard=2", nproc=2)
+    layout = ["--parallelism.dp_shard=2", "--activation_checkpoint.mode=full"]
+    run_train(root / "fsdp", *args, *layout, nproc=2)
     return folder, root, batch, logits
 
 
@@ -182,7 +184,7 @@ def test_first_step_loss_equals_transformers(qwen3_moe_run: Any) -> None:
     assert "aux_loss" not in first
 
 
-def test_fsdp2_equals_one_process(qwen3_moe_run: Any) -> None:
+def test_fsdp2_with_activation_checkpointing_equals_one_process(qwen3_moe_run: Any) -> None:
     _, root, _, _ = qwen3_moe_run
     got, want = read_metrics(root / "fsdp"), read_metrics(root / "one")
     assert [r["step"] for r in got] == [r["step"] for r in want] == [1, 2]
