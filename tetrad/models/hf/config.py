@@ -205,7 +205,7 @@ def has_weights(folder: Path) -> bool:
 
 def _architecture(hf_config: Any, source: str) -> str:
     transformers = import_transformers()
-    supported = ", ".join([*NATIVE_FAMILIES.values(), *MOE_FAMILIES.values()])
+    supported = ", ".join(NATIVE_FAMILIES.values())
     for name in hf_config.architectures or []:
         if name.endswith(("ForCausalLM", "LMHeadModel")) and hasattr(transformers, name):
             return name

@@ -50,7 +50,7 @@ _FORMATS = {
     ),
 }
 _MOE_FQN = re.compile(
-    r"layers\.(\d+)\.mlp\.(router\.gate\.weight|router\.expert_bias|experts\.(w[123]))$"
+    r"layers\.(\d+)\.mlp\.(router\.gate\.weight|router\.expert_bias|experts\.(w[123]))"
 )
 
 
@@ -108,7 +108,7 @@ def swap_moe_blocks(hf_model: Any) -> None:
 
 def is_stacked(fqn: str) -> bool:
     """Whether ``fqn`` is a routed experts' tensor, one checkpoint key per expert."""
-    return (m := _MOE_FQN.search(fqn)) is not None and m[3] is not None
+    return (m := _MOE_FQN.fullmatch(fqn)) is not None and m[3] is not None
 
 
 def moe_hf_keys(hf_config: Any, fqn: str) -> list[str] | None:
