@@ -38,6 +38,13 @@ FAMILIES = {
     "qwen3": "Qwen3Config",
     "gemma": "GemmaConfig",
     "gpt2": "GPT2Config",
+    "qwen3_moe": "Qwen3MoeConfig",
+    "mixtral": "MixtralConfig",
+}
+# Mixtures of experts: four experts of width 32, each token to two.
+MOE = {
+    "qwen3_moe": {"num_experts": 4, "moe_intermediate_size": 32, "norm_topk_prob": True},
+    "mixtral": {"num_local_experts": 4, "intermediate_size": 32},
 }
 
 
@@ -53,7 +60,9 @@ def make_tiny_hf_model(
     folder.mkdir(parents=True, exist_ok=True)
     vocab_size = tokenizers.Tokenizer.from_file(str(TOKENIZER)).get_vocab_size()
     config_cls = getattr(transformers, FAMILIES[family])
-    extra: dict[str, Any] = {"head_dim": 16} if family in ("qwen3", "gemma") else {}
+    extra: dict[str, Any] = {"head_dim": 16} if family in ("qwen3", "gemma", "qwen3_moe") else {}
+    if family in MOE:
+        extra |= {"num_experts_per_tok": 2, **MOE[family]}
     if family == "gpt2":  # no dropout, so its loss can be compared with transformers' in eval
         extra |= {"resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}
     config = config_cls(vocab_size=vocab_size, **{**TINY, **extra, **fields})

@@ -85,11 +85,8 @@ def build_meta_model(
     with torch.device("meta"):
         model = spec.build_model(model_config)
     model.set_attention(attention)
-    if parallel_dims.ep_enabled and not model.moe_layers():
-        raise ConfigError(
-            f"--parallelism.ep {parallel_dims.ep}: {model_name} has no routed experts to split; "
-            "use --parallelism.ep 1"
-        )
+    if parallel_dims.ep_enabled:
+        _check_expert_parallel(model, parallel_dims.ep, model_name)
     if config.lora.rank > 0:
         roles = spec.decoder_roles(model_config) if spec.decoder_roles else None
         apply_lora(model, roles, config.lora, model_name=model_name)
@@ -107,3 +104,18 @@ def build_meta_model(
     for part in parts:
         spec.parallelize_fn(part, parallel_dims, config)
     return MetaModel(spec, model_config, model_name, parts, plan, total_params, flops_per_token)
+
+
+def _check_expert_parallel(model: DecoderModel, ep: int, model_name: str) -> None:
+    """Expert parallel needs routed experts, in a number it divides (every family alike)."""
+    layers = model.moe_layers()
+    if not layers:
+        raise ConfigError(
+            f"--parallelism.ep {ep}: {model_name} has no routed experts to split; "
+            "use --parallelism.ep 1"
+        )
+    experts = layers[0].get_parameter("experts.w1").shape[0]
+    if experts % ep:
+        raise ConfigError(
+            f"--parallelism.ep {ep} does not divide {model_name}'s {experts} routed experts"
+        )

@@ -32,6 +32,12 @@ NATIVE_FAMILIES = {
     "qwen2": "Qwen2ForCausalLM",
     "qwen3": "Qwen3ForCausalLM",
 }
+# Llama-like mixture-of-experts families: driven like the native ones, with each sparse-MoE
+# block swapped for tetrad's ``MoE`` layer (tetrad/models/hf/moe.py).
+MOE_FAMILIES = {
+    "qwen3_moe": "Qwen3MoeForCausalLM",
+    "mixtral": "MixtralForCausalLM",
+}
 _WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
 # What a hub download fetches: transformers' weights (not e.g. Mistral's consolidated.safetensors
 # copy), config and tokenizer files.
@@ -90,7 +96,13 @@ class HFModelConfig:
     @property
     def native(self) -> bool:
         """Whether tetrad runs the decoder loop itself (TP plan, pipeline, context parallel)."""
-        return NATIVE_FAMILIES.get(self.hf_config.model_type) == self.architecture
+        families = NATIVE_FAMILIES | MOE_FAMILIES
+        return families.get(self.hf_config.model_type) == self.architecture
+
+    @property
+    def moe(self) -> bool:
+        """Whether the sparse-MoE blocks are swapped for tetrad's ``MoE`` layer."""
+        return MOE_FAMILIES.get(self.hf_config.model_type) == self.architecture
 
     @property
     def dim(self) -> int:

@@ -11,6 +11,9 @@ transformers class named by the config (on meta, under the trainer) and rehouses
   (causal), and rotary positions come from the caller (pipeline stages, context-parallel
   chunks). FQNs are HF's without the ``model.`` prefix of the base model
   (``layers.0.self_attn.q_proj.weight``).
+  Mixture-of-experts families (Qwen3-MoE, Mixtral) are driven alike, their sparse-MoE blocks
+  swapped for tetrad's ``MoE`` layer (``tetrad.models.hf.moe``), and report routing
+  (``auxiliary_loss``, ``expert_loads``) as tetrad's MoE families do.
 - ``HFGenericCausalLM`` (any other ``*ForCausalLM``/``*LMHeadModel``): the base model and the
   output head under their HF names (``model``/``transformer``/…, ``lm_head``), run by
   transformers' own forward and its SDPA attention.
@@ -32,6 +35,9 @@ from tetrad.errors import ConfigError
 from tetrad.models.attention import AttentionFn, causal_sdpa
 from tetrad.models.dense import DenseDecoderShape, training_flops_per_token
 from tetrad.models.hf.config import HFModelConfig, import_transformers
+from tetrad.models.hf.moe import aux_loss_coef, routed_expert_params, swap_moe_blocks
+from tetrad.models.moe import balance
+from tetrad.models.moe.layer import GroupedExperts, MoE
 from tetrad.models.spec import DecoderModel
 
 ATTENTION_IMPLEMENTATION = "tetrad"
@@ -158,6 +164,34 @@ class HFCausalLM(_HFBase):
         for layer in self.layers.values():
             setattr(layer.get_submodule("self_attn"), _ATTENTION_ATTR, attention)
 
+    def moe_layers(self) -> list[MoE]:
+        return balance.moe_layers(self)
+
+    def auxiliary_loss(self) -> torch.Tensor | None:
+        coef = aux_loss_coef(self.config.hf_config) if self.config.moe else 0.0
+        return balance.auxiliary_loss(self.moe_layers(), coef)
+
+    def expert_loads(self) -> torch.Tensor | None:
+        return balance.expert_loads(self.moe_layers())
+
+    @torch.no_grad()
+    def init_buffers(self, buffer_device: torch.device | None = None) -> None:
+        """As for every HF model, and zero routing biases (garbage after ``to_empty``; HF
+        checkpoints have none, a DCP checkpoint loaded afterwards brings its own)."""
+        super().init_buffers(buffer_device)
+        for layer in self.moe_layers():
+            layer.router.expert_bias.zero_()
+
+    @torch.no_grad()
+    def init_module_parameters(self, fqn: str, module: nn.Module) -> None:
+        """The HF class's rule; swapped experts by its rule for the experts it replaced
+        (normal, std ``initializer_range``)."""
+        if isinstance(module, GroupedExperts):
+            for weight in (module.w1, module.w2, module.w3):
+                weight.normal_(0.0, self.config.hf_config.initializer_range)
+        else:
+            super().init_module_parameters(fqn, module)
+
     def forward(
         self,
         tokens: torch.Tensor,
@@ -274,6 +308,8 @@ def build_hf_model(config: HFModelConfig) -> DecoderModel:
         config.hf_config._attn_implementation = ATTENTION_IMPLEMENTATION
     cls: Any = getattr(transformers, config.architecture)
     hf_model = cls(config.hf_config)
+    if config.moe:
+        swap_moe_blocks(hf_model)
     wrapper = HFCausalLM if config.native else HFGenericCausalLM
     return wrapper(config, hf_model)
 
@@ -306,17 +342,27 @@ def dense_shape(config: HFModelConfig) -> DenseDecoderShape:
 
 
 def count_params(config: HFModelConfig) -> dict[str, int]:
-    """Parameter counts of a native family by top-level module, plus "total"."""
-    return dense_shape(config).count_params(("embed_tokens", "layers", "norm", "lm_head"))
+    """Parameter counts of a native family by top-level module, plus "total"; of a MoE family
+    "total" and "active" (those one token goes through: its k routed experts per layer)."""
+    if not config.moe:
+        return dense_shape(config).count_params(("embed_tokens", "layers", "norm", "lm_head"))
+    with torch.device("meta"):
+        model = build_hf_model(config)
+    total = sum(p.numel() for p in model.parameters())  # a tied weight once
+    experts, active_experts = routed_expert_params(model)
+    return {"total": total, "active": total - experts + active_experts}
 
 
 def num_flops_per_token(config: HFModelConfig, seq_len: int) -> int:
-    """Training FLOPs per token, as for llama3 (``training_flops_per_token``)."""
-    if config.native:
+    """Training FLOPs per token, as for llama3 (``training_flops_per_token``), over the active
+    parameters of a mixture of experts."""
+    if config.native and not config.moe:
         return dense_shape(config).flops_per_token(seq_len)
-    # No formula for every architecture: count a meta build's parameters instead.
-    with torch.device("meta"):
-        model = build_hf_model(config)
-    n = sum(p.numel() for p in model.parameters()) - config.vocab_size * config.dim
-    n += config.vocab_size * config.dim if config.tie_embeddings else 0
+    if config.moe:
+        n = count_params(config)["active"]
+    else:  # no formula for every architecture: count a meta build's parameters instead
+        with torch.device("meta"):
+            n = sum(p.numel() for p in build_hf_model(config).parameters())
+    n -= config.vocab_size * config.dim
+    n += config.vocab_size * config.dim if config.tie_embeddings else 0  # the output matmul
     return training_flops_per_token(n, config.n_layers, config.n_heads * config.head_dim, seq_len)

@@ -1,6 +1,8 @@
 """The HF families' names for the decoder roles and what their configs allow under each layout.
 The Llama-like (native) families name the roles alike; other architectures run transformers'
-own forward, which tetrad cannot split by layer, so they take data parallelism only."""
+own forward, which tetrad cannot split by layer, so they take data parallelism only. Mixtures of
+experts (their blocks swapped for tetrad's ``MoE``) take data and expert parallelism, and context
+parallel without the balance loss, for now."""
 
 from __future__ import annotations
 
@@ -9,6 +11,7 @@ from tetrad.distributed.parallel_dims import ParallelDims
 from tetrad.distributed.tensor_parallel import DecoderRoles
 from tetrad.errors import ConfigError
 from tetrad.models.hf.config import NATIVE_FAMILIES, HFModelConfig
+from tetrad.models.hf.moe import aux_loss_coef, check_moe_config
 from tetrad.models.parallelize import check_heads_split, parallelize_decoder
 from tetrad.models.spec import DecoderModel
 
@@ -34,7 +37,9 @@ def hf_roles(config: HFModelConfig) -> DecoderRoles | None:
         mlp_norm="post_attention_layernorm",
         # HF decoder layers call self_attn with keyword arguments, the MLP positionally.
         attention_input_kwarg="hidden_states",
-        head_norms=("q_norm", "k_norm") if config.hf_config.model_type == "qwen3" else (),
+        head_norms=("q_norm", "k_norm")
+        if config.hf_config.model_type in ("qwen3", "qwen3_moe")
+        else (),
     )
 
 
@@ -75,6 +80,8 @@ def check_parallelism(model_config: HFModelConfig, config: Config) -> None:
                     f"> 1 (supported: {supported}); FSDP/HSDP/DDP, activation checkpointing and "
                     "compile work for every architecture"
                 )
+    if model_config.moe:
+        _check_moe(model_config, config)
     if p.tp > 1:
         if model_config.tie_embeddings:
             raise ConfigError(
@@ -83,4 +90,29 @@ def check_parallelism(model_config: HFModelConfig, config: Config) -> None:
             )
         check_heads_split(
             str(model_config.source), model_config.n_heads, model_config.kv_heads, p.tp
+        )
+
+
+def _check_moe(model_config: HFModelConfig, config: Config) -> None:
+    """What a swapped mixture of experts takes today: data, context and expert parallel (its
+    ``GroupedExperts`` shard as tetrad's MoE families' do)."""
+    check_moe_config(model_config.hf_config, model_config.source)
+    p = config.parallelism
+    for name in ("tp", "pp"):
+        if getattr(p, name) > 1:
+            raise ConfigError(
+                f"--parallelism.{name} {getattr(p, name)}: {model_config.architecture} (a mixture "
+                f"of experts) trains with data and expert parallel for now; use "
+                f"--parallelism.{name} 1"
+            )
+    if p.cp > 1 and aux_loss_coef(model_config.hf_config) > 0:
+        raise ConfigError(
+            f"--parallelism.cp {p.cp}: the sequence-wise balance loss needs whole sequences on "
+            "a rank; use --parallelism.cp 1 or --model.hf_overrides output_router_logits=false"
+        )
+    mlp_targets = [t for t in config.lora.targets if t not in ("q", "k", "v", "o")]
+    if config.lora.rank > 0 and mlp_targets:
+        raise ConfigError(
+            f"--lora.targets {','.join(mlp_targets)}: {model_config.architecture}'s experts are "
+            "stacked tensors, not nn.Linear; adapt the attention projections (q,k,v,o)"
         )

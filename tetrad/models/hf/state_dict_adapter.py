@@ -2,7 +2,8 @@
 
 The Llama-like wrapper (``HFCausalLM``) holds the base model's modules at the top level, so
 their keys gain HF's ``model.`` prefix; the generic wrapper keeps HF's names. A tied lm_head is
-not stored (HF re-ties it on load).
+not stored (HF re-ties it on load). A mixture of experts' swapped blocks map to the checkpoint's
+one tensor per expert (``tetrad.models.hf.moe``).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from typing import Any
 import torch
 
 from tetrad.models.hf.config import HFModelConfig, import_transformers
+from tetrad.models.hf.moe import is_stacked, moe_hf_keys
 
 
 class HFStateDictAdapter:
@@ -26,13 +28,19 @@ class HFStateDictAdapter:
         self.tied_keys: set[str] = tied if config.tie_embeddings else set()
 
     def hf_keys(self, fqn: str) -> list[str]:
+        if self.config.moe and (keys := moe_hf_keys(self.config.hf_config, fqn)) is not None:
+            return keys
         key = f"model.{fqn}" if self.config.native and not fqn.startswith("lm_head.") else fqn
         return [] if key in self.tied_keys else [key]
 
     def to_hf(self, fqn: str, tensor: torch.Tensor) -> list[torch.Tensor]:
-        return [tensor]
+        return list(tensor.unbind(0)) if is_stacked(fqn) else [tensor]
 
     def from_hf(self, fqn: str, tensors: list[torch.Tensor]) -> torch.Tensor:
+        """A stacked experts' tensor from its experts' (or a shard's run of them); any other
+        tensor as it is."""
+        if is_stacked(fqn):
+            return torch.stack(tensors)
         (tensor,) = tensors
         return tensor
 

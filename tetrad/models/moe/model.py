@@ -17,6 +17,7 @@ from torch import nn
 
 from tetrad.models.dense import training_flops_per_token
 from tetrad.models.llama3.model import RopeScaling, Transformer, TransformerBlock, trunc_normal_
+from tetrad.models.moe import balance
 from tetrad.models.moe.layer import ExpertsBackend, GroupedExperts, MoE, ScoreFunc
 
 _INIT_STD = 0.02
@@ -154,23 +155,16 @@ class MoETransformer(Transformer):
 
     def moe_layers(self) -> list[MoE]:
         """This part's MoE layers, in order (a pipeline stage holds some)."""
-        return [m for m in self.modules() if isinstance(m, MoE)]
+        return balance.moe_layers(self)
 
     def auxiliary_loss(self) -> torch.Tensor | None:
-        layers = self.moe_layers()
-        if not layers or self.config.aux_loss_coef == 0:
-            return None
-        total = torch.stack([layer.balance_loss for layer in layers]).mean()
-        return self.config.aux_loss_coef * total
+        return balance.auxiliary_loss(self.moe_layers(), self.config.aux_loss_coef)
 
     def expert_loads(self) -> torch.Tensor | None:
-        layers = self.moe_layers()
-        return torch.stack([layer.tokens_per_expert for layer in layers]) if layers else None
+        return balance.expert_loads(self.moe_layers())
 
     def update_after_step(self, loads: torch.Tensor) -> None:
-        if self.config.bias_update_rate:
-            for layer, load in zip(self.moe_layers(), loads, strict=True):
-                layer.router.update_bias(load, self.config.bias_update_rate)
+        balance.update_biases(self.moe_layers(), loads, self.config.bias_update_rate)
 
     @torch.no_grad()
     def init_buffers(self, buffer_device: torch.device | None = None) -> None:

@@ -32,11 +32,6 @@ def check_parallelism(model_config: MoEConfig, config: Config) -> None:
             f"--parallelism.pp {p.pp}: MoE models do not take pipeline parallel yet; "
             "use --parallelism.pp 1"
         )
-    if model_config.num_experts % p.ep:
-        raise ConfigError(
-            f"--parallelism.ep {p.ep} does not divide {config.model.flavor}'s "
-            f"{model_config.num_experts} routed experts"
-        )
     if p.cp > 1 and model_config.aux_loss_coef > 0:
         raise ConfigError(
             f"--parallelism.cp {p.cp}: the sequence-wise balance loss needs whole sequences on "
