@@ -19,6 +19,7 @@ import pytest
 
 from tests.conftest import TINY_RUN, read_metrics, run_train
 from tests.distributed.dcp_checks import metadata, step_dir
+from tests.distributed.test_hf_parity import make_tiny
 from tests.distributed.test_parity import (
     GRAD_RTOL,
     RTOL,
@@ -74,6 +75,20 @@ def test_expert_parallel_matches_single_process(
     )
     chunks = expert_chunks(step_dir(got, 1))
     assert chunks and set(chunks.values()) == {nproc // replicated}, chunks
+
+
+def test_hugging_face_moe_under_expert_parallel(
+    tmp_path: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """A Qwen3-MoE made with transformers, its blocks swapped for tetrad's MoE layer, loaded
+    from its safetensors: EP 2 matches one process (its balance loss off, as HF's default)."""
+    folder = make_tiny.make_tiny_hf_model(tmp_path_factory.mktemp("hf") / "m", "qwen3_moe")
+    model = ["--model.name=hf", f"--model.hf_path={folder}"]
+    train(tmp_path, None, *model, "--parallelism.ep=2", nproc=2)
+    want = reference(tmp_path_factory, None, 2, 1, *model)
+    assert_metrics_parity(tmp_path, want, rtol=RTOL)
+    assert_gradient_parity(tmp_path, want, grad_rtol=GRAD_RTOL)
+    assert set(expert_chunks(step_dir(tmp_path, 1)).values()) == {2}
 
 
 def test_resume_under_expert_parallel_is_exact(ep2_run: Path, tmp_path: Path) -> None:
