@@ -124,8 +124,9 @@ class DecoderModel(nn.Module, ABC):
     # Mixture-of-experts models override these three; a dense model has no routing to balance.
     def auxiliary_loss(self) -> torch.Tensor | None:
         """The load-balancing loss of the last forward (with its coefficient), summed over the
-        batch's sequences: the trainer divides by the global batch's sequence count and adds it
-        to the loss before backward. None = no auxiliary loss."""
+        batch's sequences; a pipeline stage's share of the whole model's (the stages' add up to
+        it). The trainer divides it by the global batch's sequence count and adds its gradient
+        within the part's backward (``tetrad.components.expert_balance``). None = none."""
         return None
 
     def expert_loads(self) -> torch.Tensor | None:

@@ -125,8 +125,9 @@ class MoEConfig:
 class MoETransformer(Transformer):
     """Token ids → logits, with MoE feed-forwards after the first ``n_dense_layers``.
 
-    After each forward the trainer reads ``auxiliary_loss`` and ``expert_loads``; after each
-    optimizer step it hands the step's loads to ``update_after_step`` (the bias update)."""
+    After each forward the trainer reads ``auxiliary_loss`` and ``expert_loads`` (of this
+    part's layers, under pipeline parallel); after each optimizer step it hands the step's
+    loads to ``update_after_step`` (the bias update)."""
 
     config: MoEConfig
 
@@ -160,8 +161,11 @@ class MoETransformer(Transformer):
         layers = self.moe_layers()
         if not layers or self.config.aux_loss_coef == 0:
             return None
-        total = torch.stack([layer.balance_loss for layer in layers]).mean()
-        return self.config.aux_loss_coef * total
+        # The mean over the whole model's MoE layers: a pipeline stage's share of it.
+        c = self.config
+        n_moe = sum(c.is_moe_layer(i) for i in range(c.n_layers))
+        total = torch.stack([layer.balance_loss for layer in layers]).sum() / n_moe
+        return c.aux_loss_coef * total
 
     def expert_loads(self) -> torch.Tensor | None:
         layers = self.moe_layers()

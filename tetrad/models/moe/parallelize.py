@@ -26,12 +26,11 @@ def parallelize_moe(model: DecoderModel, parallel_dims: ParallelDims, config: Co
 
 def check_parallelism(model_config: MoEConfig, config: Config) -> None:
     p = config.parallelism
-    for degree, what in ((p.tp, "tp"), (p.pp, "pp")):
-        if degree > 1:
-            raise ConfigError(
-                f"--parallelism.{what} {degree}: MoE models train with data parallel (FSDP, "
-                f"HSDP, DDP) for now; use --parallelism.{what} 1"
-            )
+    if p.tp > 1:
+        raise ConfigError(
+            f"--parallelism.tp {p.tp}: MoE models train with data and pipeline parallel (FSDP, "
+            "HSDP, DDP, PP) for now; use --parallelism.tp 1"
+        )
     if p.cp > 1 and model_config.aux_loss_coef > 0:
         raise ConfigError(
             f"--parallelism.cp {p.cp}: the sequence-wise balance loss needs whole sequences on "
