@@ -1,7 +1,8 @@
 """Pipeline parallel with MoE blocks against one process: a DeepSeek-V3-style model (2 dense
 blocks, then 2 MoE blocks; balance loss at coef 0.01 and the auxiliary-loss-free bias both on)
-under 1F1B (one rank holds only dense blocks) and Interleaved1F1B (each rank a dense and a MoE
-stage). Per step, the loss and gradient norm match the single-process run's, and so do the
+under 1F1B (one rank holds only dense blocks) and ZBVZeroBubble (each rank a dense and a MoE
+stage; the weight gradients, the routers' balance-loss share included, in a separate pass). Per
+step, the loss and gradient norm match the single-process run's, and so do the
 whole model's expert loads and balance loss that metrics.jsonl reports, though each stage sees
 only its own layers; the routing biases after the last step are bitwise the reference's (each
 stage got its own layers' loads). Dropping the balance loss's gradient moves the step-1
@@ -24,11 +25,11 @@ ARGS = [
     *TINY_RUN,
     "--model.name=deepseek_moe",
     "--model.flavor=tiny_pp",
-    "--training.local_batch_size=4",  # Interleaved1F1B: one micro-batch per stage, 4 stages
+    "--training.local_batch_size=4",  # ZBVZeroBubble: one micro-batch per stage, 4 stages
     "--checkpoint.enable",
     "--checkpoint.interval=4",
 ]
-SCHEDULES = ["1F1B", "Interleaved1F1B"]
+SCHEDULES = ["1F1B", "ZBVZeroBubble"]
 
 
 @pytest.fixture(scope="module")

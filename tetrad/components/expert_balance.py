@@ -37,7 +37,8 @@ class _AuxiliaryGradient(torch.autograd.Function):
     def forward(ctx: Any, output: torch.Tensor, aux: torch.Tensor, scale: float) -> torch.Tensor:
         ctx.aux = (aux.shape, aux.dtype, aux.device)
         ctx.scale = scale
-        return output.view_as(output)
+        # Not a view (the zero-bubble schedules detach_ a stage's output in place), no copy.
+        return output.detach()
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None]:
