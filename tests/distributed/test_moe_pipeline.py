@@ -5,8 +5,9 @@ stage; the weight gradients, the routers' balance-loss share included, in a sepa
 step, the loss and gradient norm match the single-process run's, and so do the
 whole model's expert loads and balance loss that metrics.jsonl reports, though each stage sees
 only its own layers; the routing biases after the last step are bitwise the reference's (each
-stage got its own layers' loads). Dropping the balance loss's gradient moves the step-1
-gradient norm by 2.9e-4 relative (measured), far outside RTOL."""
+stage got its own layers' loads). Measured: loss ≤ 2.1e-7, grad norm ≤ 7.5e-8, aux_loss ≤ 1.9e-7
+relative; dropping the balance loss's gradient moves the grad norm by up to 2.9e-4 relative
+over these 4 steps (one process), far outside RTOL."""
 
 from __future__ import annotations
 
