@@ -141,7 +141,12 @@ class Trainer:
             else None
         )
         self.model_parts = self.build_model()
-        self.expert_balance = ExpertBalance(self.model_parts, self.parallel_dims.meshes["dp_cp"])
+        self.expert_balance = ExpertBalance(
+            self.model_parts,
+            self.parallel_dims.meshes["dp_cp"],
+            self.parallel_dims.meshes["pp"],
+            self.device,
+        )
         self.optimizer = build_optimizer(self.model_parts, config.optimizer, self.device)
         schedule_steps = config.lr_scheduler.total_steps or config.training.steps
         self.lr_scheduler = build_lr_scheduler(self.optimizer, config.lr_scheduler, schedule_steps)
@@ -381,6 +386,10 @@ class Trainer:
         poison = float("nan") if poison_at and self.train_state.step == poison_at else 1.0
         scale = scale * poison
         loss_sum = torch.zeros((), device=self.device)
+        # An MoE's balance loss is a sum over sequences: averaged over the global batch's.
+        sequences = sum(inputs.shape[0] for inputs, _, _ in prepared)
+        aux_scale = self.parallel_dims.loss_parallel_degree / (sequences * self.parallel_dims.dp)
+        self.expert_balance.begin_step(sequences, aux_scale)
         if self.pipeline is not None:
             # Only the rank with the last stage sees losses: sum them over the pipeline too.
             self._loss_scale = scale
@@ -390,18 +399,13 @@ class Trainer:
             loss_sum = reduce_sum(loss_sum / scale, self.parallel_dims.meshes["pp"])
             return reduce_sum(loss_sum, loss_mesh) / global_tokens * poison
         (model,) = self.model_parts
-        # An MoE's balance loss is a sum over sequences: averaged over the global batch's.
-        sequences = sum(inputs.shape[0] for inputs, _, _ in prepared)
-        aux_scale = self.parallel_dims.loss_parallel_degree / (sequences * self.parallel_dims.dp)
         for i, (inputs, labels, kwargs) in enumerate(prepared):
             self._set_gradient_sync(last=i == len(prepared) - 1)
             with self._train_context():
                 with self._autocast():
                     logits = model(inputs, **kwargs)
                 loss = cross_entropy_sum(logits, labels)
-                aux = self.expert_balance.after_forward(model, inputs.shape[0], aux_scale)
-                # Two roots: under loss parallel the loss is a DTensor, the auxiliary loss not.
-                torch.autograd.backward([loss * scale, *([aux] if torch.is_tensor(aux) else [])])
+                (loss * scale).backward()
             loss_sum += loss.full_tensor() if isinstance(loss, DTensor) else loss.detach()
         return reduce_sum(loss_sum, loss_mesh) / global_tokens * poison
 

@@ -16,7 +16,7 @@ import logging
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
@@ -139,6 +139,31 @@ def _params(model: nn.Module, name: str) -> list[nn.Parameter]:
     return list(module.parameters()) if module is not None else []
 
 
+_inferring_metadata = False
+
+
+def inferring_metadata() -> bool:
+    """Whether a stage is running torch's metadata inference: on the first step (train or
+    eval) each stage runs the first micro-batch's forward (and backward) once more, on
+    stand-in inputs, to learn its shapes. Records kept per real forward (an MoE's expert
+    loads and balance loss) skip it."""
+    return _inferring_metadata
+
+
+class _Stage(PipelineStage):
+    """``PipelineStage`` whose metadata inference ``inferring_metadata`` reports."""
+
+    def _compute_outputs(
+        self, *args: torch.Tensor, module: nn.Module, **kwargs: Any
+    ) -> torch.Tensor | tuple[torch.Tensor, ...] | list[torch.Tensor] | None:
+        global _inferring_metadata
+        _inferring_metadata = True
+        try:
+            return super()._compute_outputs(*args, module=module, **kwargs)
+        finally:
+            _inferring_metadata = False
+
+
 class Pipeline:
     """This rank's stages and the schedule that runs them."""
 
@@ -152,7 +177,7 @@ class Pipeline:
     ) -> None:
         group = pp_mesh.get_group()
         stages = [
-            PipelineStage(part, stage, plan.num_stages, device, group=group)
+            _Stage(part, stage, plan.num_stages, device, group=group)
             for part, stage in zip(parts, plan.local_stages, strict=True)
         ]
         self.has_first = 0 in plan.local_stages

@@ -130,8 +130,9 @@ class DecoderModel(nn.Module, ABC):
 
     def auxiliary_loss(self) -> torch.Tensor | None:
         """The load-balancing loss of the last forward (with its coefficient), summed over the
-        batch's sequences: the trainer divides by the global batch's sequence count and adds it
-        to the loss before backward. None = no auxiliary loss."""
+        batch's sequences; a pipeline stage's share of the whole model's (the stages' add up to
+        it). The trainer divides it by the global batch's sequence count and adds its gradient
+        within the part's backward (``tetrad.components.expert_balance``). None = none."""
         return None
 
     def expert_loads(self) -> torch.Tensor | None:

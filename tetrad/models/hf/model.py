@@ -169,7 +169,8 @@ class HFCausalLM(_HFBase):
 
     def auxiliary_loss(self) -> torch.Tensor | None:
         coef = aux_loss_coef(self.config.hf_config) if self.config.moe else 0.0
-        return balance.auxiliary_loss(self.moe_layers(), coef)
+        layers = self.moe_layers()  # all of them: HF mixtures take no pipeline stages
+        return balance.auxiliary_loss(layers, coef, len(layers))
 
     def expert_loads(self) -> torch.Tensor | None:
         return balance.expert_loads(self.moe_layers())

@@ -15,11 +15,13 @@ def moe_layers(model: nn.Module) -> list[MoE]:
     return [m for m in model.modules() if isinstance(m, MoE)]
 
 
-def auxiliary_loss(layers: list[MoE], coef: float) -> torch.Tensor | None:
-    """``coef`` × the last forward's balance loss averaged over the layers; None if it is off."""
+def auxiliary_loss(layers: list[MoE], coef: float, model_layers: int) -> torch.Tensor | None:
+    """``coef`` × the last forward's balance loss averaged over the model's ``model_layers``
+    MoE layers, of which ``layers`` are this part's (a pipeline stage's share of the mean);
+    None if it is off."""
     if not layers or coef == 0:
         return None
-    return coef * torch.stack([layer.balance_loss for layer in layers]).mean()
+    return coef * torch.stack([layer.balance_loss for layer in layers]).sum() / model_layers
 
 
 def expert_loads(layers: list[MoE]) -> torch.Tensor | None:

@@ -126,8 +126,9 @@ class MoEConfig:
 class MoETransformer(Transformer):
     """Token ids → logits, with MoE feed-forwards after the first ``n_dense_layers``.
 
-    After each forward the trainer reads ``auxiliary_loss`` and ``expert_loads``; after each
-    optimizer step it hands the step's loads to ``update_after_step`` (the bias update)."""
+    After each forward the trainer reads ``auxiliary_loss`` and ``expert_loads`` (of this
+    part's layers, under pipeline parallel); after each optimizer step it hands the step's
+    loads to ``update_after_step`` (the bias update)."""
 
     config: MoEConfig
 
@@ -158,7 +159,9 @@ class MoETransformer(Transformer):
         return balance.moe_layers(self)
 
     def auxiliary_loss(self) -> torch.Tensor | None:
-        return balance.auxiliary_loss(self.moe_layers(), self.config.aux_loss_coef)
+        c = self.config
+        n_moe = sum(c.is_moe_layer(i) for i in range(c.n_layers))
+        return balance.auxiliary_loss(self.moe_layers(), c.aux_loss_coef, n_moe)
 
     def expert_loads(self) -> torch.Tensor | None:
         return balance.expert_loads(self.moe_layers())

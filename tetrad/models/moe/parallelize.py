@@ -27,11 +27,6 @@ def parallelize_moe(model: DecoderModel, parallel_dims: ParallelDims, config: Co
 def check_parallelism(model_config: MoEConfig, config: Config) -> None:
     p = config.parallelism
     check_heads_split(config.model.flavor, model_config.n_heads, model_config.kv_heads, p.tp)
-    if p.pp > 1:
-        raise ConfigError(
-            f"--parallelism.pp {p.pp}: MoE models do not take pipeline parallel yet; "
-            "use --parallelism.pp 1"
-        )
     if p.cp > 1 and model_config.aux_loss_coef > 0:
         raise ConfigError(
             f"--parallelism.cp {p.cp}: the sequence-wise balance loss needs whole sequences on "

@@ -62,6 +62,12 @@ deepseek_moe_presets: dict[str, MoEConfig] = {
         vocab_size=0, hidden_dim=128, num_experts=8, top_k=2, moe_hidden_dim=32,
         max_seq_len=512, n_expert_groups=4, topk_groups=2,
     ),
+    # tiny with 4 blocks, 2 of them dense, for pipeline tests: a stage without MoE layers.
+    "tiny_pp": _deepseek_v3_style(
+        dim=64, n_layers=4, n_dense_layers=2, n_heads=4, n_kv_heads=2, head_dim=16,
+        vocab_size=0, hidden_dim=128, num_experts=8, top_k=2, moe_hidden_dim=32,
+        max_seq_len=512, n_expert_groups=4, topk_groups=2, aux_loss_coef=0.01,
+    ),
     "debug": _deepseek_v3_style(
         dim=256, n_layers=6, n_dense_layers=1, n_heads=8, n_kv_heads=4, head_dim=32,
         vocab_size=0, hidden_dim=768, num_experts=16, top_k=4, moe_hidden_dim=128,
