@@ -32,15 +32,19 @@ from tests.distributed.test_parity import (
 pytestmark = pytest.mark.slow
 
 MOE = ["--model.name=qwen3_moe"]
-# name: (nproc, reference dp, layout)
+# Two dense then two MoE blocks: under pp 2, stage 0 holds no expert.
+MOE_PP = ["--model.name=deepseek_moe", "--model.flavor=tiny_pp"]
+# name: (nproc, reference dp, model, layout)
 CASES = {
-    "ep2": (2, 2, ["--parallelism.ep=2"]),
+    "ep2": (2, 2, MOE, ["--parallelism.ep=2"]),
     # Experts split over ep 2 and FSDP-sharded over the other 2 ranks of dp_shard.
-    "ep2_fsdp4": (4, 4, ["--parallelism.ep=2"]),
+    "ep2_fsdp4": (4, 4, MOE, ["--parallelism.ep=2"]),
     # Attention and the output are tensor parallel; the MoE layers get every token, gathered.
-    "ep2_fsdp2_tp2": (4, 2, ["--parallelism.ep=2", "--parallelism.tp=2"]),
+    "ep2_fsdp2_tp2": (4, 2, MOE, ["--parallelism.ep=2", "--parallelism.tp=2"]),
     # HSDP: experts replicated over dp_replicate, each replica group an ep group.
-    "ep2_hsdp2x2": (4, 4, ["--parallelism.ep=2", "--parallelism.dp_replicate=2"]),
+    "ep2_hsdp2x2": (4, 4, MOE, ["--parallelism.ep=2", "--parallelism.dp_replicate=2"]),
+    # Each pipeline stage's experts over its own ep group (1F1B).
+    "pp2_ep2": (4, 2, MOE_PP, ["--parallelism.pp=2", "--parallelism.ep=2"]),
 }
 ROUTING = ("expert_load_min", "expert_load_max", "expert_load_mean", "aux_loss")
 
@@ -54,38 +58,53 @@ def expert_chunks(folder: Path) -> dict[str, int]:
 @pytest.fixture(scope="module")
 def ep2_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The ep2 case's run, which the resume tests start from (a checkpoint every step)."""
-    return train(tmp_path_factory.mktemp("ep2"), None, *MOE, *CASES["ep2"][2], nproc=2)
+    return train(tmp_path_factory.mktemp("ep2"), None, *MOE, *CASES["ep2"][3], nproc=2)
 
 
 @pytest.mark.parametrize("name", list(CASES))
 def test_expert_parallel_matches_single_process(
     name: str, tmp_path: Path, tmp_path_factory: pytest.TempPathFactory, ep2_run: Path
 ) -> None:
-    nproc, dp, layout = CASES[name]
-    got = ep2_run if name == "ep2" else train(tmp_path, None, *MOE, *layout, nproc=nproc)
-    want = reference(tmp_path_factory, None, dp, 1, *MOE)
+    nproc, dp, model, layout = CASES[name]
+    got = ep2_run if name == "ep2" else train(tmp_path, None, *model, *layout, nproc=nproc)
+    want = reference(tmp_path_factory, None, dp, 1, *model)
     got_metrics = assert_metrics_parity(got, want, rtol=RTOL)
     for g, w in zip(got_metrics, read_metrics(want), strict=True):
         for key in ROUTING:
             assert g[key] == pytest.approx(w[key], rel=RTOL), f"step {g['step']} {key}"
     assert_gradient_parity(got, want, grad_rtol=GRAD_RTOL)
-    # Routed experts: dim 0 over ep, dim 1 over the rest of dp_shard; never over tp.
-    replicated = math.prod(
-        int(a.split("=")[1]) for a in layout if a.split("=")[0].endswith(("tp", "dp_replicate"))
+    # Routed experts: dim 0 over ep, dim 1 over the rest of dp_shard; not over tp, pp or
+    # dp_replicate.
+    others = math.prod(
+        int(a.split("=")[1]) for a in layout if a.split("=")[0].endswith(("tp", "pp", "replicate"))
     )
     chunks = expert_chunks(step_dir(got, 1))
-    assert chunks and set(chunks.values()) == {nproc // replicated}, chunks
+    assert chunks and set(chunks.values()) == {nproc // others}, chunks
 
 
+# Context parallel needs the balance loss off: HF's default. (nproc, reference dp, layout)
+HF_CASES = {
+    "ep2": (2, 2, ["--parallelism.ep=2"]),
+    # ep spans the cp ranks: each holds a chunk of every sequence, the experts of half.
+    "cp2_ep2": (2, 1, ["--parallelism.cp=2", "--parallelism.dp_shard=1", "--parallelism.ep=2"]),
+}
+
+
+@pytest.fixture(scope="module")
+def hf_qwen3_moe(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tiny.make_tiny_hf_model(tmp_path_factory.mktemp("hf") / "m", "qwen3_moe")
+
+
+@pytest.mark.parametrize("name", list(HF_CASES))
 def test_hugging_face_moe_under_expert_parallel(
-    tmp_path: Path, tmp_path_factory: pytest.TempPathFactory
+    name: str, hf_qwen3_moe: Path, tmp_path: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
     """A Qwen3-MoE made with transformers, its blocks swapped for tetrad's MoE layer, loaded
-    from its safetensors: EP 2 matches one process (its balance loss off, as HF's default)."""
-    folder = make_tiny.make_tiny_hf_model(tmp_path_factory.mktemp("hf") / "m", "qwen3_moe")
-    model = ["--model.name=hf", f"--model.hf_path={folder}"]
-    train(tmp_path, None, *model, "--parallelism.ep=2", nproc=2)
-    want = reference(tmp_path_factory, None, 2, 1, *model)
+    from its safetensors, matches one process."""
+    nproc, dp, layout = HF_CASES[name]
+    model = ["--model.name=hf", f"--model.hf_path={hf_qwen3_moe}"]
+    train(tmp_path, None, *model, *layout, nproc=nproc)
+    want = reference(tmp_path_factory, None, dp, 1, *model)
     assert_metrics_parity(tmp_path, want, rtol=RTOL)
     assert_gradient_parity(tmp_path, want, grad_rtol=GRAD_RTOL)
     assert set(expert_chunks(step_dir(tmp_path, 1)).values()) == {2}
@@ -95,7 +114,7 @@ def test_resume_under_expert_parallel_is_exact(ep2_run: Path, tmp_path: Path) ->
     """EP 2 resumed from its step-2 checkpoint: steps 3 and 4 equal the uninterrupted run's,
     bit for bit (weights, moments, routing biases and the data position all come back)."""
     shutil.copytree(step_dir(ep2_run, 2), step_dir(tmp_path, 2))
-    train(tmp_path, None, *MOE, *CASES["ep2"][2], nproc=2)
+    train(tmp_path, None, *MOE, *CASES["ep2"][3], nproc=2)
     want = {r["step"]: r for r in read_metrics(ep2_run)}
     got = read_metrics(tmp_path)
     assert [r["step"] for r in got] == [3, 4]

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tetrad.config import load_config
+from tetrad.config import ConfigError, load_config
 from tetrad.plan.dry_run import tokenizer_vocab_size
 from tetrad.plan.estimate import scaled_peak, step_peak
 from tetrad.plan.fake_world import fake_world
@@ -76,3 +76,14 @@ def test_scaled_estimate_equals_the_whole_model() -> None:
     with fake_world(0, 4):
         whole = step_peak(config, 4, vocab_size=vocab_size)
     assert scaled == pytest.approx(whole, rel=0.01)
+
+
+def test_a_mixture_of_experts_is_refused_in_one_line() -> None:
+    """Routing's data-dependent shapes cannot run on fake tensors: one line, pointing to the
+    dry run, instead of a fake-tensor traceback."""
+    config = load_config(["--model.name=qwen3_moe", "--model.flavor=tiny"])
+    with (
+        fake_world(0, 2),
+        pytest.raises(ConfigError, match=r"mixture of experts \(tiny\).*--dry-run"),
+    ):
+        step_peak(config, 2, vocab_size=tokenizer_vocab_size(config))

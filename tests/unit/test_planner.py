@@ -14,7 +14,7 @@ import functools
 
 import pytest
 
-from tetrad.config import load_config
+from tetrad.config import ConfigError, load_config
 from tetrad.plan.dry_run import summarize_rank, tokenizer_vocab_size
 from tetrad.plan.estimate import estimate
 from tetrad.plan.planner import SCHEDULES, Layout, Planner
@@ -136,3 +136,10 @@ def test_estimate_of_a_pipeline_rank() -> None:
         assert memory.peak["parameters"] == pytest.approx(stage.local_param_bytes, rel=0.02)
         activations[schedule] = memory.peak["activations"]
     assert activations["GPipe"] / activations["1F1B"] == pytest.approx(8 / 2, rel=1e-6)
+
+
+def test_a_mixture_of_experts_is_refused_in_one_line() -> None:
+    """Not "no layout fits" (every estimate would fail on routing): one line naming why."""
+    config = load_config(["--model.name=qwen3_moe", "--model.flavor=tiny"])
+    with pytest.raises(ConfigError, match=r"does not cover mixtures of experts.*--dry-run"):
+        Planner(config, 8, 80, "h100")

@@ -85,6 +85,12 @@ def step_peak(
     # Built as for a GPU run (its mixed precision and attention), computed on CPU tensors.
     dims, built = build_rank(config, world_size, vocab_size=vocab_size, n_layers=n_layers)
     parts = built.parts
+    if any(part.moe_layers() for part in parts):
+        raise ConfigError(
+            f"tetrad estimate cannot run a mixture of experts ({built.model_name}) on fake "
+            "tensors: its routing has data-dependent shapes; `tetrad train --dry-run` gives its "
+            "per-rank parameter and optimizer-state memory"
+        )
     device = torch.device("cpu")
     t = config.training
     microbatches = built.plan.microbatches if built.plan else 1

@@ -121,6 +121,12 @@ class Planner:
         self.flops_per_token = spec.num_flops_per_token(self.model_config, config.training.seq_len)
         with torch.device("meta"):
             model = spec.build_model(self.model_config)
+        if model.moe_layers():
+            raise ConfigError(
+                f"tetrad plan does not cover mixtures of experts (--model.name {spec.name}) yet: "
+                "its memory estimate cannot run their routing; check a layout with `tetrad "
+                "train --dry-run`"
+            )
         self.params = sum(p.numel() for p in model.parameters())
         # The block names as the trainer's pipeline split sees them.
         self.layer_names = [name for name, _ in model.blocks().named_children()]
