@@ -3,8 +3,8 @@ on one GPU, so this needs a machine with several).
 
     scripts/multi_gpu_check.sh OUT_DIR [--dry-run]      (runs this file)
 
-FSDP 2, TP 2, PP 2 (1F1B), CP 2 and, with 4 GPUs, FSDP 2 × TP 2 (skipped, with a line saying
-so, on fewer) each train the debug preset in bf16 (4 × 1024 tokens per data-parallel rank,
+FSDP 2, TP 2, PP 2 (1F1B), CP 2, EP 2 (qwen3_moe) and, with 4 GPUs, FSDP 2 × TP 2 and EP 2 ×
+TP 2 (skipped, with a line saying so, on fewer) each train the debug preset in bf16 (4 × 1024 tokens per data-parallel rank,
 20 steps, --debug.deterministic), with the option sets of tests/distributed/test_parity.py. Each
 is compared step by step with one GPU trained on the same global batch (the parity tests'
 reference, tests/distributed/reference.py: the dp ranks' batches merged): the loss within
@@ -20,7 +20,7 @@ it is compared at all because Adam hides a wrongly scaled gradient from the loss
 summed instead of averaged over 2 ranks, or counted twice, is 100% off from the first step. The
 figures are reasoned, not yet measured on GPUs: the JSON records the largest differences seen.
 
-Cost, estimated: ~3 minutes (7 runs of the debug preset, 2 of them one-GPU references).
+Cost, estimated: ~4 minutes (10 runs of debug presets, 3 of them one-GPU references).
 --dry-run: the 2-process layouts on the CPU with gloo, tiny preset, fp32, 3 steps, within
 relative 1e-5 (as the parity tests), about 1.5 minutes on 2 idle cores.
 """
@@ -71,6 +71,9 @@ LAYOUTS = {
     ),
     "cp2": (2, 1, ("--parallelism.cp=2", "--parallelism.dp_shard=1")),
     "fsdp2_tp2": (4, 2, ("--parallelism.dp_shard=2", "--parallelism.tp=2")),
+    # A mixture of experts: its experts over 2 ranks by all-to-all, on NCCL; then with TP.
+    "ep2": (2, 2, ("--model.name=qwen3_moe", "--parallelism.ep=2")),
+    "ep2_tp2": (4, 2, ("--model.name=qwen3_moe", "--parallelism.ep=2", "--parallelism.tp=2")),
 }
 CHECKS = tuple(
     Check(name, partial(matches_one_device, dp=dp), (*LAYOUT_RUN, *layout), nproc=nproc)

@@ -34,7 +34,15 @@ SUITES = {
     ),
     "multi_gpu_check": (
         ["scripts/multi_gpu_check.sh"],
-        {"fsdp2": "PASS", "tp2": "PASS", "pp2": "PASS", "cp2": "PASS", "fsdp2_tp2": "SKIP"},
+        {
+            "fsdp2": "PASS",
+            "tp2": "PASS",
+            "pp2": "PASS",
+            "cp2": "PASS",
+            "fsdp2_tp2": "SKIP",
+            "ep2": "PASS",
+            "ep2_tp2": "SKIP",
+        },
     ),
 }
 
