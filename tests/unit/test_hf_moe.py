@@ -16,18 +16,16 @@ from safetensors import safe_open
 
 from tests.conftest import REPO, TINY_RUN, read_metrics, run_train
 from tests.distributed.reference import MergedBatches
-from tetrad.components.hf_checkpoint import load_hf_weights, save_hf_weights
+from tests.unit.test_hf import load_weights, resolve
+from tetrad.components.hf_checkpoint import save_hf_weights
 from tetrad.config import load_config
-from tetrad.data import build_tokenizer
 from tetrad.errors import ConfigError
 from tetrad.models.dense import training_flops_per_token
 from tetrad.models.hf import (
     HFStateDictAdapter,
-    build_hf_model,
     check_parallelism,
     count_params,
     num_flops_per_token,
-    resolve_hf_config,
 )
 from tetrad.models.moe import MoE
 from tetrad.models.moe.layer import sequence_balance_loss
@@ -56,22 +54,6 @@ def folders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return {f: make_tiny.make_tiny_hf_model(root / f, f, seed=1) for f in FAMILIES}
 
 
-def resolve(folder: Path, *args: str) -> Any:
-    config = load_config(["--model.name=hf", f"--model.hf_path={folder}", *args])
-    return resolve_hf_config(config, vocab_size=build_tokenizer(str(folder)).vocab_size)
-
-
-def loaded(folder: Path, *args: str) -> Any:
-    """The folder's weights in tetrad's model, as the trainer loads them."""
-    model_config = resolve(folder, *args)
-    with torch.device("meta"):
-        model = build_hf_model(model_config)
-    model.to_empty(device="cpu")
-    model.init_buffers()
-    load_hf_weights(model, folder, HFStateDictAdapter(model_config))
-    return model
-
-
 def transformers_model(folder: Path) -> Any:
     hf = transformers.AutoModelForCausalLM.from_pretrained(folder, attn_implementation="sdpa")
     return hf.eval()
@@ -79,7 +61,7 @@ def transformers_model(folder: Path) -> Any:
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_swap_routes_and_computes_as_transformers(family: str, folders: dict[str, Path]) -> None:
-    model = loaded(folders[family], "--model.hf_overrides=output_router_logits=true")
+    model = load_weights(folders[family], "--model.hf_overrides=output_router_logits=true")
     assert [type(layer.mlp) for layer in model.layers.values()] == [MoE, MoE]
     hf = transformers_model(folders[family])
     with torch.no_grad():
@@ -114,7 +96,7 @@ def test_counts_active_parameters(family: str, folders: dict[str, Path]) -> None
 
 
 def test_mixtral_export_round_trip(folders: dict[str, Path], tmp_path: Path) -> None:
-    model = loaded(folders["mixtral"])
+    model = load_weights(folders["mixtral"])
     save_hf_weights(model, tmp_path / "export", HFStateDictAdapter(model.config))
     keys = []
     for folder in (folders["mixtral"], tmp_path / "export"):
