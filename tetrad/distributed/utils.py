@@ -93,8 +93,8 @@ def clip_grad_norm_(
     """Clip gradients by their global L2 norm over every mesh dimension; return the norm.
 
     DTensor gradients (FSDP, TP, EP) reduce over their own meshes; plain gradients are whole
-    on each rank. Pipeline stages hold disjoint parameters, so their squared
-    norms are summed across ``pp``.
+    on each rank. Pipeline stages hold disjoint parameters, so their squared norms are summed
+    across ``pp``.
     """
     groups = group_by_tensor_kind(p for p in parameters if p.grad is not None)
     squares = []
